@@ -1,0 +1,112 @@
+"""Typed batch records passed between roles.
+
+Layout of a sequence: the prompt block, left-padded to P tokens, then the response block,
+right-padded to T tokens: `input_ids = [pad … prompt | response … pad]`, shape (B, P + T).
+Token-level tensors that describe the response (`response_mask`, log-probs, values, advantages)
+are (B, T) and aligned with the response tokens, so `logprobs[b, t]` is log π(response[b, t] | …).
+A response ends at its first EOS (the EOS is a real token, `response_mask` 1); tokens after it are
+padding. Samples of one prompt are contiguous: rows [i·n, (i+1)·n) share prompt i.
+
+Across process boundaries records travel as dicts of numpy arrays (`to_numpy` / `from_numpy`):
+numpy payloads are zero-copy in Ray's object store, torch tensors are pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+B = TypeVar("B", bound="TensorRecord")
+
+
+class TensorRecord:
+    """Dataclass mixin: row selection, concatenation and numpy transport over every tensor field."""
+
+    def tensor_fields(self) -> dict[str, Tensor]:
+        return {f.name: v for f in dataclasses.fields(self) if isinstance(v := getattr(self, f.name), Tensor)}
+
+    def select(self: B, rows: Tensor | list[int] | slice) -> B:
+        return dataclasses.replace(self, **{k: v[rows] for k, v in self.tensor_fields().items()})
+
+    @property
+    def batch_size(self) -> int:
+        return next(iter(self.tensor_fields().values())).shape[0]
+
+    def to_numpy(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.numpy() if isinstance(v, Tensor) else v
+        return out
+
+    @classmethod
+    def from_numpy(cls: type[B], payload: dict[str, Any]) -> B:
+        return cls(**{k: torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v for k, v in payload.items()})
+
+
+@dataclass
+class Samples(TensorRecord):
+    """What a rollout engine returns for one batch of prompts."""
+
+    prompt_ids: Tensor  # (B, P) long, left-padded with pad_token_id
+    prompt_mask: Tensor  # (B, P) long, 1 on real prompt tokens
+    response_ids: Tensor  # (B, T) long, right-padded; ends at the first EOS
+    response_mask: Tensor  # (B, T) long, 1 on real response tokens incl. the EOS
+    stopped: Tensor  # (B,) bool, True when the response ended with EOS (finish reason "stop" vs "length")
+    weight_version: int = 0  # policy version the engine held while generating
+
+    @property
+    def input_ids(self) -> Tensor:  # (B, P + T)
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> Tensor:  # (B, P + T)
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+    @property
+    def response_lengths(self) -> Tensor:  # (B,)
+        return self.response_mask.sum(-1)
+
+
+@dataclass
+class Experience(Samples):
+    """Samples plus everything the update needs; built by the driver after scoring."""
+
+    old_logprobs: Tensor = field(default=None)  # (B, T) log π_old of response tokens (behaviour policy)
+    ref_logprobs: Tensor = field(default=None)  # (B, T) log π_ref of response tokens
+    advantages: Tensor = field(default=None)  # (B, T) per-token advantages, 0 on padding
+    returns: Tensor | None = None  # (B, T) critic targets (GAE only)
+    values: Tensor | None = None  # (B, T) critic values at generation time (GAE only)
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions that skip left padding: generation and recomputation must agree (STACK-NOTES)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def pad_to(x: Tensor, width: int, value: int | float, left: bool) -> Tensor:
+    """Pad the last dim of (B, L) `x` to `width`."""
+    extra = width - x.shape[1]
+    if extra <= 0:
+        return x
+    pad = torch.full((x.shape[0], extra), value, dtype=x.dtype)
+    return torch.cat([pad, x] if left else [x, pad], dim=1)
+
+
+def concat_samples(parts: list[Samples], pad_token_id: int) -> Samples:
+    """Stack engines' outputs: prompts re-left-padded to a common P, responses right-padded to a common T."""
+    p = max(s.prompt_ids.shape[1] for s in parts)
+    t = max(s.response_ids.shape[1] for s in parts)
+    return Samples(
+        prompt_ids=torch.cat([pad_to(s.prompt_ids, p, pad_token_id, left=True) for s in parts]),
+        prompt_mask=torch.cat([pad_to(s.prompt_mask, p, 0, left=True) for s in parts]),
+        response_ids=torch.cat([pad_to(s.response_ids, t, pad_token_id, left=False) for s in parts]),
+        response_mask=torch.cat([pad_to(s.response_mask, t, 0, left=False) for s in parts]),
+        stopped=torch.cat([s.stopped for s in parts]),
+        weight_version=min(s.weight_version for s in parts),
+    )
