@@ -1,0 +1,19 @@
+# The two commands of the README: `make demo` (install + run the toy demo) and `make test`
+# (install + run the test suite). .ci/run calls `make test`.
+PYTHON ?= python3
+export RAY_AUTH_MODE ?= disabled
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test test-fast
+
+setup:
+	PYTHON=$(PYTHON) bash scripts/setup.sh
+
+demo: setup
+	$(PYTHON) launch.py $(ARGS)
+
+test: setup
+	$(PYTHON) -m pytest tests -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PYTHON) -m pytest tests/unit -q $(PYTEST_ARGS)

@@ -1,0 +1,109 @@
+"""Config loading, overrides and validation: every broken config gets its own specific message."""
+
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from rlhf_ray.config import ConfigError, RunConfig, dump_config, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_are_valid_and_describe_every_field():
+    cfg = load_config()
+    assert cfg.stage == "ppo" and cfg.model.policy == "toy"
+
+    def walk(model: type[BaseModel], prefix: str):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{prefix}{name} has no help text"
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+
+    walk(RunConfig, "")
+
+
+def test_yaml_then_cli_overrides_apply_in_order(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("trainer:\n  total_steps: 7\n  name: from_yaml\nrollout:\n  temperature: 0.7\n")
+    cfg = load_config(path, ["trainer.total_steps=3", "algo.kl.coef=1e-2", "reward.sources.0.weight=2.5"])
+    assert cfg.trainer.total_steps == 3  # CLI wins
+    assert cfg.trainer.name == "from_yaml"  # YAML kept
+    assert cfg.rollout.temperature == 0.7
+    assert cfg.algo.kl.coef == pytest.approx(0.01)  # "1e-2" coerced to float
+    assert cfg.reward.sources[0].weight == 2.5 and cfg.reward.sources[0].name == "vowel"
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = load_config(None, ["trainer.total_steps=4", "algo.advantage=grpo", "rollout.samples_per_prompt=4"])
+    path = tmp_path / "dump.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["trainer.totl_steps=5"], "trainer.totl_steps: unknown key; did you mean 'trainer.total_steps'?"),
+    (["modle.policy=x"], "modle: unknown key; did you mean 'model'?"),
+    (["algo.kl.coeff=0.1"], "did you mean 'algo.kl.coef'?"),
+    (["rollout.temperature=0"], "rollout.temperature=0: Input should be greater than 0"),
+    (["trainer.total_steps=many"], "trainer.total_steps='many'"),
+    (["rollout.backend=tpu"], "rollout.backend='tpu'"),
+    (["deepspeed.zero_stage=4"], "deepspeed.zero_stage=4"),
+    (["algo.advantage=grpo"], "algo.advantage=grpo compares samples of the same prompt and needs rollout.samples_per_prompt >= 2"),
+    (["algo.advantage=rloo", "rollout.samples_per_prompt=1"], "set rollout.samples_per_prompt=4"),
+    (["trainer.mini_batch_size=3"], "trainer.mini_batch_size=3 must divide the sequences per step"),
+    (["trainer.micro_batch_size=3"], "must be a multiple of trainer.micro_batch_size=3 × placement.policy.num_workers=1"),
+    (["placement.policy.num_workers=3"], "placement.policy.num_workers=3"),
+    (["deepspeed.offload_params=true"], "deepspeed.offload_params=true needs deepspeed.zero_stage=3 (got 2)"),
+    (["deepspeed.offload_optimizer=true", "deepspeed.zero_stage=0"], "deepspeed.offload_optimizer=true needs deepspeed.zero_stage >= 1"),
+    (["algo.kl.placement=loss"], "algo.kl.placement=loss needs algo.kl.estimator=k3"),
+    (["algo.clip_high=0.1"], "algo.clip_high=0.1 is below algo.clip_low=0.2"),
+    (["rollout.backend=vllm"], "rollout.backend=vllm needs GPUs"),
+    (["rollout.num_engines=9"], "rollout.num_engines=9 exceeds trainer.prompts_per_step=8"),
+    (["placement.colocate=[[policy, judge]]"], "placement.colocate names unknown role 'judge'"),
+    (["placement.colocate=[[policy], [policy, reference]]"], "lists role 'policy' in more than one group"),
+    (["model.toy.num_heads=3"], "model.toy.num_heads=3 must divide model.toy.hidden_size=64"),
+    (["data.max_prompt_len=0"], "data.max_prompt_len=0"),
+    (["reward.sources.3.weight=1"], "'3' is not an index of a list of 1 items"),
+    (["trainer.total_steps"], "is not of the form section.field=value"),
+])
+def test_broken_configs_name_field_value_and_fix(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert expected in str(err.value)
+
+
+def test_several_problems_are_reported_together():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["deepspeed.offload_params=true", "algo.kl.placement=loss"])
+    message = str(err.value)
+    assert "offload_params" in message and "algo.kl.placement=loss" in message
+
+
+def test_bad_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(listy)
+
+
+def test_shipped_configs_are_valid():
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    assert configs, "configs/ holds no YAML files"
+    for path in configs:
+        load_config(path)
+
+
+def test_derived_sizes():
+    cfg = load_config(None, ["rollout.samples_per_prompt=4", "algo.advantage=grpo", "trainer.prompts_per_step=4",
+                             "trainer.mini_batch_size=8", "trainer.micro_batch_size=2", "placement.policy.num_workers=2"])
+    assert cfg.sequences_per_step == 16
+    assert cfg.grad_accum_steps("policy") == 2
+    assert not cfg.uses_critic

@@ -1,0 +1,268 @@
+"""Aggregation, PPO policy/value losses, SFT, KL and entropy terms (§5, §8)."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from rlhf_ray.algorithms.losses import (
+    LossScale,
+    aggregate,
+    entropy_bonus,
+    kl_loss,
+    policy_loss,
+    sft_loss,
+    value_loss,
+)
+
+MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+LN2 = math.log(2.0)
+
+
+# ---- aggregation (§5.3) ----------------------------------------------------------------------
+
+
+def test_aggregate_hand_example():
+    token_losses = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])  # 3 and 5, 6 are padding
+    # token-mean: (1 + 2 + 4) / 3
+    torch.testing.assert_close(aggregate(token_losses, mask, "token-mean"), torch.tensor(7 / 3))
+    # seq-mean-token-mean: ((1 + 2)/2 + 4/1) / 2 = (1.5 + 4) / 2
+    torch.testing.assert_close(
+        aggregate(token_losses, mask, "seq-mean-token-mean"), torch.tensor(2.75)
+    )
+    # seq-mean-token-sum-norm, max_len = T = 3: ((1 + 2)/3 + 4/3) / 2 = 7/6
+    torch.testing.assert_close(
+        aggregate(token_losses, mask, "seq-mean-token-sum-norm"), torch.tensor(7 / 6)
+    )
+    # an explicit max_len of 7: (3/7 + 4/7) / 2 = 0.5
+    scale = LossScale(num_tokens=3, num_seqs=2, max_len=7)
+    torch.testing.assert_close(
+        aggregate(token_losses, mask, "seq-mean-token-sum-norm", scale), torch.tensor(0.5)
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_non_finite_padding_does_not_leak(mode):
+    token_losses = torch.tensor([[1.0, float("nan")], [2.0, float("inf")]])
+    mask = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert torch.isfinite(aggregate(token_losses, mask, mode))
+
+
+def test_aggregate_unknown_mode():
+    with pytest.raises(ValueError, match="token-mean"):
+        aggregate(torch.zeros(1, 1), torch.ones(1, 1), "sum")
+
+
+def test_loss_scale_is_frozen_and_counts_mask():
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0]])
+    scale = LossScale.from_mask(mask)
+    assert scale == LossScale(num_tokens=3.0, num_seqs=2.0, max_len=3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        scale.max_len = 5  # type: ignore[misc]
+
+
+def _mini_batch(seed: int = 0):
+    """Six sequences of lengths 1–6 (T = 6), float64, with random per-token tensors."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([3, 6, 1, 4, 2, 5])
+    mask = (torch.arange(6) < lengths.unsqueeze(1)).double()  # (6, 6)
+
+    def randn():
+        return torch.randn(6, 6, generator=generator, dtype=torch.float64)
+
+    return mask, randn
+
+
+def _micro_batches(mask, sizes, *tensors):
+    """Split rows into micro-batches of `sizes`, each trimmed to its own longest response."""
+    start = 0
+    for size in sizes:
+        rows = slice(start, start + size)
+        width = int(mask[rows].sum(dim=1).max())
+        yield mask[rows, :width], [t[rows, :width] for t in tensors]
+        start += size
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("sizes", [[1, 2, 3], [4, 2], [1, 1, 1, 1, 1, 1]])
+def test_aggregation_is_micro_batch_invariant(mode, sizes):
+    mask, randn = _mini_batch()
+    whole_losses = randn().requires_grad_()
+    scale = LossScale.from_mask(mask)
+    whole = aggregate(whole_losses, mask, mode)  # own counts of the whole mini-batch
+    (whole_grad,) = torch.autograd.grad(whole, whole_losses)
+
+    split_losses = whole_losses.detach().clone().requires_grad_()
+    summed = sum(
+        aggregate(losses, micro_mask, mode, scale)
+        for micro_mask, (losses,) in _micro_batches(mask, sizes, split_losses)
+    )
+    (split_grad,) = torch.autograd.grad(summed, split_losses)
+    torch.testing.assert_close(summed, whole, atol=1e-12, rtol=0)
+    torch.testing.assert_close(split_grad, whole_grad, atol=1e-12, rtol=0)
+
+
+def test_micro_batch_own_counts_would_differ():
+    # The invariance test above bites: averaging micro-batch token-means is not the token-mean.
+    mask, randn = _mini_batch()
+    losses = randn()
+    micro_batches = _micro_batches(mask, [1, 5], losses)
+    per_micro = [aggregate(part, m, "token-mean") for m, (part,) in micro_batches]
+    assert not torch.isclose(sum(per_micro) / 2, aggregate(losses, mask, "token-mean"))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_policy_loss_is_micro_batch_invariant(mode):
+    mask, randn = _mini_batch(seed=1)
+    old_logprobs, advantages = 0.3 * randn() - 1.0, randn()
+    logprobs = (old_logprobs + 0.3 * randn()).requires_grad_()
+    scale = LossScale.from_mask(mask)
+
+    whole, _ = policy_loss(logprobs, old_logprobs, advantages, mask, dual_clip=3.0, agg=mode)
+    (whole_grad,) = torch.autograd.grad(whole, logprobs)
+    summed = sum(
+        policy_loss(lp, old, adv, m, dual_clip=3.0, agg=mode, scale=scale)[0]
+        for m, (lp, old, adv) in _micro_batches(mask, [2, 1, 3], logprobs, old_logprobs, advantages)
+    )
+    (split_grad,) = torch.autograd.grad(summed, logprobs)
+    torch.testing.assert_close(summed, whole, atol=1e-12, rtol=0)
+    torch.testing.assert_close(split_grad, whole_grad, atol=1e-12, rtol=0)
+
+
+# ---- PPO policy loss (§5.1) ------------------------------------------------------------------
+
+
+def _policy_loss_at(ratios, advantages, **kwargs):
+    """policy_loss on one sequence with the given per-token ratios → loss, grad, metrics."""
+    logprobs = torch.tensor([ratios], dtype=torch.float64).log().requires_grad_()
+    old_logprobs = torch.zeros_like(logprobs)
+    adv = torch.tensor([advantages], dtype=torch.float64)
+    loss, metrics = policy_loss(logprobs, old_logprobs, adv, torch.ones_like(adv), **kwargs)
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    return loss, grad[0], metrics
+
+
+def test_policy_loss_hand_example_and_clipped_gradient_is_zero():
+    # token: (ρ, A) → L = max(−ρA, −clip(ρ, 0.8, 1.2)A)
+    #   (1.5, +1) → max(−1.5, −1.2) = −1.2  clipped, dL/dlogp = 0
+    #   (0.5, −1) → max( 0.5,  0.8) =  0.8  clipped, dL/dlogp = 0
+    #   (1.5, −1) → max( 1.5,  1.2) =  1.5  unclipped, dL/dlogp = −Aρ = 1.5
+    #   (0.5, +1) → max(−0.5, −0.8) = −0.5  unclipped, dL/dlogp = −0.5
+    loss, grad, metrics = _policy_loss_at([1.5, 0.5, 1.5, 0.5], [1.0, -1.0, -1.0, 1.0])
+    torch.testing.assert_close(
+        loss, torch.tensor((-1.2 + 0.8 + 1.5 - 0.5) / 4, dtype=torch.float64)
+    )
+    torch.testing.assert_close(grad, torch.tensor([0.0, 0.0, 1.5, -0.5], dtype=torch.float64) / 4)
+    assert metrics["clip_frac"] == 0.5
+    torch.testing.assert_close(metrics["ratio_mean"], torch.tensor(1.0, dtype=torch.float64))
+    assert metrics["ratio_max"] == 1.5
+    # approx_kl = k3(logp_old − logp_θ) = ρ − 1 − ln ρ: mean of (0.5 − ln 1.5, −0.5 + ln 2) twice
+    expected_kl = (math.log(2.0) - math.log(1.5)) / 2
+    torch.testing.assert_close(metrics["approx_kl"], torch.tensor(expected_kl, dtype=torch.float64))
+    assert all(not m.requires_grad and m.dim() == 0 for m in metrics.values())
+
+
+def test_clip_higher_is_asymmetric():
+    # ρ = 1.25, A = +1: symmetric ε = 0.2 clips (−1.2, no gradient); ε_high = 0.28 does not (−1.25)
+    loss, grad, _ = _policy_loss_at([1.25], [1.0])
+    assert loss.item() == pytest.approx(-1.2) and grad.item() == 0.0
+    loss, grad, _ = _policy_loss_at([1.25], [1.0], clip_high=0.28)
+    assert loss.item() == pytest.approx(-1.25) and grad.item() == pytest.approx(-1.25)
+    # the low side keeps ε_low = 0.2: ρ = 0.75, A = −1 → max(0.75, 0.8) = 0.8, clipped
+    loss, grad, _ = _policy_loss_at([0.75], [-1.0], clip_high=0.28)
+    assert loss.item() == pytest.approx(0.8) and grad.item() == 0.0
+
+
+def test_dual_clip_bounds_negative_advantage_loss():
+    # ρ = 5, A = −1: plain PPO loss max(5, 1.2) = 5; dual-clip c = 3 caps it at −cA = 3, no gradient
+    loss, grad, _ = _policy_loss_at([5.0], [-1.0])
+    assert loss.item() == pytest.approx(5.0)
+    loss, grad, _ = _policy_loss_at([5.0], [-1.0], dual_clip=3.0)
+    assert loss.item() == pytest.approx(3.0) and grad.item() == 0.0
+    # below the cap (ρ = 2) and for A > 0 (ρ = 5) dual-clip changes nothing
+    assert _policy_loss_at([2.0], [-1.0], dual_clip=3.0)[0].item() == pytest.approx(2.0)
+    assert _policy_loss_at([5.0], [1.0], dual_clip=3.0)[0].item() == pytest.approx(-1.2)
+
+
+def test_dual_clip_bound_holds_on_random_tokens():
+    generator = torch.Generator().manual_seed(2)
+    log_ratio = 3.0 * torch.randn(1, 200, generator=generator, dtype=torch.float64)
+    advantages = -torch.rand(1, 200, generator=generator, dtype=torch.float64)  # all A < 0
+    mask = torch.ones_like(advantages)
+    for t in range(200):
+        token_mask = torch.zeros_like(mask)
+        token_mask[0, t] = 1
+        loss, _ = policy_loss(
+            log_ratio, torch.zeros_like(log_ratio), advantages, token_mask, dual_clip=3.0
+        )
+        assert loss <= -3.0 * advantages[0, t] + 1e-12
+
+
+def test_dual_clip_must_exceed_one():
+    with pytest.raises(ValueError, match="dual_clip"):
+        _policy_loss_at([1.0], [1.0], dual_clip=0.5)
+
+
+# ---- value loss (§5.2) -----------------------------------------------------------------------
+
+
+def test_value_loss_hand_example():
+    values = torch.tensor([[1.5, 1.1, 9.0]], requires_grad=True)
+    old_values = torch.tensor([[1.0, 1.0, 0.0]])
+    returns = torch.tensor([[2.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    # token 0: (1.5 − 2)² = 0.25; V_clip = 1 + 0.2 = 1.2, (1.2 − 2)² = 0.64 → ½·0.64 = 0.32
+    # token 1: (1.1 − 0)² = 1.21; V − V_old = 0.1 within the clip → ½·1.21 = 0.605
+    loss, metrics = value_loss(values, old_values, returns, mask, clip=0.2)
+    torch.testing.assert_close(loss, torch.tensor((0.32 + 0.605) / 2))
+    assert metrics["clip_frac"] == 0.5
+    torch.testing.assert_close(metrics["values_mean"], torch.tensor(1.3))
+    (grad,) = torch.autograd.grad(loss, values)
+    # clipped token has no gradient; token 1: d/dV ½(V − R)² / 2 = 1.1 / 2
+    torch.testing.assert_close(grad, torch.tensor([[0.0, 0.55, 0.0]]))
+
+    # unclipped: (½·0.25 + ½·1.21) / 2
+    loss, metrics = value_loss(values, old_values, returns, mask, clip=None)
+    torch.testing.assert_close(loss, torch.tensor((0.125 + 0.605) / 2))
+    assert metrics["clip_frac"] == 0.0
+
+
+# ---- SFT, KL, entropy (§8, §5.4) -------------------------------------------------------------
+
+
+def test_sft_loss_hand_example():
+    logprobs = torch.tensor([[math.log(0.5), math.log(0.25), -50.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])  # last token is prompt/padding
+    # token-mean NLL: (ln 2 + ln 4) / 2 = 1.5 ln 2
+    loss, metrics = sft_loss(logprobs, mask)
+    torch.testing.assert_close(loss, torch.tensor(1.5 * LN2))
+    torch.testing.assert_close(metrics["nll"], torch.tensor(1.5 * LN2))
+    # seq-mean-token-sum-norm with T = 3: (ln 2 + ln 4) / 3
+    loss, _ = sft_loss(logprobs, mask, agg="seq-mean-token-sum-norm")
+    torch.testing.assert_close(loss, torch.tensor(LN2))
+
+
+def test_kl_loss_hand_example():
+    logprobs = torch.tensor([[LN2, 0.0, 3.0]])
+    ref_logprobs = torch.tensor([[0.0, LN2, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    # r = (ln 2, −ln 2): k3 = (½ − 1 + ln 2, 2 − 1 − ln 2), mean = ¼
+    loss, metrics = kl_loss(logprobs, ref_logprobs, mask)
+    torch.testing.assert_close(loss, torch.tensor(0.25))
+    torch.testing.assert_close(metrics["kl"], torch.tensor(0.25))
+    # k1: mean of (ln 2, −ln 2) = 0
+    loss, _ = kl_loss(logprobs, ref_logprobs, mask, kind="k1")
+    torch.testing.assert_close(loss, torch.tensor(0.0))
+
+
+def test_entropy_bonus_hand_example():
+    entropy = torch.tensor([[1.0, 2.0, 7.0], [4.0, 7.0, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    # token-mean (1 + 2 + 4)/3; seq-mean-token-mean (1.5 + 4)/2
+    value, metrics = entropy_bonus(entropy, mask)
+    torch.testing.assert_close(value, torch.tensor(7 / 3))
+    torch.testing.assert_close(metrics["entropy"], torch.tensor(7 / 3))
+    value, _ = entropy_bonus(entropy, mask, agg="seq-mean-token-mean")
+    torch.testing.assert_close(value, torch.tensor(2.75))
