@@ -88,6 +88,8 @@ class RolloutConfig(Section):
     top_k: int = Field(0, ge=0, description="Top-k sampling; 0 disables.")
     suppress_special_tokens: bool = Field(False, description="Never sample special tokens (EOS included): every response has max_new_tokens tokens. For benchmarks.")
     seed: int = Field(0, description="Base sampling seed; step and engine are mixed in.")
+    weight_sync: Literal["object_store", "gloo"] = Field("object_store", description="Policy → engine weight transport: Ray object store (numpy) or a stateless gloo group.")
+    sync_bucket_mb: float = Field(64.0, gt=0, description="Weights are sent in buckets of about this many MiB.")
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="vLLM engine options.")
 
 
@@ -124,7 +126,7 @@ class AlgoConfig(Section):
         "gae", description="Advantage estimator; only 'gae' uses a critic.")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount γ.")
     lam: float = Field(0.95, ge=0, le=1, description="GAE λ.")
-    whiten_advantages: bool = Field(True, description="Whiten advantages over the batch's response tokens.")
+    whiten_advantages: bool | None = Field(None, description="Whiten advantages over the batch's response tokens; null: the estimator's default (on for gae and reinforce_pp*, off for grpo/dr_grpo/rloo).")
     kl: KLConfig = Field(default_factory=KLConfig, description="KL to the reference policy.")
     clip_low: float = Field(0.2, gt=0, lt=1, description="PPO ratio clip below: 1 - clip_low.")
     clip_high: float = Field(0.2, gt=0, description="PPO ratio clip above: 1 + clip_high (> clip_low is DAPO's clip-higher).")

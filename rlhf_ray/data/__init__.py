@@ -1,0 +1,50 @@
+"""Data: rows from files or the hub → typed tokenized examples → seeded batches → padded tensors.
+
+- `sources.py`  `load_rows`: JSONL / JSON / Parquet files, shard directories, hub ids; row origins
+- `errors.py`   `DataError`: names file, row, key and reason
+- `records.py`  example records and one loader per format (prompts, SFT, preferences, ranked, KTO)
+- `iterator.py` `BatchIterator`: seeded, resumable index batches over epochs
+- `collate.py`  left/right padding and prompt+response batches with a response mask
+"""
+
+from rlhf_ray.data.collate import concat_prompt_response, pad_left, pad_right
+from rlhf_ray.data.errors import DataError
+from rlhf_ray.data.iterator import BatchIterator
+from rlhf_ray.data.records import (
+    Keys,
+    KTOExample,
+    LoadReport,
+    PreferenceExample,
+    PromptExample,
+    RankedExample,
+    SFTExample,
+    load_kto,
+    load_preferences,
+    load_prompts,
+    load_ranked,
+    load_sft,
+)
+from rlhf_ray.data.sources import ORIGIN_FILE, ORIGIN_ROW, load_rows
+
+__all__ = [
+    "ORIGIN_FILE",
+    "ORIGIN_ROW",
+    "BatchIterator",
+    "DataError",
+    "KTOExample",
+    "Keys",
+    "LoadReport",
+    "PreferenceExample",
+    "PromptExample",
+    "RankedExample",
+    "SFTExample",
+    "concat_prompt_response",
+    "load_kto",
+    "load_preferences",
+    "load_prompts",
+    "load_ranked",
+    "load_rows",
+    "load_sft",
+    "pad_left",
+    "pad_right",
+]

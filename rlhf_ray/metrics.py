@@ -1,0 +1,153 @@
+"""Metric names and their meanings (the one table), and the sinks: JSONL, TensorBoard, W&B, console.
+
+Every step writes one JSON line to `<run_dir>/metrics.jsonl`. TensorBoard and W&B are used when
+enabled (W&B only when installed; it is never required). Names are `area/name`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from rlhf_ray.config import LoggingConfig
+
+METRICS: dict[str, str] = {
+    "step": "RL step (rollout batch) or optimizer step of offline stages",
+    "reward/score_mean": "mean summed reward score of the step's samples (before KL shaping)",
+    "reward/score_std": "std of the summed reward score",
+    "reward/<source>_mean": "mean score of one reward source",
+    "reward/group_std_mean": "mean within-group std of scores (group estimators)",
+    "reward/zero_adv_group_frac": "share of prompt groups whose scores are all equal (zero advantage)",
+    "kl/ref": "mean per-sequence KL(π_θ‖π_ref), k1 estimate summed over response tokens",
+    "kl/coef": "KL coefficient β in force this step",
+    "response/length_mean": "mean response length in tokens",
+    "response/truncated_frac": "share of responses that hit max_new_tokens without EOS",
+    "adv/mean": "mean advantage over response tokens (after whitening)",
+    "adv/std": "std of advantages over response tokens",
+    "policy/loss": "PPO clipped policy loss (mini-batch mean)",
+    "policy/clip_frac": "share of response tokens where the ratio clip was active",
+    "policy/approx_kl": "k3 estimate of KL(π_old‖π_θ) during the update",
+    "policy/ratio_mean": "mean importance ratio π_θ/π_old",
+    "policy/ratio_max": "max importance ratio",
+    "policy/entropy": "mean token entropy of π_θ on the batch",
+    "policy/kl_loss": "KL term of the loss (algo.kl.placement=loss)",
+    "policy/grad_norm": "policy gradient norm before clipping",
+    "policy/lr": "policy learning rate",
+    "critic/loss": "clipped value loss",
+    "critic/clip_frac": "share of tokens where the value clip was active",
+    "critic/values_mean": "mean predicted value",
+    "critic/explained_var": "1 - Var(returns - values) / Var(returns) at generation time",
+    "critic/grad_norm": "critic gradient norm before clipping",
+    "critic/lr": "critic learning rate",
+    "eval/reward_mean": "mean reward on held-out prompts",
+    "eval/kl_ref": "per-sequence KL to the reference on held-out prompts",
+    "eval/length_mean": "mean response length on held-out prompts",
+    "time/<phase>": "seconds spent in a phase of the step (prompts, rollout, score, advantages, update, sync, eval)",
+    "time/step": "seconds for the whole step",
+    "perf/tokens_per_s": "(prompt + response) tokens processed per second of step time",
+    "perf/response_tokens_per_s": "response tokens generated per second of rollout time",
+    "sync/version": "policy weight version held by every rollout engine after the sync",
+}
+
+
+class Timer:
+    """Collects `time/<phase>` seconds for one step."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[f"time/{name}"] = self.times.get(f"time/{name}", 0.0) + time.perf_counter() - start
+
+
+class MetricsLogger:
+    """Writes each step's metrics to the enabled sinks and keeps them for the final summary."""
+
+    def __init__(self, run_dir: Path, cfg: LoggingConfig, total_steps: int, config_dump: dict | None = None):
+        self.cfg = cfg
+        self.history: list[dict[str, float]] = []
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = (run_dir / "metrics.jsonl").open("a") if cfg.jsonl else None
+        self.tb = _tensorboard(run_dir / "tb") if cfg.tensorboard else None
+        self.wandb = _wandb(cfg, run_dir, config_dump) if cfg.wandb else None
+        self.bar = _progress_bar(total_steps) if cfg.progress_bar else None
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self.history.append(row)
+        if self.jsonl:
+            self.jsonl.write(json.dumps(row) + "\n")
+            self.jsonl.flush()
+        if self.tb:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+        if self.wandb:
+            self.wandb.log(row, step=step)
+        if self.bar:
+            self.bar.update(1)
+            self.bar.set_postfix_str(_short(row))
+        elif step % self.cfg.log_every == 0:
+            print(f"step {step}: {_short(row)}", flush=True)
+
+    def close(self) -> None:
+        for sink in (self.jsonl, self.tb, self.bar):
+            if sink:
+                sink.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def _short(row: dict[str, Any]) -> str:
+    keys = ("reward/score_mean", "kl/ref", "policy/loss", "time/step")
+    return " ".join(f"{k.split('/')[-1]}={row[k]:.4g}" for k in keys if isinstance(row.get(k), (int, float)))
+
+
+def _tensorboard(path: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(path))
+
+
+def _wandb(cfg: LoggingConfig, run_dir: Path, config_dump: dict | None):
+    try:
+        import wandb
+    except ImportError:
+        print("logging.wandb=true but wandb is not installed; skipping W&B (pip install wandb).", flush=True)
+        return None
+    return wandb.init(project=cfg.wandb_project, name=run_dir.name, dir=str(run_dir), config=config_dump)
+
+
+def _progress_bar(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="steps", dynamic_ncols=True)
+
+
+def summary_table(rows: list[tuple[str, Any]], title: str = "") -> str:
+    """A plain two-column table for the end of a run."""
+    width = max((len(k) for k, _ in rows), default=0)
+    lines = [title] if title else []
+    lines += [f"  {k.ljust(width)}  {_fmt(v)}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -1,0 +1,165 @@
+"""Placement groups, torch.distributed rendezvous, and typed fan-out/gather over a role's actors.
+
+A role is a `WorkerGroup`: N Ray actors of one plain worker class, each pinned to a bundle
+`{"CPU": c, "GPU": g}` of a placement group (g = 0 on CPU-only Ray). Roles listed together in
+`placement.colocate` share one placement group: each keeps its own CPUs in a bundle and they split its GPU.
+Every wait has a deadline; a failure is a `PhaseError` whose message is one line naming the phase,
+role, step and cause. A placement the cluster cannot satisfy fails within its deadline naming what
+was asked and what the cluster has.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, TypeVar
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+W = TypeVar("W")
+
+
+class PhaseError(RuntimeError):
+    """A remote phase failed or missed its deadline."""
+
+    def __init__(self, phase: str, role: str, step: int | str, cause: str):
+        self.phase, self.role, self.step, self.cause = phase, role, step, cause
+        super().__init__(f"FAILED phase={phase} role={role} step={step} cause={cause}")
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot host the requested actors."""
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    """Resources of one role: `num_workers` actors of `cpus`/`gpus` each."""
+
+    role: str
+    num_workers: int
+    cpus: float
+    gpus: float
+    torch_threads: int | None = None
+
+    @property
+    def threads(self) -> int:
+        return self.torch_threads or max(1, math.ceil(self.cpus))
+
+
+def wait(refs: list[ray.ObjectRef], *, phase: str, role: str, step: int | str, timeout_s: float) -> list[Any]:
+    """`ray.get` with a deadline; any failure becomes one `PhaseError` line."""
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except GetTimeoutError:
+        raise PhaseError(phase, role, step, f"no answer within {timeout_s:g}s") from None
+    except RayTaskError as err:
+        cause = err.cause if err.cause is not None else err
+        raise PhaseError(phase, role, step, f"{type(cause).__name__}: {_first_line(cause)}") from err
+    except RayActorError as err:
+        raise PhaseError(phase, role, step, f"actor died: {_first_line(err)}") from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[-1] if text else type(err).__name__
+
+
+def reserve(specs: list[RoleSpec], timeout_s: float) -> PlacementGroup:
+    """One placement group shared by `specs` (one role, or a colocated group); bundles sized to fit each."""
+    n = max(s.num_workers for s in specs)
+    bundle = {"CPU": sum(s.cpus for s in specs)}  # CPUs are not shared: each colocated actor keeps its own
+    gpus = max(s.gpus for s in specs)  # the GPU is shared: each colocated actor takes gpus / len(specs)
+    if gpus > 0:
+        bundle["GPU"] = gpus
+    pg = placement_group([dict(bundle) for _ in range(n)], strategy="PACK")
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(pg)
+        roles = "+".join(s.role for s in specs)
+        raise PlacementError(
+            f"placement for {roles} not granted within {timeout_s:g}s: asked {n} bundle(s) of {bundle}; "
+            f"cluster total {_resources(ray.cluster_resources())}, available {_resources(ray.available_resources())}. "
+            f"Lower placement.<role>.num_workers/cpus/gpus or add nodes.")
+    return pg
+
+
+def _resources(res: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in res.items() if k in ("CPU", "GPU", "memory")}
+
+
+class WorkerGroup(Generic[W]):
+    """N actors of one role. Calls are typed: `group.call(lambda w: w.method.remote(...))`."""
+
+    def __init__(self, spec: RoleSpec, worker_cls: type[W], pg: PlacementGroup, gpu_share: float,
+                 make_args: Callable[[int], tuple], timeout_s: float, max_restarts: int = 0):
+        self.spec = spec
+        self.timeout_s = timeout_s
+        actor_cls = ray.remote(worker_cls)
+        self.workers = [
+            actor_cls.options(
+                num_cpus=spec.cpus,
+                num_gpus=spec.gpus * gpu_share,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
+                runtime_env={"env_vars": actor_env(spec)},
+                max_restarts=max_restarts,
+                name=None,
+            ).remote(*make_args(rank))
+            for rank in range(spec.num_workers)
+        ]
+
+    @property
+    def role(self) -> str:
+        return self.spec.role
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    def call(self, fn: Callable[[Any], ray.ObjectRef]) -> list[ray.ObjectRef]:
+        """Fan out the same call to every worker."""
+        return [fn(w) for w in self.workers]
+
+    def call_each(self, fn: Callable[[Any, Any], ray.ObjectRef], items: list[Any]) -> list[ray.ObjectRef]:
+        """Fan out one call per worker with its own item (e.g. its data shard)."""
+        return [fn(w, item) for w, item in zip(self.workers, items, strict=True)]
+
+    def get(self, refs: list[ray.ObjectRef], phase: str, step: int | str, timeout_s: float | None = None) -> list[Any]:
+        return wait(refs, phase=phase, role=self.role, step=step, timeout_s=timeout_s or self.timeout_s)
+
+    def run(self, fn: Callable[[Any], ray.ObjectRef], phase: str, step: int | str) -> list[Any]:
+        return self.get(self.call(fn), phase, step)
+
+
+QUIET_ENV = {  # no per-actor download/load progress bars in the job log
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+}
+
+
+def actor_env(spec: RoleSpec) -> dict[str, str]:
+    """Environment for a role's actors: thread counts, CPU DeepSpeed accelerator, quiet tokenizers."""
+    env = {
+        "OMP_NUM_THREADS": str(spec.threads),
+        "MKL_NUM_THREADS": str(spec.threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        **QUIET_ENV,
+        "RLHF_RAY_TORCH_THREADS": str(spec.threads),
+    }
+    if spec.gpus == 0:
+        env["DS_ACCELERATOR"] = "cpu"
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    for key in ("RLHF_RAY_FAULTS", "PYTHONPATH"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return env
+
+
+def rendezvous(group: WorkerGroup, step: str = "init") -> tuple[str, int]:
+    """Rank 0 reports its address and a free port; every rank then joins the torch.distributed group."""
+    addr, port = group.get([group.workers[0].node_address.remote()], "rendezvous", step)[0]
+    group.run(lambda w: w.init_distributed.remote(addr, port), "rendezvous", step)
+    return addr, port

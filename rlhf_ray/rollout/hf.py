@@ -1,0 +1,140 @@
+"""`HFRolloutEngine`: the always-available rollout engine, HF `model.generate` on CPU or one GPU.
+
+Token ids in, a `Samples` batch out (layout in rlhf_ray/batch.py). Decisions:
+- Sampling reproduces π at temperature T with only top-p/top-k on top: the model's own
+  `generation_config` (repetition penalty, min-p, … from a checkpoint) is replaced at
+  construction so it cannot change the distribution the PPO ratio assumes.
+- Each call seeds torch inside `fork_rng`: the same prompts, params, seed and `max_batch`
+  give identical samples, and the caller's global RNG is untouched.
+- A response ends at its FIRST EOS (kept, mask 1); later positions are pad id with mask 0.
+  The mask never comes from `!= pad_token_id`: a random tiny model samples the pad id as
+  an ordinary token (STACK-NOTES "HF generate as the CPU rollout engine").
+- Weights arrive as numpy arrays by parameter name. numpy has no bfloat16, so an int16
+  array is always a bfloat16 payload viewed as int16 (`t.view(torch.int16).numpy()`); no
+  model parameter is int16, so this is unambiguous.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from torch import Tensor
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf_ray.batch import Samples, pad_to
+from rlhf_ray.rollout.base import SamplingParams
+
+
+class HFRolloutEngine:
+    """`RolloutEngine` over an HF causal LM; `max_batch` caps the rows of one `generate` call."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_batch: int | None = None):
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token; responses could never stop.")
+        self.model = model.eval()
+        self.eos_token_id: int = tokenizer.eos_token_id
+        self.pad_token_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id
+        self.special_token_ids = sorted({*tokenizer.all_special_ids, self.eos_token_id, self.pad_token_id})
+        self.max_batch = max_batch
+        self.model.generation_config = GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id
+        )
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Samples:
+        """`params.n` samples per prompt, rows [i·n, (i+1)·n) from prompt i."""
+        prompt_ids, prompt_mask = self._left_pad([p for p in prompts for _ in range(params.n)])  # (B, P)
+        rows = self.max_batch or prompt_ids.shape[0]
+        with torch.random.fork_rng(devices=self._rng_devices()):
+            torch.manual_seed(seed)
+            generated = [
+                self._generate_rows(prompt_ids[i : i + rows], prompt_mask[i : i + rows], params)
+                for i in range(0, prompt_ids.shape[0], rows)
+            ]  # (rows, L_chunk) each
+        width = max(g.shape[1] for g in generated)
+        tokens = torch.cat([pad_to(g, width, self.pad_token_id, left=False) for g in generated])  # (B, L)
+        response_ids, response_mask, stopped = self._cut_at_first_eos(tokens)
+        return Samples(prompt_ids, prompt_mask, response_ids, response_mask, stopped)
+
+    def _left_pad(self, prompts: list[list[int]]) -> tuple[Tensor, Tensor]:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate needs a non-empty list of non-empty prompts (token id lists).")
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[row, width - len(p) :] = 1
+        return ids, mask
+
+    def _generate_rows(self, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingParams) -> Tensor:
+        """New tokens of one chunk, (rows, L) with L <= max_new_tokens; rows that stopped early are pad-filled."""
+        device = self.model.device
+        sequences = self.model.generate(
+            input_ids=prompt_ids.to(device),
+            attention_mask=prompt_mask.to(device),
+            max_new_tokens=params.max_new_tokens,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            use_cache=True,
+            suppress_tokens=self.special_token_ids if params.suppress_special_tokens else None,
+            **_decoding_kwargs(params),
+        )
+        return sequences[:, prompt_ids.shape[1] :].cpu()
+
+    def _cut_at_first_eos(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, L) generated tokens → response ids and mask right-padded to the longest response, stopped (B,)."""
+        is_eos = tokens == self.eos_token_id  # (B, L)
+        stopped = is_eos.any(-1)  # (B,)
+        first_eos = is_eos.long().argmax(-1)  # (B,) 0 where no EOS, masked by `stopped`
+        lengths = torch.where(stopped, first_eos + 1, tokens.shape[1])  # (B,)
+        width = int(lengths.max())
+        response_mask = (torch.arange(width) < lengths.unsqueeze(-1)).long()  # (B, T)
+        response_ids = torch.where(response_mask.bool(), tokens[:, :width], self.pad_token_id)
+        return response_ids, response_mask, stopped
+
+    def _rng_devices(self) -> list[torch.device]:
+        return [self.model.device] if self.model.device.type == "cuda" else []
+
+    @torch.no_grad()
+    def load_weights(self, named_arrays: dict[str, np.ndarray]) -> None:
+        """Copy arrays into parameters by name; checks every name and shape before copying any."""
+        params = dict(self.model.named_parameters())
+        unknown = sorted(set(named_arrays) - set(params))
+        if unknown:
+            more = " …" if len(unknown) > 5 else ""
+            raise KeyError(f"load_weights: unknown parameter names {unknown[:5]}{more} (the model has e.g. "
+                           f"{sorted(params)[:3]}); sender and engine must hold the same architecture.")
+        for name, array in named_arrays.items():
+            if tuple(array.shape) != tuple(params[name].shape):
+                raise ValueError(f"load_weights: '{name}' has shape {tuple(array.shape)}, "
+                                 f"the model's is {tuple(params[name].shape)}.")
+        for name, array in named_arrays.items():
+            params[name].data.copy_(_to_tensor(array))  # copy_ converts dtype and device
+
+    def weights_checksum(self) -> float:
+        """Σ over parameters (sorted by name) of the float64 sum: compared with the sender's after a sync."""
+        params = dict(self.model.named_parameters())
+        return float(sum(params[name].detach().double().sum().item() for name in sorted(params)))
+
+    def sleep(self) -> None:
+        """Nothing to free: HF generate holds no KV cache between calls."""
+
+    def wake(self) -> None:
+        """See `sleep`."""
+
+
+def _decoding_kwargs(params: SamplingParams) -> dict:
+    if params.greedy:
+        return {"do_sample": False}
+    # top_k must be passed explicitly: HF's default when unset is 50.
+    return {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k}
+
+
+def _to_tensor(array: np.ndarray) -> Tensor:
+    with warnings.catch_warnings():  # Ray's zero-copy arrays are read-only; the tensor is only read
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.view(torch.bfloat16) if tensor.dtype == torch.int16 else tensor

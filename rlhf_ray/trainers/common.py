@@ -1,0 +1,83 @@
+"""What every stage does before its loop: resolve 'toy' sources, save the effective config, load data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhf_ray.config import TOY, RunConfig, dump_config
+from rlhf_ray.data import Keys
+from rlhf_ray.workers import ModelPaths
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """Real paths for every model and dataset of a run ('toy' already built into the run directory)."""
+
+    models: ModelPaths
+    reward_paths: list[str]  # one per reward source, aligned with cfg.reward.sources
+    train: str
+    eval: str | None
+
+
+def prepare_run(cfg: RunConfig) -> RunInputs:
+    """Create the run directory, write config.yaml, build toy models/data where asked."""
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    toy = _ToyBuilder(cfg, run_dir / "toy")
+    m = cfg.model
+    policy = toy.model("policy") if m.policy == TOY else m.policy
+    reward_paths = [toy.model("reward") if s.kind == "model" and s.path == TOY else s.path for s in cfg.reward.sources]
+    first_rm = next((p for s, p in zip(cfg.reward.sources, reward_paths) if s.kind == "model"), None)
+    toy_critic = TOY if m.policy == TOY else None  # the toy kit ships a critic; a real policy gets a new head
+    critic = _first(m.critic, first_rm, toy_critic, policy)
+    critic = toy.model("critic") if critic == TOY else critic
+    models = ModelPaths(
+        policy=policy,
+        reference=toy.model("policy") if m.reference == TOY else (m.reference or policy),
+        critic=critic,
+        tokenizer=m.tokenizer or policy,
+    )
+    train = toy.data("train") if cfg.data.train == TOY else cfg.data.train
+    eval_ = toy.data("eval") if cfg.data.eval == TOY else cfg.data.eval
+    return RunInputs(models=models, reward_paths=reward_paths, train=train, eval=eval_)
+
+
+def _first(*values: str | None) -> str:
+    return next(v for v in values if v)
+
+
+class _ToyBuilder:
+    """Builds the toy models and datasets once per run directory, on first use."""
+
+    def __init__(self, cfg: RunConfig, out: Path):
+        self.cfg, self.out = cfg, out
+        self._models = None
+        self._data = None
+
+    def model(self, role: str) -> str:
+        if self._models is None:
+            from rlhf_ray.toy import save_toy_models
+
+            t = self.cfg.model.toy
+            self._models = save_toy_models(self.out / "models", seed=t.seed, hidden_size=t.hidden_size,
+                                           intermediate_size=t.intermediate_size, num_layers=t.num_layers,
+                                           num_heads=t.num_heads)
+        return getattr(self._models, role)
+
+    def data(self, split: str) -> str:
+        if self._data is None:
+            from rlhf_ray.toy import write_toy_datasets
+
+            self._data = write_toy_datasets(self.out / "data", seed=self.cfg.trainer.seed,
+                                            n_train=self.cfg.data.toy_train_size, n_eval=self.cfg.data.toy_eval_size)
+        return getattr(self._data, f"{self._kind()}_{split}")
+
+    def _kind(self) -> str:
+        return {"ppo": "prompts"}[self.cfg.stage]
+
+
+def data_keys(cfg: RunConfig) -> Keys:
+    d = cfg.data
+    return Keys(prompt=d.prompt_key, response=d.response_key, chosen=d.chosen_key, rejected=d.rejected_key)

@@ -1,0 +1,458 @@
+"""The RL driver: generate → score → advantages → update → sync (ARCHITECTURE.md §3).
+
+`PPOTrainer.train_step` is the whole algorithm at one level of detail, one timer per phase;
+`Roles` hides the actors behind typed calls with deadlines, and `make_experience` is the pure
+math in between (KL shaping, GAE or a group estimator, whitening — ALGORITHMS.md §2–§4).
+The driver never holds a model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import torch
+
+from rlhf_ray.algorithms.advantages import (
+    broadcast_to_tokens, compute_gae, group_advantages, reinforce_pp_returns, whiten)
+from rlhf_ray.algorithms.kl import AdaptiveKLController, FixedKLController, kl_penalty
+from rlhf_ray.algorithms.losses import LossScale
+from rlhf_ray.batch import Experience, Samples, concat_samples
+from rlhf_ray.config import RunConfig
+from rlhf_ray.data import BatchIterator, PromptExample, load_prompts
+from rlhf_ray.metrics import MetricsLogger, Timer, summary_table
+from rlhf_ray.placement import PhaseError, RoleSpec, WorkerGroup, reserve
+from rlhf_ray.rollout.base import SamplingParams
+from rlhf_ray.trainers.common import RunInputs, data_keys, prepare_run
+from rlhf_ray.workers import (
+    CriticWorker, ModelPaths, PolicyWorker, ReferenceWorker, RewardWorker, RolloutWorker)
+
+# ---------------------------------------------------------------------------------------------
+# Roles: the actors, behind typed calls
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Scored:
+    """Everything the score phase returns for a batch of samples."""
+
+    old_logprobs: torch.Tensor  # (B, T) log π_old
+    ref_logprobs: torch.Tensor  # (B, T) log π_ref
+    values: torch.Tensor | None  # (B, T) critic values, or None without a critic
+    scores: torch.Tensor  # (B,) weighted sum of reward sources
+    per_source: dict[str, torch.Tensor]  # source name → (B,)
+
+
+class Roles:
+    """The worker groups of an RL run, created in placement groups, with typed fan-out calls."""
+
+    def __init__(self, cfg: RunConfig, models: ModelPaths, reward_paths: list[str]):
+        self.cfg = cfg
+        p, timeout = cfg.placement, cfg.placement.timeout_s
+        specs = {
+            "policy": _spec("policy", p.policy, p.policy.num_workers, p.torch_threads),
+            "reference": _spec("reference", p.reference, p.reference.num_workers, p.torch_threads),
+            "reward": _spec("reward", p.reward, p.reward.num_workers, p.torch_threads),
+            "rollout": _spec("rollout", p.rollout, cfg.rollout.num_engines, p.torch_threads),
+        }
+        if cfg.uses_critic:
+            specs["critic"] = _spec("critic", p.critic, p.critic.num_workers, p.torch_threads)
+        pgs = _reserve_all(specs, p.colocate, timeout)
+        np_, ncr = specs["policy"].num_workers, specs.get("critic", specs["policy"]).num_workers
+        make = {
+            "policy": (PolicyWorker, lambda r: (cfg, models, r, np_)),
+            "critic": (CriticWorker, lambda r: (cfg, models, r, ncr)),
+            "reference": (ReferenceWorker, lambda r: (cfg, models)),
+            "reward": (RewardWorker, lambda r: (cfg, models, reward_paths)),
+            "rollout": (RolloutWorker, lambda r: (cfg, models, r)),
+        }
+        self.groups: dict[str, WorkerGroup] = {}
+        for role, spec in specs.items():
+            cls, args = make[role]
+            pg, share = pgs[role]
+            self.groups[role] = WorkerGroup(spec, cls, pg, share, args, cfg.trainer.timeout_s)
+        self._placement_groups = {id(pg): pg for pg, _ in pgs.values()}
+        self._start(timeout)
+
+    @property
+    def policy(self) -> WorkerGroup[PolicyWorker]:
+        return self.groups["policy"]
+
+    @property
+    def critic(self) -> WorkerGroup[CriticWorker] | None:
+        return self.groups.get("critic")
+
+    def _start(self, timeout: float) -> None:
+        """Wait for every actor, then rendezvous the trained roles (all inits submitted before any wait)."""
+        for group in self.groups.values():
+            group.get(group.call(lambda w: w.ping.remote()), "start", "init", timeout)
+        trained = [g for g in (self.policy, self.critic) if g is not None]
+        addrs = [g.get([g.workers[0].node_address.remote()], "rendezvous", "init")[0] for g in trained]
+        refs = [(g, g.call(lambda w, a=a: w.init_distributed.remote(*a))) for g, a in zip(trained, addrs)]
+        for g, r in refs:
+            g.get(r, "rendezvous", "init")
+        if self.cfg.rollout.weight_sync == "gloo":
+            self._join_gloo()
+
+    def _join_gloo(self) -> None:
+        rollout = self.groups["rollout"]
+        host, port = self.policy.get([self.policy.workers[0].node_address.remote()], "sync-setup", "init")[0]
+        world = 1 + len(rollout)
+        refs = self.policy.call(lambda w: w.join_gloo.remote(port, world))
+        refs_r = rollout.call_each(lambda w, i: w.join_gloo.remote(host, port, world), list(range(len(rollout))))
+        self.policy.get(refs, "sync-setup", "init")
+        rollout.get(refs_r, "sync-setup", "init")
+
+    # --- phases -----------------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int, step: int | str,
+                 pad_token_id: int) -> Samples:
+        rollout = self.groups["rollout"]
+        chunks = np.array_split(np.arange(len(prompts)), len(rollout))
+        refs = rollout.call_each(lambda w, c: w.generate.remote([prompts[i] for i in c], params, seed + 7919 * int(c[0])), chunks)
+        parts = [Samples.from_numpy(p) for p in rollout.get(refs, "rollout", step)]
+        return concat_samples(parts, pad_token_id)
+
+    def score(self, samples: Samples, metadata: list[dict], step: int | str, with_values: bool = True) -> Scored:
+        """Old log-probs, reference log-probs, values and rewards, all in flight at once."""
+        payload = ray.put(samples.to_numpy())
+        shards_p = _shard_refs(samples, len(self.policy))
+        old = self.policy.call_each(lambda w, s: w.compute_logprobs.remote(s), shards_p)
+        ref_group = self.groups["reference"]
+        ref = ref_group.call_each(lambda w, s: w.compute_logprobs.remote(s), _shard_refs(samples, len(ref_group)))
+        crit = None
+        if self.critic is not None and with_values:
+            crit = self.critic.call_each(lambda w, s: w.compute_values.remote(s), _shard_refs(samples, len(self.critic)))
+        reward_group = self.groups["reward"]
+        rew = [reward_group.workers[0].score.remote(payload, metadata)]
+        old_lp = _cat(self.policy.get(old, "score", step))
+        ref_lp = _cat(ref_group.get(ref, "score", step))
+        values = _cat(self.critic.get(crit, "score", step)) if crit else None
+        total, per_source = reward_group.get(rew, "score", step)[0]
+        n = samples.batch_size
+        return Scored(old_lp[:n], ref_lp[:n], values[:n] if values is not None else None,
+                      torch.tensor(total), {k: torch.tensor(v) for k, v in per_source.items()})
+
+    def update(self, exp: Experience, step: int, epoch_seed: int, kl_coef: float) -> dict[str, float]:
+        """E epochs; each a seeded shuffle into mini-batches, sharded over ranks; policy and critic in parallel."""
+        cfg, metrics = self.cfg, {}
+        for epoch in range(cfg.algo.epochs):
+            order = torch.from_numpy(np.random.default_rng([epoch_seed, step, epoch]).permutation(exp.batch_size))
+            jobs = []
+            for role, group in (("policy", self.policy), ("critic", self.critic)):
+                if group is None:
+                    continue
+                shards, scales = _plan(exp.select(order), cfg.trainer.mini_batch_size, len(group))
+                if role == "policy":
+                    refs = group.call_each(lambda w, s: w.train.remote(ray.put(s), scales, kl_coef), shards)
+                else:
+                    refs = group.call_each(lambda w, s: w.train.remote(ray.put(s), scales), shards)
+                jobs.append((role, group, refs))
+            for role, group, refs in jobs:
+                ranks = group.get(refs, "update", step)
+                metrics |= {f"{role}/{k}": v for k, v in _mean_dicts(ranks).items()}
+        return metrics
+
+    def sync(self, version: int, step: int | str) -> None:
+        """New policy weights → every engine; verified by version and checksum before the next rollout."""
+        rollout = self.groups["rollout"]
+        if self.cfg.rollout.weight_sync == "gloo":
+            sent = self.policy.call(lambda w: w.send_to_gloo.remote())
+            got = rollout.call(lambda w: w.receive_from_gloo.remote(version))
+            expected = self.policy.get(sent, "sync", step)[0]
+        else:
+            refs, expected = self.policy.get(self.policy.call(lambda w: w.send_to_object_store.remote()), "sync", step)[0]
+            got = rollout.call(lambda w: w.receive_from_object_store.remote(refs, version))
+        for i, (held, check) in enumerate(rollout.get(got, "sync", step)):
+            if held != version or not np.isclose(check, expected, rtol=1e-9, atol=1e-6):
+                raise PhaseError("sync", f"rollout[{i}]", step,
+                                 f"engine holds version {held} checksum {check!r}, expected {version} / {expected!r}")
+
+    def export(self, out_dir: str) -> dict[str, str]:
+        out = {"policy": f"{out_dir}/policy"}
+        refs = self.policy.call(lambda w: w.export.remote(out["policy"]))
+        if self.critic is not None:
+            out["critic"] = f"{out_dir}/critic"
+            self.critic.get(self.critic.call(lambda w: w.export.remote(out["critic"])), "export", "final")
+        self.policy.get(refs, "export", "final")
+        return out
+
+    def shutdown(self) -> None:
+        for group in self.groups.values():
+            for w in group.workers:
+                ray.kill(w)
+        for pg in self._placement_groups.values():
+            ray.util.remove_placement_group(pg)
+
+
+def _spec(role: str, res, n: int, threads: int | None) -> RoleSpec:
+    return RoleSpec(role=role, num_workers=n, cpus=res.cpus, gpus=res.gpus, torch_threads=threads)
+
+
+def _reserve_all(specs: dict[str, RoleSpec], colocate: list[list[str]], timeout: float) -> dict[str, tuple]:
+    out = {}
+    for group in colocate:
+        members = [specs[r] for r in group if r in specs]
+        if members:
+            pg = reserve(members, timeout)
+            out |= {s.role: (pg, 1.0 / len(members)) for s in members}
+    for role, spec in specs.items():
+        if role not in out:
+            out[role] = (reserve([spec], timeout), 1.0)
+    return out
+
+
+def _shard_refs(samples: Samples, n: int) -> list[ray.ObjectRef]:
+    """Equal row shards (the last rows repeated to fill: ZeRO-3 forwards are collective), one put each."""
+    rows = np.arange(samples.batch_size)
+    per = -(-len(rows) // n)
+    padded = np.concatenate([rows, np.full(per * n - len(rows), rows[-1])])
+    return [ray.put(samples.select(torch.from_numpy(padded[i * per:(i + 1) * per])).to_numpy()) for i in range(n)]
+
+
+def _cat(parts: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.concatenate(parts))
+
+
+def _plan(exp: Experience, mini_batch_size: int, ranks: int) -> tuple[list[dict], list[LossScale]]:
+    """Rank r's shard = its 1/ranks slice of each mini-batch, in order; scales are per whole mini-batch."""
+    n_mb = exp.batch_size // mini_batch_size
+    per_rank = mini_batch_size // ranks
+    scales, rows = [], [[] for _ in range(ranks)]
+    for j in range(n_mb):
+        mb = slice(j * mini_batch_size, (j + 1) * mini_batch_size)
+        scales.append(LossScale.from_mask(exp.response_mask[mb]))
+        for r in range(ranks):
+            start = j * mini_batch_size + r * per_rank
+            rows[r].extend(range(start, start + per_rank))
+    return [exp.select(torch.tensor(r)).to_numpy() for r in rows], scales
+
+
+def _mean_dicts(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = set().union(*rows)
+    return {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
+
+
+# ---------------------------------------------------------------------------------------------
+# Advantages: pure math on the driver
+# ---------------------------------------------------------------------------------------------
+
+WHITEN_BY_DEFAULT = {"gae": True, "reinforce_pp": True, "reinforce_pp_baseline": True,
+                     "grpo": False, "dr_grpo": False, "rloo": False}
+
+
+def shape_scores(scores: torch.Tensor, stopped: torch.Tensor, cfg: RunConfig, normaliser: "RunningMoments") -> torch.Tensor:
+    """Missing-EOS penalty, clip and normalisation of sequence scores (ALGORITHMS.md §3). (B,)"""
+    r = cfg.reward
+    scores = scores.clone().float()
+    if r.missing_eos_penalty is not None:
+        scores = torch.where(stopped, scores, scores + r.missing_eos_penalty)
+    if r.normalize == "batch":
+        scores = (scores - scores.mean()) / (scores.std(unbiased=False) + 1e-8)
+    elif r.normalize == "running":
+        normaliser.update(scores)
+        scores = (scores - normaliser.mean) / (normaliser.std + 1e-8)
+    if r.clip is not None:
+        scores = scores.clamp(-r.clip, r.clip)
+    return scores
+
+
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, mask: torch.Tensor) -> torch.Tensor:
+    """rew_t = −β·kl_t, plus the sequence score at the last real response token (§2). (B, T)"""
+    rewards = -kl_coef * kl * mask
+    last = (mask.sum(-1).long() - 1).clamp(min=0)
+    return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
+
+
+def make_experience(samples: Samples, scored: Scored, scores: torch.Tensor, cfg: RunConfig,
+                    kl_coef: float) -> tuple[Experience, dict[str, float]]:
+    """Advantages (and returns for the critic) for one batch (ALGORITHMS.md §4)."""
+    algo = cfg.algo
+    mask = samples.response_mask.float()
+    kl = kl_penalty(scored.old_logprobs, scored.ref_logprobs, algo.kl.estimator) * mask  # (B, T)
+    beta = kl_coef if algo.kl.placement == "reward" else 0.0
+    returns = None
+    if algo.advantage == "gae":
+        advantages, returns = compute_gae(token_rewards(scores, kl, beta, mask), scored.values, mask, algo.gamma, algo.lam)
+    elif algo.advantage == "reinforce_pp":
+        advantages = reinforce_pp_returns(token_rewards(scores, kl, beta, mask), mask, algo.gamma)
+    else:
+        shaped = scores - beta * kl.sum(-1)
+        kind = "reinforce_baseline" if algo.advantage == "reinforce_pp_baseline" else algo.advantage
+        advantages = broadcast_to_tokens(group_advantages(shaped, cfg.rollout.samples_per_prompt, kind), mask)
+    whiten_on = algo.whiten_advantages if algo.whiten_advantages is not None else WHITEN_BY_DEFAULT[algo.advantage]
+    if whiten_on:
+        advantages = whiten(advantages, mask) * mask
+    exp = Experience(**vars(samples), old_logprobs=scored.old_logprobs, ref_logprobs=scored.ref_logprobs,
+                     advantages=advantages, returns=returns, values=scored.values)
+    return exp, _experience_metrics(exp, scored, scores, mask)
+
+
+def _experience_metrics(exp: Experience, scored: Scored, scores: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    k1 = ((scored.old_logprobs - scored.ref_logprobs) * mask).sum(-1)
+    adv = exp.advantages[mask.bool()]
+    out = {
+        "reward/score_mean": scored.scores.mean().item(),
+        "reward/score_std": scored.scores.std(unbiased=False).item(),
+        "reward/shaped_mean": scores.mean().item(),
+        "kl/ref": k1.mean().item(),
+        "response/length_mean": mask.sum(-1).mean().item(),
+        "response/truncated_frac": (~exp.stopped).float().mean().item(),
+        "adv/mean": adv.mean().item(),
+        "adv/std": adv.std(unbiased=False).item(),
+    }
+    out |= {f"reward/{k}_mean": v.mean().item() for k, v in scored.per_source.items()}
+    if exp.returns is not None:
+        ret, val = exp.returns[mask.bool()], exp.values[mask.bool()]
+        out["critic/explained_var"] = (1 - (ret - val).var() / (ret.var() + 1e-8)).item()
+    return out
+
+
+class RunningMoments:
+    """Running mean/std of scores over the run (Chan et al. parallel update)."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.var = 0, 0.0, 1.0
+
+    @property
+    def std(self) -> float:
+        return float(self.var) ** 0.5
+
+    def update(self, x: torch.Tensor) -> None:
+        n, m, v = x.numel(), x.mean().item(), x.var(unbiased=False).item()
+        total = self.count + n
+        delta = m - self.mean
+        self.var = (self.var * self.count + v * n + delta**2 * self.count * n / total) / total
+        self.mean += delta * n / total
+        self.count = total
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------
+
+
+class PPOTrainer:
+    """Owns the loop, the data iterator, the KL controller and the metrics; never a model."""
+
+    def __init__(self, cfg: RunConfig, inputs: RunInputs):
+        from rlhf_ray.models import load_tokenizer
+
+        self.cfg, self.inputs = cfg, inputs
+        self.tokenizer = load_tokenizer(inputs.models.tokenizer, cfg.model.trust_remote_code)
+        self.train_prompts = self._load(inputs.train, cfg.data.split)
+        self.eval_prompts = self._load(inputs.eval, cfg.data.eval_split)[: cfg.trainer.eval_prompts] if inputs.eval else []
+        self.iterator = BatchIterator(len(self.train_prompts), cfg.trainer.prompts_per_step, seed=cfg.trainer.seed)
+        k = cfg.algo.kl
+        self.kl_ctl = AdaptiveKLController(k.coef, k.target, k.horizon) if k.adaptive else FixedKLController(k.coef)
+        self.moments = RunningMoments()
+        self.version = 0
+        self.roles = Roles(cfg, inputs.models, inputs.reward_paths)
+        self.logger = MetricsLogger(cfg.run_dir, cfg.logging, cfg.trainer.total_steps, cfg.model_dump(mode="json"))
+
+    def _load(self, source: str, split: str) -> list[PromptExample]:
+        d = self.cfg.data
+        examples, report = load_prompts(source, self.tokenizer, keys=data_keys(self.cfg), max_prompt_len=d.max_prompt_len,
+                                        overlength=d.overlength, on_bad_row=d.on_bad_row, split=split)
+        if report.dropped:
+            print(report, flush=True)
+        return examples
+
+    def sampling(self, greedy: bool = False, n: int | None = None) -> SamplingParams:
+        r = self.cfg.rollout
+        return SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                              n=n or r.samples_per_prompt, greedy=greedy, suppress_special_tokens=r.suppress_special_tokens)
+
+    def train_step(self, step: int) -> dict[str, float]:
+        timer, t0 = Timer(), time.perf_counter()
+        with timer.phase("prompts"):
+            batch = [self.train_prompts[i] for i in self.iterator.next_indices()]
+            metadata = [e.metadata for e in batch for _ in range(self.cfg.rollout.samples_per_prompt)]
+        with timer.phase("rollout"):
+            samples = self.roles.generate([e.prompt_ids for e in batch], self.sampling(), self._seed(step), step,
+                                          self.tokenizer.pad_token_id)
+        with timer.phase("score"):
+            scored = self.roles.score(samples, metadata, step)
+        with timer.phase("advantages"):
+            scores = shape_scores(scored.scores, samples.stopped, self.cfg, self.moments)
+            exp, metrics = make_experience(samples, scored, scores, self.cfg, self.kl_ctl.value)
+        with timer.phase("update"):
+            metrics |= self.roles.update(exp, step, self.cfg.trainer.seed, self.kl_ctl.value)
+        with timer.phase("sync"):
+            self.version += 1
+            self.roles.sync(self.version, step)
+        metrics["kl/coef"] = self.kl_ctl.value
+        self.kl_ctl.update(metrics["kl/ref"], samples.batch_size)
+        metrics["sync/version"] = self.version
+        return metrics | _throughput(samples, timer, time.perf_counter() - t0)
+
+    def evaluate(self, step: int | str) -> dict[str, float]:
+        """Mean reward, KL to the reference and length on held-out prompts (one sample each, fixed seed)."""
+        if not self.eval_prompts:
+            return {}
+        samples = self.roles.generate([e.prompt_ids for e in self.eval_prompts], self.sampling(n=1),
+                                      self.cfg.rollout.seed + 10**6, f"eval@{step}", self.tokenizer.pad_token_id)
+        scored = self.roles.score(samples, [e.metadata for e in self.eval_prompts], f"eval@{step}", with_values=False)
+        mask = samples.response_mask.float()
+        out = {
+            "eval/reward_mean": scored.scores.mean().item(),
+            "eval/kl_ref": ((scored.old_logprobs - scored.ref_logprobs) * mask).sum(-1).mean().item(),
+            "eval/length_mean": mask.sum(-1).mean().item(),
+        }
+        return out | {f"eval/{k}_mean": v.mean().item() for k, v in scored.per_source.items()}
+
+    def _seed(self, step: int) -> int:
+        return self.cfg.rollout.seed * 1_000_003 + step
+
+    def fit(self) -> dict[str, float]:
+        t = self.cfg.trainer
+        first_eval = self.evaluate(0)
+        last: dict[str, float] = {}
+        for step in range(1, t.total_steps + 1):
+            metrics = self.train_step(step)
+            if t.eval_every and step % t.eval_every == 0 and step != t.total_steps:
+                metrics |= self.evaluate(step)
+            self.logger.log(step, metrics)
+            last = metrics
+        final_eval = self.evaluate(t.total_steps)
+        exported = self.roles.export(str(self.cfg.run_dir / "export")) if self.cfg.checkpoint.export_hf else {}
+        return self._summarise(first_eval, final_eval, last, exported)
+
+    def _summarise(self, first: dict, final: dict, last: dict, exported: dict) -> dict[str, float]:
+        first_train = self.logger.history[0] if self.logger.history else {}
+        rows = [("train reward, first step", first_train.get("reward/score_mean")),
+                ("train reward, last step", last.get("reward/score_mean")),
+                ("eval reward, before", first.get("eval/reward_mean")),
+                ("eval reward, after", final.get("eval/reward_mean")),
+                ("eval KL to reference, after", final.get("eval/kl_ref")),
+                ("eval response length, after", final.get("eval/length_mean")),
+                ("median step time (s)", float(np.median([h["time/step"] for h in self.logger.history]))),
+                ("run directory", str(self.cfg.run_dir))]
+        rows += [(f"exported {k}", v) for k, v in exported.items()]
+        print(summary_table([(k, v) for k, v in rows if v is not None], title="== PPO summary =="), flush=True)
+        self.logger.close()
+        return {"eval_before": first.get("eval/reward_mean"), "eval_after": final.get("eval/reward_mean"),
+                "first_reward": first_train.get("reward/score_mean"), "last_reward": last.get("reward/score_mean"),
+                **{f"export_{k}": v for k, v in exported.items()}}
+
+    def close(self) -> None:
+        self.roles.shutdown()
+
+
+def _throughput(samples: Samples, timer: Timer, step_s: float) -> dict[str, float]:
+    tokens = float(samples.attention_mask.sum())
+    response = float(samples.response_mask.sum())
+    return timer.times | {"time/step": step_s, "perf/tokens_per_s": tokens / step_s,
+                          "perf/response_tokens_per_s": response / max(timer.times["time/rollout"], 1e-9)}
+
+
+def run_ppo(cfg: RunConfig) -> dict[str, float]:
+    """Build inputs, start the roles, train, evaluate, export; always release the actors."""
+    inputs = prepare_run(cfg)
+    trainer = PPOTrainer(cfg, inputs)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()

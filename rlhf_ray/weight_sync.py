@@ -1,0 +1,123 @@
+"""Policy → rollout-engine weight transport, behind one interface (ARCHITECTURE.md §4).
+
+After each update the policy's weights are sent to every rollout engine in buckets (never one
+RPC per parameter). With ZeRO-3 the gather is a collective: every policy rank walks the buckets
+in the same order and rank 0 sends. Transports:
+
+- `object_store`: rank 0 puts each bucket in Ray's object store as a dict of numpy arrays
+  (zero-copy on get; torch tensors would be pickled, ~4× slower — STACK-NOTES); engines get them.
+- `gloo`: a stateless process group (TCPStore + ProcessGroupGloo, no global state) of policy
+  rank 0 and the engines; per bucket one small header (names, shapes, dtypes as JSON) and one
+  byte-flat broadcast. An empty header ends the sync.
+
+Both sides compute a float64 checksum of the weights; the driver compares them before the next
+rollout, and the engine reports the version it holds.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import ray
+import torch
+from torch import Tensor
+
+Bucket = list[tuple[str, Tensor]]
+
+
+def checksum(tensors: Iterable[Tensor]) -> float:
+    return float(sum(t.detach().double().sum().item() for t in tensors))
+
+
+def to_numpy(t: Tensor) -> np.ndarray:
+    """numpy has no bfloat16: send its bits as int16; `from_numpy_like` views them back."""
+    t = t.detach().cpu().contiguous()
+    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def from_numpy_like(a: np.ndarray, like: Tensor) -> Tensor:
+    t = torch.from_numpy(a)
+    if like.dtype == torch.bfloat16 and t.dtype == torch.int16:
+        return t.view(torch.bfloat16)
+    return t.to(like.dtype)
+
+
+# --- object store -----------------------------------------------------------------------------
+
+
+def put_buckets(buckets: Iterator[Bucket], is_source: bool) -> tuple[list[ray.ObjectRef], float]:
+    """Walk every bucket (collective under ZeRO-3); on the source rank put each one. → (refs, checksum)"""
+    refs, total = [], 0.0
+    for bucket in buckets:
+        if is_source:
+            total += checksum(t for _, t in bucket)
+            refs.append(ray.put({name: to_numpy(t) for name, t in bucket}))
+    return refs, total
+
+
+def get_buckets(refs: list[ray.ObjectRef], timeout_s: float) -> Iterator[dict[str, np.ndarray]]:
+    for ref in refs:
+        yield ray.get(ref, timeout=timeout_s)
+
+
+# --- stateless gloo group -------------------------------------------------------------------
+
+
+class GlooChannel:
+    """A process group of policy rank 0 (rank 0) and the rollout engines (ranks 1…M)."""
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int, timeout_s: float):
+        timeout = timedelta(seconds=timeout_s)
+        self.store = torch.distributed.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
+        self.group = torch.distributed.ProcessGroupGloo(self.store, rank, world_size, timeout)
+        self.rank = rank
+
+    def _broadcast(self, t: Tensor) -> None:
+        self.group.broadcast(t, 0).wait()
+
+    def send(self, buckets: Iterator[Bucket], is_source: bool) -> float:
+        total = 0.0
+        for bucket in buckets:
+            if is_source:
+                total += checksum(t for _, t in bucket)
+                self._send_bucket(bucket)
+        if is_source:
+            self._send_header([])
+        return total
+
+    def _send_header(self, layout: list[list[Any]]) -> None:
+        header = torch.frombuffer(bytearray(json.dumps(layout).encode()), dtype=torch.uint8) if layout else torch.zeros(0, dtype=torch.uint8)
+        self._broadcast(torch.tensor([header.numel()], dtype=torch.int64))
+        if header.numel():
+            self._broadcast(header)
+
+    def _send_bucket(self, bucket: Bucket) -> None:
+        tensors = [t.detach().cpu().contiguous() for _, t in bucket]
+        self._send_header([[name, list(t.shape), str(t.dtype).removeprefix("torch.")] for (name, _), t in zip(bucket, tensors)])
+        self._broadcast(torch.cat([t.view(-1).view(torch.uint8) for t in tensors]))
+
+    def receive(self) -> Iterator[dict[str, Tensor]]:
+        """Yield buckets {name: tensor} until the sender's empty header."""
+        while True:
+            size = torch.zeros(1, dtype=torch.int64)
+            self._broadcast(size)
+            if size.item() == 0:
+                return
+            header = torch.zeros(int(size.item()), dtype=torch.uint8)
+            self._broadcast(header)
+            layout = json.loads(bytes(header.numpy()).decode())
+            yield self._receive_bucket(layout)
+
+    def _receive_bucket(self, layout: list[list[Any]]) -> dict[str, Tensor]:
+        specs = [(name, shape, getattr(torch, dtype)) for name, shape, dtype in layout]
+        sizes = [int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size() for _, shape, dtype in specs]
+        flat = torch.empty(sum(sizes), dtype=torch.uint8)
+        self._broadcast(flat)
+        out, offset = {}, 0
+        for (name, shape, dtype), size in zip(specs, sizes):
+            out[name] = flat[offset: offset + size].view(dtype).view(shape)
+            offset += size
+        return out

@@ -1,0 +1,357 @@
+"""Role workers: plain classes that `placement.WorkerGroup` runs as Ray actors (`ray.remote(cls)`).
+
+Each worker holds one model (or the reward sources) and answers typed calls with numpy payloads
+(`batch.TensorRecord.to_numpy`), so nothing here needs Ray except weight transport, which lives in
+`weight_sync`. Tests can build any worker directly, without Ray.
+
+- `PolicyWorker`: DeepSpeed-trained policy rank; old log-probs, PPO update, weights for sync, export.
+- `CriticWorker`: DeepSpeed-trained value model rank; values, value update, export.
+- `ReferenceWorker`: frozen reference; log-probs.
+- `RewardWorker`: reward sources; one score per sample and per source.
+- `RolloutWorker`: a generation engine (HF on CPU) and the weight version it holds.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from rlhf_ray.batch import Experience, Samples, position_ids
+from rlhf_ray.config import RunConfig
+
+
+@dataclass(frozen=True)
+class ModelPaths:
+    """Where each role loads from (toy models already resolved to real directories)."""
+
+    policy: str
+    reference: str
+    critic: str
+    tokenizer: str
+
+
+def set_threads() -> None:
+    threads = int(os.environ.get("RLHF_RAY_TORCH_THREADS", "0"))
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def node_address() -> tuple[str, int]:
+    """This node's IP and a free TCP port (rank 0 of a group reports them for rendezvous)."""
+    from rlhf_ray.engine import free_port, node_ip
+
+    return node_ip(), free_port()
+
+
+class Worker:
+    """What every role answers: liveness and its address."""
+
+    def __init__(self) -> None:
+        set_threads()
+
+    def ping(self) -> bool:
+        return True
+
+    def node_address(self) -> tuple[str, int]:
+        return node_address()
+
+
+def _forward_logits(forward, samples: Samples) -> torch.Tensor:
+    """Logits that predict the response tokens: positions P-1 … P+T-2. (B, T, V)
+
+    `forward(input_ids, attention_mask, position_ids) -> logits (B, L, V)`.
+    """
+    attention_mask = samples.attention_mask
+    logits = forward(samples.input_ids, attention_mask, position_ids(attention_mask))
+    return logits[:, samples.prompt_ids.shape[1] - 1: -1]
+
+
+def _plain_forward(model: torch.nn.Module):
+    return lambda ids, mask, pos: model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+
+
+def model_dtype(cfg: RunConfig) -> str:
+    return {"fp32": "float32", "bf16": "bfloat16"}[cfg.deepspeed.precision]
+
+
+def _split(n: int, size: int) -> list[slice]:
+    return [slice(i, i + size) for i in range(0, n, size)]
+
+
+class _TrainedRole(Worker):
+    """A DeepSpeed rank (policy or critic): rendezvous, engine, export."""
+
+    role = ""
+
+    def __init__(self, cfg: RunConfig, paths: ModelPaths, rank: int, world_size: int):
+        super().__init__()
+        self.cfg, self.paths, self.rank, self.world_size = cfg, paths, rank, world_size
+        self.engine = None
+
+    def init_distributed(self, master_addr: str, master_port: int) -> bool:
+        from rlhf_ray.engine import TrainEngine, init_distributed, setup_deepspeed_env
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        setup_deepspeed_env(device)
+        init_distributed(self.rank, self.world_size, master_addr, master_port,
+                         "nccl" if device == "cuda" else "gloo", self.cfg.deepspeed.timeout_s)
+        torch.manual_seed(self.cfg.trainer.seed)
+        optim = self.cfg.policy_optim if self.role == "policy" else self.cfg.critic_optim
+        total = self.cfg.trainer.total_steps * self.cfg.algo.epochs * self.cfg.sequences_per_step // self.cfg.trainer.mini_batch_size
+        self.engine = TrainEngine(self.load_model(), optim, self.cfg.deepspeed,
+                                  micro_batch_size=self.cfg.trainer.micro_batch_size,
+                                  grad_accum=self.cfg.grad_accum_steps(self.role), total_optimizer_steps=total)
+        return True
+
+    def load_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def export(self, path: str) -> str:
+        from rlhf_ray.models import load_tokenizer
+
+        self.engine.save_hf(path, tokenizer=load_tokenizer(self.paths.tokenizer, self.cfg.model.trust_remote_code))
+        return path
+
+    def _update(self, payload: dict[str, Any], scales: list[Any], micro_loss) -> dict[str, float]:
+        """One pass over this rank's shard: len(scales) mini-batches, micro-batched, one optimizer step each.
+
+        `micro_loss(mb, scale) -> (loss, shares, means)`: `loss` and `shares` are this micro-batch's
+        part of the mini-batch value (they sum over micro-batches, and over ranks once multiplied by
+        world_size); `means` are averaged. Reported: mini-batch values averaged over mini-batches.
+        """
+        exp = Experience.from_numpy(payload)
+        per_mb = exp.batch_size // len(scales)
+        summed: dict[str, float] = {}
+        averaged: list[dict[str, float]] = []
+        self.engine.train()
+        for mb_index, scale in enumerate(scales):
+            mb = exp.select(slice(mb_index * per_mb, (mb_index + 1) * per_mb))
+            for rows in _split(per_mb, self.cfg.trainer.micro_batch_size):
+                loss, shares, means = micro_loss(mb.select(rows), scale)
+                self.engine.backward(loss * self.world_size)
+                _add(summed, {"loss": loss.item(), **shares}, self.world_size / len(scales))
+                averaged.append(means)
+            averaged.append(self.engine.step())
+        return summed | _mean(averaged)
+
+
+def _add(into: dict[str, float], values: dict[str, float], weight: float) -> None:
+    for k, v in values.items():
+        into[k] = into.get(k, 0.0) + float(v) * weight
+
+
+def _mean(rows: list[dict[str, Any]]) -> dict[str, float]:
+    keys = {k for row in rows for k, v in row.items() if v is not None}
+    return {k: float(np.mean([float(r[k]) for r in rows if r.get(k) is not None])) for k in keys}
+
+
+class PolicyWorker(_TrainedRole):
+    role = "policy"
+
+    def load_model(self) -> torch.nn.Module:
+        from rlhf_ray.models import load_causal_lm
+
+        return load_causal_lm(self.paths.policy, model_dtype(self.cfg), self.cfg.model.trust_remote_code)
+
+    @torch.no_grad()
+    def compute_logprobs(self, payload: dict[str, Any]) -> np.ndarray:
+        """Old log-probs π_old of the response tokens, recomputed by the trainer (B, T)."""
+        from rlhf_ray.algorithms.logprobs import logprobs_from_logits
+
+        samples = Samples.from_numpy(payload)
+        self.engine.eval()
+        out = []
+        for rows in _split(samples.batch_size, self.cfg.trainer.micro_batch_size):
+            part = samples.select(rows)
+            logits = _forward_logits(self.engine.forward, part)
+            out.append(logprobs_from_logits(logits, part.response_ids, self.cfg.rollout.temperature) * part.response_mask)
+        return torch.cat(out).numpy()
+
+    def train(self, payload: dict[str, Any], scales: list[Any], kl_coef: float) -> dict[str, float]:
+        """PPO policy update over this rank's shard (ALGORITHMS.md §5.1, §5.4)."""
+        from rlhf_ray.algorithms.logprobs import entropy_from_logits, logprobs_from_logits
+        from rlhf_ray.algorithms.losses import aggregate, kl_loss, policy_loss
+
+        algo, temperature = self.cfg.algo, self.cfg.rollout.temperature
+
+        def micro_loss(mb: Experience, scale):
+            logits = _forward_logits(self.engine.forward, mb)
+            logprobs = logprobs_from_logits(logits, mb.response_ids, temperature)
+            mask = mb.response_mask
+            loss, metrics = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mask, clip_low=algo.clip_low,
+                                        clip_high=algo.clip_high, dual_clip=algo.dual_clip, agg=algo.loss_agg, scale=scale)
+            shares = {}
+            if algo.kl.placement == "loss" and kl_coef > 0:
+                kl, _ = kl_loss(logprobs, mb.ref_logprobs, mask, kind="k3", agg=algo.loss_agg, scale=scale)
+                loss = loss + kl_coef * kl
+                shares["kl_loss"] = kl.item()
+            entropy = aggregate(entropy_from_logits(logits if algo.entropy_coef > 0 else logits.detach()),
+                                mask, algo.loss_agg, scale)
+            if algo.entropy_coef > 0:
+                loss = loss - algo.entropy_coef * entropy
+            shares["entropy"] = entropy.item()
+            return loss, shares, {k: float(v) for k, v in metrics.items()}
+
+        return self._update(payload, scales, micro_loss)
+
+
+    def send_to_object_store(self) -> tuple[list, float]:
+        """All ranks walk the buckets (ZeRO-3 gathers are collective); rank 0 puts them. → (refs, checksum)"""
+        from rlhf_ray.weight_sync import put_buckets
+
+        return put_buckets(self.engine.gathered_named_parameters(self._bucket_bytes()), self.rank == 0)
+
+    def join_gloo(self, port: int, world_size: int) -> bool:
+        """Rank 0 hosts the stateless sync group (engines are ranks 1…M); other ranks take no part."""
+        from rlhf_ray.engine import node_ip
+        from rlhf_ray.weight_sync import GlooChannel
+
+        if self.rank == 0:
+            self.channel = GlooChannel(node_ip(), port, 0, world_size, self.cfg.deepspeed.timeout_s)
+        return True
+
+    def send_to_gloo(self) -> float:
+        buckets = self.engine.gathered_named_parameters(self._bucket_bytes())
+        if self.rank != 0:
+            for _ in buckets:  # take part in the ZeRO-3 gathers
+                pass
+            return 0.0
+        return self.channel.send(buckets, is_source=True)
+
+    def _bucket_bytes(self) -> int:
+        return int(self.cfg.rollout.sync_bucket_mb * 2**20)
+
+
+class CriticWorker(_TrainedRole):
+    role = "critic"
+
+    def load_model(self) -> torch.nn.Module:
+        from rlhf_ray.models import load_sequence_classifier
+
+        return load_sequence_classifier(self.paths.critic, model_dtype(self.cfg), self.cfg.model.trust_remote_code)
+
+    @torch.no_grad()
+    def compute_values(self, payload: dict[str, Any]) -> np.ndarray:
+        """V(s_t) before each response token (B, T), zeros on padding."""
+        from rlhf_ray.models import response_values
+
+        samples = Samples.from_numpy(payload)
+        self.engine.eval()
+        out = []
+        for rows in _split(samples.batch_size, self.cfg.trainer.micro_batch_size):
+            part = samples.select(rows)
+            values = response_values(self.engine.module, part.input_ids, part.attention_mask, part.prompt_ids.shape[1])
+            out.append(values.float() * part.response_mask)
+        return torch.cat(out).numpy()
+
+    def train(self, payload: dict[str, Any], scales: list[Any]) -> dict[str, float]:
+        """Clipped value regression on the GAE returns (ALGORITHMS.md §5.2)."""
+        from rlhf_ray.algorithms.losses import value_loss
+        from rlhf_ray.models import response_values
+
+        algo = self.cfg.algo
+
+        def micro_loss(mb: Experience, scale):
+            values = response_values(self.engine.module, mb.input_ids, mb.attention_mask, mb.prompt_ids.shape[1]).float()
+            loss, metrics = value_loss(values, mb.values, mb.returns, mb.response_mask, clip=algo.value_clip,
+                                       agg=algo.loss_agg, scale=scale)
+            return loss, {}, {k: float(v) for k, v in metrics.items()}
+
+        return self._update(payload, scales, micro_loss)
+
+
+class ReferenceWorker(Worker):
+    """The frozen initial policy; forward only."""
+
+    def __init__(self, cfg: RunConfig, paths: ModelPaths):
+        super().__init__()
+        from rlhf_ray.models import load_causal_lm
+
+        self.cfg = cfg
+        self.model = load_causal_lm(paths.reference, model_dtype(self.cfg), cfg.model.trust_remote_code).eval()
+
+    @torch.no_grad()
+    def compute_logprobs(self, payload: dict[str, Any]) -> np.ndarray:
+        """log π_ref of the response tokens (B, T)."""
+        from rlhf_ray.algorithms.logprobs import logprobs_from_logits
+
+        samples = Samples.from_numpy(payload)
+        out = []
+        for rows in _split(samples.batch_size, self.cfg.trainer.micro_batch_size):
+            part = samples.select(rows)
+            logits = _forward_logits(_plain_forward(self.model), part)
+            out.append(logprobs_from_logits(logits, part.response_ids, self.cfg.rollout.temperature) * part.response_mask)
+        return torch.cat(out).numpy()
+
+
+class RewardWorker(Worker):
+    """Scores decoded (prompt, response) pairs with the configured sources."""
+
+    def __init__(self, cfg: RunConfig, paths: ModelPaths, reward_paths: list[str]):
+        super().__init__()
+        from rlhf_ray.models import load_tokenizer
+        from rlhf_ray.rewards import build_reward_sources
+
+        self.tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code)
+        resolved = dict(zip((s.path for s in cfg.reward.sources), reward_paths))
+        self.sources = build_reward_sources(cfg.reward.sources, resolved.__getitem__, cfg.model.trust_remote_code)
+
+    def score(self, payload: dict[str, Any], metadata: list[dict]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """→ (total (B,), {source name: (B,)})."""
+        samples = Samples.from_numpy(payload)
+        prompts = self.tokenizer.batch_decode(samples.prompt_ids, skip_special_tokens=True)
+        responses = self.tokenizer.batch_decode(samples.response_ids * samples.response_mask, skip_special_tokens=True)
+        meta = [{**m, "stopped": bool(s)} for m, s in zip(metadata, samples.stopped.tolist())]
+        total, per_source = self.sources.score_all(prompts, responses, meta)
+        return np.asarray(total, dtype=np.float32), {k: np.asarray(v, dtype=np.float32) for k, v in per_source.items()}
+
+
+class RolloutWorker(Worker):
+    """One generation engine and the policy weight version it holds."""
+
+    def __init__(self, cfg: RunConfig, paths: ModelPaths, engine_index: int):
+        super().__init__()
+        from rlhf_ray.models import load_causal_lm, load_tokenizer
+        from rlhf_ray.rollout.hf import HFRolloutEngine
+
+        self.cfg, self.engine_index, self.version = cfg, engine_index, 0
+        tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code)
+        model = load_causal_lm(paths.policy, model_dtype(cfg), cfg.model.trust_remote_code)
+        self.engine = HFRolloutEngine(model, tokenizer)
+        self.channel = None
+
+    def generate(self, prompts: list[list[int]], params, seed: int) -> dict[str, Any]:
+        samples = self.engine.generate(prompts, params, seed)
+        samples.weight_version = self.version
+        return samples.to_numpy()
+
+    def weight_state(self) -> tuple[int, float]:
+        """(version held, checksum of the weights held)."""
+        return self.version, self.engine.weights_checksum()
+
+    def receive_from_object_store(self, refs: list, version: int) -> tuple[int, float]:
+        from rlhf_ray.weight_sync import get_buckets
+
+        for arrays in get_buckets(refs, self.cfg.trainer.timeout_s):
+            self.engine.load_weights(arrays)
+        self.version = version
+        return self.weight_state()
+
+    def join_gloo(self, host: str, port: int, world_size: int) -> bool:
+        from rlhf_ray.weight_sync import GlooChannel
+
+        self.channel = GlooChannel(host, port, 1 + self.engine_index, world_size, self.cfg.deepspeed.timeout_s)
+        return True
+
+    def receive_from_gloo(self, version: int) -> tuple[int, float]:
+        from rlhf_ray.weight_sync import to_numpy
+
+        for bucket in self.channel.receive():
+            self.engine.load_weights({k: to_numpy(v) for k, v in bucket.items()})
+        self.version = version
+        return self.weight_state()
