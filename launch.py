@@ -17,12 +17,17 @@ import os
 import sys
 import time
 
+from pathlib import Path
+
 from rlhf_ray.config import ConfigError, RunConfig, dump_config, load_config
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy_ppo.yaml"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="rlhf_ray: distributed RLHF on Ray + DeepSpeed")
-    parser.add_argument("--config", help="YAML file of overrides (see configs/); default: the built-in toy PPO run")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG),
+                        help="YAML file of overrides (see configs/); default: configs/toy_ppo.yaml, the toy PPO demo")
     parser.add_argument("--print-config", action="store_true", help="print the effective config and exit")
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides, applied last")
     return parser.parse_args(argv)
@@ -45,7 +50,7 @@ def init_ray(cfg: RunConfig) -> None:
         ray.init(log_to_driver=True)
         return
     cpus = max(os.cpu_count() or 1, math.ceil(required_cpus(cfg)))
-    ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
 
 
 def run(cfg: RunConfig) -> dict:

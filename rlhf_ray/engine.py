@@ -359,9 +359,10 @@ class TrainEngine:
         """
         is_main = torch.distributed.get_rank() == 0
         state: dict[str, Tensor] = {}
-        for bucket in self.gathered_named_parameters(bucket_bytes):
-            if is_main:
-                state.update(bucket)
+        if is_main or self.zero_stage == 3:  # stages 0-2: rank 0 holds everything already
+            for bucket in self.gathered_named_parameters(bucket_bytes):
+                if is_main:
+                    state.update(bucket)
         if is_main:
             state.update(_persistent_buffers(self.module))
             self.module.save_pretrained(str(path), state_dict=state)

@@ -129,9 +129,6 @@ class WorkerGroup(Generic[W]):
     def get(self, refs: list[ray.ObjectRef], phase: str, step: int | str, timeout_s: float | None = None) -> list[Any]:
         return wait(refs, phase=phase, role=self.role, step=step, timeout_s=timeout_s or self.timeout_s)
 
-    def run(self, fn: Callable[[Any], ray.ObjectRef], phase: str, step: int | str) -> list[Any]:
-        return self.get(self.call(fn), phase, step)
-
 
 QUIET_ENV = {  # no per-actor download/load progress bars in the job log
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
@@ -158,8 +155,11 @@ def actor_env(spec: RoleSpec) -> dict[str, str]:
     return env
 
 
-def rendezvous(group: WorkerGroup, step: str = "init") -> tuple[str, int]:
-    """Rank 0 reports its address and a free port; every rank then joins the torch.distributed group."""
-    addr, port = group.get([group.workers[0].node_address.remote()], "rendezvous", step)[0]
-    group.run(lambda w: w.init_distributed.remote(addr, port), "rendezvous", step)
-    return addr, port
+def rendezvous(groups: list[WorkerGroup]) -> None:
+    """Each group's rank 0 reports its address and a free port; every rank then joins its group's
+    torch.distributed group. All joins are submitted before any is awaited: a rank blocks until its
+    whole group has joined (STACK-NOTES: waiting rank by rank deadlocks)."""
+    addrs = [g.get([g.workers[0].node_address.remote()], "rendezvous", "init")[0] for g in groups]
+    pending = [(g, g.call(lambda w, a=addr: w.init_distributed.remote(*a))) for g, addr in zip(groups, addrs)]
+    for group, refs in pending:
+        group.get(refs, "rendezvous", "init")

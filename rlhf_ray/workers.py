@@ -13,8 +13,10 @@ Each worker holds one model (or the reward sources) and answers typed calls with
 
 from __future__ import annotations
 
+import functools
 import os
-import socket
+import resource
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,17 +50,37 @@ def node_address() -> tuple[str, int]:
     return node_ip(), free_port()
 
 
+def timed(method):
+    """Adds the method's wall time to `self.busy[name]` (benchmarks split compute from orchestration)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.busy[method.__name__] = self.busy.get(method.__name__, 0.0) + time.perf_counter() - start
+
+    return wrapper
+
+
 class Worker:
-    """What every role answers: liveness and its address."""
+    """What every role answers: liveness, its address, and where its time and memory went."""
 
     def __init__(self) -> None:
         set_threads()
+        self.busy: dict[str, float] = {}
 
     def ping(self) -> bool:
         return True
 
     def node_address(self) -> tuple[str, int]:
         return node_address()
+
+    def usage(self) -> tuple[dict[str, float], float]:
+        """(seconds busy per method since the last call, peak resident memory in MiB); resets the former."""
+        busy, self.busy = self.busy, {}
+        return busy, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _forward_logits(forward, samples: Samples) -> torch.Tensor:
@@ -158,6 +180,7 @@ class PolicyWorker(_TrainedRole):
 
         return load_causal_lm(self.paths.policy, model_dtype(self.cfg), self.cfg.model.trust_remote_code)
 
+    @timed
     @torch.no_grad()
     def compute_logprobs(self, payload: dict[str, Any]) -> np.ndarray:
         """Old log-probs π_old of the response tokens, recomputed by the trainer (B, T)."""
@@ -172,6 +195,7 @@ class PolicyWorker(_TrainedRole):
             out.append(logprobs_from_logits(logits, part.response_ids, self.cfg.rollout.temperature) * part.response_mask)
         return torch.cat(out).numpy()
 
+    @timed
     def train(self, payload: dict[str, Any], scales: list[Any], kl_coef: float) -> dict[str, float]:
         """PPO policy update over this rank's shard (ALGORITHMS.md §5.1, §5.4)."""
         from rlhf_ray.algorithms.logprobs import entropy_from_logits, logprobs_from_logits
@@ -200,6 +224,7 @@ class PolicyWorker(_TrainedRole):
         return self._update(payload, scales, micro_loss)
 
 
+    @timed
     def send_to_object_store(self) -> tuple[list, float]:
         """All ranks walk the buckets (ZeRO-3 gathers are collective); rank 0 puts them. → (refs, checksum)"""
         from rlhf_ray.weight_sync import put_buckets
@@ -215,6 +240,7 @@ class PolicyWorker(_TrainedRole):
             self.channel = GlooChannel(node_ip(), port, 0, world_size, self.cfg.deepspeed.timeout_s)
         return True
 
+    @timed
     def send_to_gloo(self) -> float:
         buckets = self.engine.gathered_named_parameters(self._bucket_bytes())
         if self.rank != 0:
@@ -235,6 +261,7 @@ class CriticWorker(_TrainedRole):
 
         return load_sequence_classifier(self.paths.critic, model_dtype(self.cfg), self.cfg.model.trust_remote_code)
 
+    @timed
     @torch.no_grad()
     def compute_values(self, payload: dict[str, Any]) -> np.ndarray:
         """V(s_t) before each response token (B, T), zeros on padding."""
@@ -249,6 +276,7 @@ class CriticWorker(_TrainedRole):
             out.append(values.float() * part.response_mask)
         return torch.cat(out).numpy()
 
+    @timed
     def train(self, payload: dict[str, Any], scales: list[Any]) -> dict[str, float]:
         """Clipped value regression on the GAE returns (ALGORITHMS.md §5.2)."""
         from rlhf_ray.algorithms.losses import value_loss
@@ -275,6 +303,7 @@ class ReferenceWorker(Worker):
         self.cfg = cfg
         self.model = load_causal_lm(paths.reference, model_dtype(self.cfg), cfg.model.trust_remote_code).eval()
 
+    @timed
     @torch.no_grad()
     def compute_logprobs(self, payload: dict[str, Any]) -> np.ndarray:
         """log π_ref of the response tokens (B, T)."""
@@ -301,14 +330,21 @@ class RewardWorker(Worker):
         resolved = dict(zip((s.path for s in cfg.reward.sources), reward_paths))
         self.sources = build_reward_sources(cfg.reward.sources, resolved.__getitem__, cfg.model.trust_remote_code)
 
+    @timed
     def score(self, payload: dict[str, Any], metadata: list[dict]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """→ (total (B,), {source name: (B,)})."""
         samples = Samples.from_numpy(payload)
-        prompts = self.tokenizer.batch_decode(samples.prompt_ids, skip_special_tokens=True)
+        prompts = [self._prompt_text(ids[m.bool()]) for ids, m in zip(samples.prompt_ids, samples.prompt_mask)]
         responses = self.tokenizer.batch_decode(samples.response_ids * samples.response_mask, skip_special_tokens=True)
         meta = [{**m, "stopped": bool(s)} for m, s in zip(metadata, samples.stopped.tolist())]
         total, per_source = self.sources.score_all(prompts, responses, meta)
         return np.asarray(total, dtype=np.float32), {k: np.asarray(v, dtype=np.float32) for k, v in per_source.items()}
+
+    def _prompt_text(self, ids: torch.Tensor) -> str:
+        """The prompt as rendered (chat role tokens kept), without a leading BOS the scorer adds itself."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        bos = self.tokenizer.bos_token
+        return text[len(bos):] if bos and text.startswith(bos) else text
 
 
 class RolloutWorker(Worker):
@@ -325,15 +361,23 @@ class RolloutWorker(Worker):
         self.engine = HFRolloutEngine(model, tokenizer)
         self.channel = None
 
+    @timed
     def generate(self, prompts: list[list[int]], params, seed: int) -> dict[str, Any]:
         samples = self.engine.generate(prompts, params, seed)
         samples.weight_version = self.version
         return samples.to_numpy()
 
+    def named_weights(self) -> dict[str, np.ndarray]:
+        """Every weight the engine holds, by name (to compare with the policy's)."""
+        from rlhf_ray.weight_sync import to_numpy
+
+        return {name: to_numpy(p) for name, p in self.engine.model.named_parameters()}
+
     def weight_state(self) -> tuple[int, float]:
         """(version held, checksum of the weights held)."""
         return self.version, self.engine.weights_checksum()
 
+    @timed
     def receive_from_object_store(self, refs: list, version: int) -> tuple[int, float]:
         from rlhf_ray.weight_sync import get_buckets
 
@@ -348,6 +392,7 @@ class RolloutWorker(Worker):
         self.channel = GlooChannel(host, port, 1 + self.engine_index, world_size, self.cfg.deepspeed.timeout_s)
         return True
 
+    @timed
     def receive_from_gloo(self, version: int) -> tuple[int, float]:
         from rlhf_ray.weight_sync import to_numpy
 

@@ -23,7 +23,7 @@ from rlhf_ray.batch import Experience, Samples, concat_samples
 from rlhf_ray.config import RunConfig
 from rlhf_ray.data import BatchIterator, PromptExample, load_prompts
 from rlhf_ray.metrics import MetricsLogger, Timer, summary_table
-from rlhf_ray.placement import PhaseError, RoleSpec, WorkerGroup, reserve
+from rlhf_ray.placement import PhaseError, RoleSpec, WorkerGroup, rendezvous, reserve
 from rlhf_ray.rollout.base import SamplingParams
 from rlhf_ray.trainers.common import RunInputs, data_keys, prepare_run
 from rlhf_ray.workers import (
@@ -88,11 +88,7 @@ class Roles:
         """Wait for every actor, then rendezvous the trained roles (all inits submitted before any wait)."""
         for group in self.groups.values():
             group.get(group.call(lambda w: w.ping.remote()), "start", "init", timeout)
-        trained = [g for g in (self.policy, self.critic) if g is not None]
-        addrs = [g.get([g.workers[0].node_address.remote()], "rendezvous", "init")[0] for g in trained]
-        refs = [(g, g.call(lambda w, a=a: w.init_distributed.remote(*a))) for g, a in zip(trained, addrs)]
-        for g, r in refs:
-            g.get(r, "rendezvous", "init")
+        rendezvous([g for g in (self.policy, self.critic) if g is not None])
         if self.cfg.rollout.weight_sync == "gloo":
             self._join_gloo()
 

@@ -1,0 +1,151 @@
+"""Distributed PPO on CPU with real Ray actors, real DeepSpeed and the toy models.
+
+One Ray session for the module. Each trainer starts five or six actors (≈20 s), so each test
+builds as few as it can and asserts several facts on one run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlhf_ray.config import load_config
+from rlhf_ray.trainers.common import prepare_run
+from rlhf_ray.trainers.ppo import PPOTrainer
+from tests.integration.helpers import toy_overrides
+
+pytestmark = pytest.mark.integration
+TOY_PPO = Path(__file__).resolve().parents[2] / "configs" / "toy_ppo.yaml"
+PHASES = ("prompts", "rollout", "score", "advantages", "update", "sync")
+
+
+def _trainer(tmp_path, *overrides: str) -> PPOTrainer:
+    cfg = load_config(TOY_PPO, toy_overrides(tmp_path, *overrides))
+    return PPOTrainer(cfg, prepare_run(cfg))
+
+
+def _policy_weights(trainer: PPOTrainer) -> dict[str, np.ndarray]:
+    """The policy's full weights, as rank 0 sends them (gathered under ZeRO-3)."""
+    refs = trainer.roles.policy.call(lambda w: w.send_to_object_store.remote())
+    bucket_refs, _ = ray.get(refs, timeout=120)[0]
+    out = {}
+    for bucket in ray.get(bucket_refs, timeout=120):
+        out |= {k: np.array(v) for k, v in bucket.items()}
+    return out
+
+
+def _engine_weights(trainer: PPOTrainer, index: int = 0) -> dict[str, np.ndarray]:
+    return ray.get(trainer.roles.groups["rollout"].workers[index].named_weights.remote(), timeout=120)
+
+
+@pytest.fixture(scope="module")
+def toy_run(ray_session, tmp_path_factory):
+    """One fixed-seed toy PPO run (GAE + critic); step 1 inspected in detail, then trained on."""
+    tmp = tmp_path_factory.mktemp("toy_run")
+    trainer = _trainer(tmp, "trainer.total_steps=30")
+    try:  # collect every fact, then release the actors before the tests look at them
+        before = _policy_weights(trainer)
+        first = trainer.train_step(1)
+        trainer.logger.log(1, first)
+        facts = {"before": before, "after": _policy_weights(trainer), "engine": _engine_weights(trainer),
+                 "first": first, "groups": sorted(trainer.roles.groups)}
+        facts["summary"] = _fit_from(trainer, 2)
+        facts["history"] = trainer.logger.history
+        facts["run_dir"] = trainer.cfg.run_dir
+    finally:
+        trainer.close()
+    return facts
+
+
+def _fit_from(trainer: PPOTrainer, start: int) -> dict:
+    for step in range(start, trainer.cfg.trainer.total_steps + 1):
+        trainer.logger.log(step, trainer.train_step(step))
+    final = trainer.evaluate("final")
+    exported = trainer.roles.export(str(trainer.cfg.run_dir / "export"))
+    trainer.logger.close()
+    return final | exported
+
+
+def test_one_step_touches_every_role_and_phase(toy_run):
+    m = toy_run["first"]
+    assert toy_run["groups"] == ["critic", "policy", "reference", "reward", "rollout"]
+    for phase in PHASES:
+        assert m[f"time/{phase}"] > 0, phase
+    # policy, critic (values + update), reference (KL), reward (per source), rollout (lengths)
+    for key in ("policy/loss", "policy/grad_norm", "policy/clip_frac", "critic/loss", "critic/grad_norm",
+                "critic/explained_var", "kl/ref", "reward/vowel_mean", "response/length_mean", "perf/tokens_per_s"):
+        assert np.isfinite(m[key]), key
+    assert m["kl/ref"] == pytest.approx(0.0, abs=1e-5)  # before any update, policy == reference
+    assert m["sync/version"] == 1
+
+
+def test_update_changes_policy_and_engine_identically(toy_run):
+    before, after, engine = toy_run["before"], toy_run["after"], toy_run["engine"]
+    assert set(after) == set(engine)
+    changed = [k for k in after if not np.array_equal(before[k], after[k])]
+    assert len(changed) == len(after), "every trained tensor should move after one PPO step"
+    for name in after:
+        np.testing.assert_array_equal(engine[name], after[name], err_msg=name)
+
+
+def test_short_run_raises_reward_with_bounded_kl(toy_run):
+    history = toy_run["history"]
+    assert len(history) == 30
+    first = np.mean([h["reward/score_mean"] for h in history[:3]])
+    last = np.mean([h["reward/score_mean"] for h in history[-3:]])
+    assert last > first + 0.15, (first, last)
+    kl = [h["kl/ref"] for h in history]
+    assert max(kl) < 20.0, kl  # bounded: the KL penalty holds the policy near the reference
+    assert toy_run["summary"]["eval/reward_mean"] > first + 0.1
+
+
+def test_metrics_file_and_export(toy_run):
+    lines = (toy_run["run_dir"] / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 31))
+    policy = AutoModelForCausalLM.from_pretrained(toy_run["summary"]["policy"])
+    # the export equals the weights the engine generated with after step 1 only if untrained; check shape/finite
+    assert all(torch.isfinite(p).all() for p in policy.parameters())
+    ids = torch.tensor([[10, 11, 12]])
+    assert policy(ids).logits.shape == (1, 3, policy.config.vocab_size)
+
+
+def test_zero3_with_two_ranks_and_gloo_sync(ray_session, tmp_path):
+    trainer = _trainer(tmp_path, "trainer.total_steps=2", "deepspeed.zero_stage=3", "placement.policy.num_workers=2",
+                       "placement.critic.num_workers=2", "trainer.micro_batch_size=4", "rollout.weight_sync=gloo")
+    try:
+        before = _policy_weights(trainer)
+        for step in (1, 2):
+            m = trainer.train_step(step)
+            assert np.isfinite(m["policy/loss"]) and np.isfinite(m["critic/loss"])
+        after, engine = _policy_weights(trainer), _engine_weights(trainer)
+        assert any(not np.array_equal(before[k], after[k]) for k in after)
+        for name in after:
+            np.testing.assert_array_equal(engine[name], after[name], err_msg=name)
+        assert m["sync/version"] == 2
+    finally:
+        trainer.close()
+
+
+def test_two_ranks_equal_one_rank_with_twice_the_micro_batches(ray_session, tmp_path):
+    """Same seed and data: 2 ranks × 1 micro-batch == 1 rank × 2 micro-batches (ZeRO-2, fp32)."""
+    common = ("trainer.total_steps=1", "trainer.micro_batch_size=4", "trainer.mini_batch_size=8",
+              "placement.critic.num_workers=1")
+    results = []
+    for ranks in (1, 2):
+        trainer = _trainer(tmp_path / f"r{ranks}", *common, f"placement.policy.num_workers={ranks}")
+        try:
+            m = trainer.train_step(1)
+            results.append((m, _policy_weights(trainer)))
+        finally:
+            trainer.close()
+    (m1, w1), (m2, w2) = results
+    assert m1["reward/score_mean"] == m2["reward/score_mean"]  # same rollouts
+    for name in w1:
+        np.testing.assert_allclose(w1[name], w2[name], atol=2e-6, rtol=1e-5, err_msg=name)
+    assert m1["policy/loss"] == pytest.approx(m2["policy/loss"], abs=1e-6)
