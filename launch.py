@@ -46,6 +46,10 @@ def init_ray(cfg: RunConfig) -> None:
     """
     import ray
 
+    from rlhf_ray.placement import QUIET_ENV
+
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
@@ -61,10 +65,6 @@ def run(cfg: RunConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rlhf_ray.placement import QUIET_ENV
-
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 from pathlib import Path
@@ -49,7 +50,8 @@ def test_toy_job_succeeds_through_ray_job_submit(ray_head, tmp_path):
     assert submit.returncode == 0, log[-4000:]
     job_id = next(line.split("job id:")[1].strip() for line in log.splitlines() if "job id:" in line)
     status = _ray("job", "status", "--address", ray_head, job_id)
-    assert "SUCCEEDED" in status.stdout + status.stderr
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", status.stdout + status.stderr)
+    assert f"Job '{job_id}' succeeded" in plain, plain
     assert "== PPO summary ==" in log
     rows = [json.loads(line) for line in (out / "submitted" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
