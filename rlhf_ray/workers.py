@@ -353,9 +353,11 @@ class RolloutWorker(Worker):
     def __init__(self, cfg: RunConfig, paths: ModelPaths, engine_index: int):
         super().__init__()
         from rlhf_ray.models import load_causal_lm, load_tokenizer
+        from rlhf_ray.rollout import resolve_backend
         from rlhf_ray.rollout.hf import HFRolloutEngine
 
         self.cfg, self.engine_index, self.version = cfg, engine_index, 0
+        self.backend = resolve_backend(cfg.rollout.backend)  # raises a clear error for vllm where it can't run
         tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code)
         model = load_causal_lm(paths.policy, model_dtype(cfg), cfg.model.trust_remote_code)
         self.engine = HFRolloutEngine(model, tokenizer)

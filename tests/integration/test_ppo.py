@@ -115,21 +115,26 @@ def test_metrics_file_and_export(toy_run):
     assert policy(ids).logits.shape == (1, 3, policy.config.vocab_size)
 
 
-def test_zero3_with_two_ranks_and_gloo_sync(ray_session, tmp_path):
+def test_zero3_two_ranks_gloo_sync_colocation_and_tensorboard(ray_session, tmp_path):
     trainer = _trainer(tmp_path, "trainer.total_steps=2", "deepspeed.zero_stage=3", "placement.policy.num_workers=2",
-                       "placement.critic.num_workers=2", "trainer.micro_batch_size=4", "rollout.weight_sync=gloo")
+                       "placement.critic.num_workers=2", "trainer.micro_batch_size=4", "rollout.weight_sync=gloo",
+                       "placement.colocate=[[reference, reward, rollout]]", "logging.tensorboard=true")
     try:
         before = _policy_weights(trainer)
         for step in (1, 2):
             m = trainer.train_step(step)
+            trainer.logger.log(step, m)
             assert np.isfinite(m["policy/loss"]) and np.isfinite(m["critic/loss"])
         after, engine = _policy_weights(trainer), _engine_weights(trainer)
         assert any(not np.array_equal(before[k], after[k]) for k in after)
         for name in after:
             np.testing.assert_array_equal(engine[name], after[name], err_msg=name)
         assert m["sync/version"] == 2
+        assert len(trainer.roles._placement_groups) == 3  # policy, critic, and one shared by the colocated roles
     finally:
+        trainer.logger.close()
         trainer.close()
+    assert list((trainer.cfg.run_dir / "tb").glob("events.out.tfevents.*"))
 
 
 def test_two_ranks_equal_one_rank_with_twice_the_micro_batches(ray_session, tmp_path):
