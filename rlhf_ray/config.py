@@ -69,6 +69,7 @@ class DataConfig(Section):
     on_bad_row: Literal["error", "skip"] = Field("error", description="Bad rows stop the run naming file and row, or are dropped and counted per reason.")
     toy_train_size: int = Field(512, gt=0, description="Rows generated per toy training file.")
     toy_eval_size: int = Field(64, gt=0, description="Rows generated per toy eval file.")
+    toy_task: Literal["vowel", "arith"] = Field("vowel", description="Toy prompts: 'vowel' (reward the share of vowels) or 'arith' (single-digit sums, exact-answer reward).")
 
 
 class VLLMConfig(Section):
@@ -110,6 +111,8 @@ class RewardConfig(Section):
     normalize: Literal["none", "batch", "running"] = Field("none", description="Normalise scores per batch or with running mean/std.")
     missing_eos_penalty: float | None = Field(None, description="Added to the score of responses that hit the length limit without EOS; null disables.")
     batch_size: int = Field(32, gt=0, description="Sequences per reward-model forward pass.")
+    overlong_buffer: int | None = Field(None, gt=0, description="DAPO soft overlong penalty: responses longer than max_new_tokens - overlong_buffer lose up to overlong_penalty linearly; null disables.")
+    overlong_penalty: float = Field(1.0, ge=0, description="Largest overlong penalty (reached at max_new_tokens).")
 
 
 class KLConfig(Section):
@@ -136,6 +139,9 @@ class AlgoConfig(Section):
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
         "token-mean", description="How token losses are averaged (ALGORITHMS.md §5.3).")
     epochs: int = Field(1, gt=0, description="PPO epochs over each rollout batch.")
+    dynamic_sampling: bool = Field(False, description="DAPO dynamic sampling: drop prompt groups whose scores are all equal and refill the batch with new prompts.")
+    max_refills: int = Field(3, ge=0, description="Extra generation rounds per step for dynamic sampling; groups still missing are filled from dropped ones.")
+    mask_truncated: bool = Field(False, description="Leave responses that hit max_new_tokens without EOS out of the loss (DAPO overlong filtering).")
 
 
 class OptimConfig(Section):
@@ -196,6 +202,11 @@ class TrainerConfig(Section):
     micro_batch_size: int = Field(4, gt=0, description="Sequences per forward/backward on one rank.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps (and at the start and end); 0: only at the end.")
     eval_prompts: int = Field(32, gt=0, description="Held-out prompts per evaluation.")
+    eval_greedy: bool = Field(False, description="Evaluate with greedy decoding instead of the rollout sampling settings.")
+    eval_samples: int = Field(1, gt=0, description="Responses per held-out prompt (n for pass@k).")
+    eval_pass_k: list[int] = Field(default_factory=list, description="k values for pass@k on verifiable tasks (each <= eval_samples); a sample passes when its score >= eval_pass_threshold.")
+    eval_pass_threshold: float = Field(1.0, description="Score at or above which an eval sample counts as correct for pass@k.")
+    eval_win_rate: bool = Field(False, description="Also report the win-rate of the policy against the reference policy's responses, judged by the reward sources.")
     timeout_s: float = Field(600.0, gt=0, description="Deadline of one phase's remote calls, seconds.")
 
 
@@ -247,7 +258,7 @@ GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 
 
 def cross_field_problems(cfg: RunConfig) -> list[str]:
-    checks = (_batch_divisibility, _estimator_rules, _kl_rules, _deepspeed_rules, _placement_rules, _toy_rules)
+    checks = (_batch_divisibility, _estimator_rules, _kl_rules, _deepspeed_rules, _placement_rules, _dapo_rules, _toy_rules)
     return [msg for check in checks for msg in check(cfg)]
 
 
@@ -316,6 +327,22 @@ def _placement_rules(cfg: RunConfig) -> list[str]:
             elif role in seen:
                 out.append(f"placement.colocate lists role '{role}' in more than one group; each role may appear once.")
             seen.add(role)
+    return out
+
+
+def _dapo_rules(cfg: RunConfig) -> list[str]:
+    out = []
+    if cfg.algo.dynamic_sampling and cfg.rollout.samples_per_prompt < 2:
+        out.append(f"algo.dynamic_sampling=true drops groups of equal scores and needs rollout.samples_per_prompt >= 2 "
+                   f"(got {cfg.rollout.samples_per_prompt}).")
+    buffer = cfg.reward.overlong_buffer
+    if buffer is not None and buffer > cfg.rollout.max_new_tokens:
+        out.append(f"reward.overlong_buffer={buffer} exceeds rollout.max_new_tokens={cfg.rollout.max_new_tokens}; "
+                   f"use a buffer no longer than the response limit.")
+    bad_k = [k for k in cfg.trainer.eval_pass_k if not 1 <= k <= cfg.trainer.eval_samples]
+    if bad_k:
+        out.append(f"trainer.eval_pass_k={cfg.trainer.eval_pass_k} needs every k in 1..trainer.eval_samples="
+                   f"{cfg.trainer.eval_samples}; raise trainer.eval_samples or drop {bad_k}.")
     return out
 
 

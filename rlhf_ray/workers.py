@@ -294,14 +294,22 @@ class CriticWorker(_TrainedRole):
 
 
 class ReferenceWorker(Worker):
-    """The frozen initial policy; forward only."""
+    """The frozen initial policy: log-probs, and responses for win-rate evaluation."""
 
     def __init__(self, cfg: RunConfig, paths: ModelPaths):
         super().__init__()
         from rlhf_ray.models import load_causal_lm
 
-        self.cfg = cfg
+        self.cfg, self.paths = cfg, paths
         self.model = load_causal_lm(paths.reference, model_dtype(self.cfg), cfg.model.trust_remote_code).eval()
+
+    def generate(self, prompts: list[list[int]], params, seed: int) -> dict[str, Any]:
+        """The reference policy's responses (evaluation baseline for win-rate)."""
+        from rlhf_ray.models import load_tokenizer
+        from rlhf_ray.rollout.hf import HFRolloutEngine
+
+        engine = HFRolloutEngine(self.model, load_tokenizer(self.paths.tokenizer, self.cfg.model.trust_remote_code))
+        return engine.generate(prompts, params, seed).to_numpy()
 
     @timed
     @torch.no_grad()

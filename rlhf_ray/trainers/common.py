@@ -67,6 +67,12 @@ class _ToyBuilder:
         return getattr(self._models, role)
 
     def data(self, split: str) -> str:
+        if self.cfg.data.toy_task == "arith":
+            from rlhf_ray.toy.arith import write_arith_datasets
+
+            d = self.cfg.data
+            paths = write_arith_datasets(self.out / "data", self.cfg.trainer.seed, d.toy_train_size, d.toy_eval_size)
+            return getattr(paths, f"prompts_{split}")
         if self._data is None:
             from rlhf_ray.toy import write_toy_datasets
 

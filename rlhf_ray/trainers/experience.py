@@ -15,12 +15,12 @@ from rlhf_ray.algorithms.advantages import (
     broadcast_to_tokens, compute_gae, group_advantages, reinforce_pp_returns, whiten)
 from rlhf_ray.algorithms.kl import kl_penalty
 from rlhf_ray.algorithms.losses import LossScale
-from rlhf_ray.batch import Experience, Samples
+from rlhf_ray.batch import Experience, Samples, TensorRecord, pad_to
 from rlhf_ray.config import RunConfig
 
 
 @dataclass
-class Scored:
+class Scored(TensorRecord):
     """Everything the score phase returns for a batch of samples."""
 
     old_logprobs: torch.Tensor  # (B, T) log π_old
@@ -29,17 +29,63 @@ class Scored:
     scores: torch.Tensor  # (B,) weighted sum of reward sources
     per_source: dict[str, torch.Tensor]  # source name → (B,)
 
+    def select(self, rows: torch.Tensor) -> "Scored":
+        picked = super().select(rows)
+        picked.per_source = {k: v[rows] for k, v in self.per_source.items()}
+        return picked
+
+
+def concat_scored(parts: list[Scored]) -> Scored:
+    """Stack score-phase outputs of several rounds; (B, T) tensors right-padded to a common T."""
+    t = max(p.old_logprobs.shape[1] for p in parts)
+    tokens = lambda name: torch.cat([pad_to(getattr(p, name), t, 0.0, left=False) for p in parts])  # noqa: E731
+    return Scored(old_logprobs=tokens("old_logprobs"), ref_logprobs=tokens("ref_logprobs"),
+                  values=tokens("values") if parts[0].values is not None else None,
+                  scores=torch.cat([p.scores for p in parts]),
+                  per_source={k: torch.cat([p.per_source[k] for p in parts]) for k in parts[0].per_source})
+
+
+# --- prompt groups (n samples of one prompt are contiguous rows) ---------------------------------
+
+
+def group_stats(scores: torch.Tensor, n: int) -> dict[str, float]:
+    """Mean within-group score std and the share of groups whose scores are all equal (zero advantage)."""
+    groups = scores.view(-1, n)
+    return {"reward/group_std_mean": groups.std(dim=1, unbiased=False).mean().item(),
+            "reward/zero_adv_group_frac": (~informative_groups(scores, n)).float().mean().item()}
+
+
+def informative_groups(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """(G,) True for groups whose scores differ (DAPO dynamic sampling keeps only these)."""
+    groups = scores.view(-1, n)
+    return (groups.max(dim=1).values - groups.min(dim=1).values) > 0
+
+
+def group_rows(groups: torch.Tensor, n: int) -> torch.Tensor:
+    """Row indices of the given group indices, groups kept contiguous. (len(groups)·n,)"""
+    return (groups[:, None] * n + torch.arange(n)[None, :]).reshape(-1)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, penalty: float) -> torch.Tensor:
+    """DAPO soft overlong punishment (ALGORITHMS.md §3): 0 up to max_len − buffer, then falling
+    linearly to −penalty at max_len. (B,)"""
+    excess = (lengths.float() - (max_len - buffer)).clamp(min=0)
+    return -penalty * (excess / buffer).clamp(max=1.0)
+
 
 WHITEN_BY_DEFAULT = {"gae": True, "reinforce_pp": True, "reinforce_pp_baseline": True,
                      "grpo": False, "dr_grpo": False, "rloo": False}
 
 
-def shape_scores(scores: torch.Tensor, stopped: torch.Tensor, cfg: RunConfig, normaliser: "RunningMoments") -> torch.Tensor:
-    """Missing-EOS penalty, clip and normalisation of sequence scores (ALGORITHMS.md §3). (B,)"""
+def shape_scores(scores: torch.Tensor, stopped: torch.Tensor, lengths: torch.Tensor, cfg: RunConfig,
+                 normaliser: "RunningMoments") -> torch.Tensor:
+    """Missing-EOS and overlong penalties, normalisation and clip of sequence scores (ALGORITHMS.md §3). (B,)"""
     r = cfg.reward
     scores = scores.clone().float()
     if r.missing_eos_penalty is not None:
         scores = torch.where(stopped, scores, scores + r.missing_eos_penalty)
+    if r.overlong_buffer is not None:
+        scores = scores + overlong_penalty(lengths, cfg.rollout.max_new_tokens, r.overlong_buffer, r.overlong_penalty)
     if r.normalize == "batch":
         scores = (scores - scores.mean()) / (scores.std(unbiased=False) + 1e-8)
     elif r.normalize == "running":
@@ -78,7 +124,10 @@ def make_experience(samples: Samples, scored: Scored, scores: torch.Tensor, cfg:
         advantages = whiten(advantages, mask) * mask
     exp = Experience(**vars(samples), old_logprobs=scored.old_logprobs, ref_logprobs=scored.ref_logprobs,
                      advantages=advantages, returns=returns, values=scored.values)
-    return exp, _experience_metrics(exp, scored, scores, mask)
+    metrics = _experience_metrics(exp, scored, scores, mask)
+    if algo.mask_truncated:  # DAPO: truncated responses teach nothing about where to stop
+        exp.response_mask = samples.response_mask * samples.stopped[:, None].to(samples.response_mask.dtype)
+    return exp, metrics
 
 
 def _experience_metrics(exp: Experience, scored: Scored, scores: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:

@@ -9,6 +9,7 @@ The driver never holds a model.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 import numpy as np
 import ray
 import torch
@@ -21,7 +22,10 @@ from rlhf_ray.metrics import MetricsLogger, Timer, summary_table
 from rlhf_ray.placement import PhaseError, RoleSpec, WorkerGroup, rendezvous, reserve
 from rlhf_ray.rollout.base import SamplingParams
 from rlhf_ray.trainers.common import RunInputs, data_keys, prepare_run
-from rlhf_ray.trainers.experience import RunningMoments, Scored, make_experience, plan_update, shape_scores
+from rlhf_ray.trainers.evaluation import mean_pass_at_k, win_rate
+from rlhf_ray.trainers.experience import (
+    RunningMoments, Scored, concat_scored, group_rows, group_stats, informative_groups, make_experience, plan_update,
+    shape_scores)
 from rlhf_ray.workers import (
     CriticWorker, ModelPaths, PolicyWorker, ReferenceWorker, RewardWorker, RolloutWorker)
 
@@ -98,23 +102,36 @@ class Roles:
 
     def score(self, samples: Samples, metadata: list[dict], step: int | str, with_values: bool = True) -> Scored:
         """Old log-probs, reference log-probs, values and rewards, all in flight at once."""
-        payload = ray.put(samples.to_numpy())
-        shards_p = _shard_refs(samples, len(self.policy))
-        old = self.policy.call_each(lambda w, s: w.compute_logprobs.remote(s), shards_p)
+        old = self.policy.call_each(lambda w, s: w.compute_logprobs.remote(s), _shard_refs(samples, len(self.policy)))
         ref_group = self.groups["reference"]
         ref = ref_group.call_each(lambda w, s: w.compute_logprobs.remote(s), _shard_refs(samples, len(ref_group)))
         crit = None
         if self.critic is not None and with_values:
             crit = self.critic.call_each(lambda w, s: w.compute_values.remote(s), _shard_refs(samples, len(self.critic)))
-        reward_group = self.groups["reward"]
-        rew = [reward_group.workers[0].score.remote(payload, metadata)]
-        old_lp = _cat(self.policy.get(old, "score", step))
-        ref_lp = _cat(ref_group.get(ref, "score", step))
-        values = _cat(self.critic.get(crit, "score", step)) if crit else None
-        total, per_source = reward_group.get(rew, "score", step)[0]
+        rew = self._reward_call(samples, metadata)
         n = samples.batch_size
-        return Scored(old_lp[:n], ref_lp[:n], values[:n] if values is not None else None,
-                      torch.tensor(total), {k: torch.tensor(v) for k, v in per_source.items()})
+        old_lp = _cat(self.policy.get(old, "score", step))[:n]
+        ref_lp = _cat(ref_group.get(ref, "score", step))[:n]
+        values = _cat(self.critic.get(crit, "score", step))[:n] if crit else None
+        total, per_source = self._reward_result(rew, step)
+        return Scored(old_lp, ref_lp, values, total, per_source)
+
+    def rewards(self, samples: Samples, metadata: list[dict], step: int | str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Reward scores only: (total (B,), {source: (B,)})."""
+        return self._reward_result(self._reward_call(samples, metadata), step)
+
+    def _reward_call(self, samples: Samples, metadata: list[dict]) -> list[ray.ObjectRef]:
+        return [self.groups["reward"].workers[0].score.remote(ray.put(samples.to_numpy()), metadata)]
+
+    def _reward_result(self, refs: list[ray.ObjectRef], step: int | str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        total, per_source = self.groups["reward"].get(refs, "score", step)[0]
+        return torch.tensor(total), {k: torch.tensor(v) for k, v in per_source.items()}
+
+    def reference_generate(self, prompts: list[list[int]], params: SamplingParams, seed: int, step: int | str,
+                           pad_token_id: int) -> Samples:
+        """The reference policy's responses (baseline for win-rate)."""
+        ref = self.groups["reference"]
+        return Samples.from_numpy(ref.get([ref.workers[0].generate.remote(prompts, params, seed)], "eval", step)[0])
 
     def update(self, exp: Experience, step: int, epoch_seed: int, kl_coef: float) -> dict[str, float]:
         """E epochs; each a seeded shuffle into mini-batches, sharded over ranks; policy and critic in parallel."""
@@ -240,17 +257,11 @@ class PPOTrainer:
 
     def train_step(self, step: int) -> dict[str, float]:
         timer, t0 = Timer(), time.perf_counter()
-        with timer.phase("prompts"):
-            batch = [self.train_prompts[i] for i in self.iterator.next_indices()]
-            metadata = [e.metadata for e in batch for _ in range(self.cfg.rollout.samples_per_prompt)]
-        with timer.phase("rollout"):
-            samples = self.roles.generate([e.prompt_ids for e in batch], self.sampling(), self._seed(step), step,
-                                          self.tokenizer.pad_token_id)
-        with timer.phase("score"):
-            scored = self.roles.score(samples, metadata, step)
+        samples, scored, metrics = self.collect(step, timer)
         with timer.phase("advantages"):
-            scores = shape_scores(scored.scores, samples.stopped, self.cfg, self.moments)
-            exp, metrics = make_experience(samples, scored, scores, self.cfg, self.kl_ctl.value)
+            scores = shape_scores(scored.scores, samples.stopped, samples.response_lengths, self.cfg, self.moments)
+            exp, exp_metrics = make_experience(samples, scored, scores, self.cfg, self.kl_ctl.value)
+            metrics |= exp_metrics
         with timer.phase("update"):
             metrics |= self.roles.update(exp, step, self.cfg.trainer.seed, self.kl_ctl.value)
         with timer.phase("sync"):
@@ -261,20 +272,64 @@ class PPOTrainer:
         metrics["sync/version"] = self.version
         return metrics | _throughput(samples, timer, time.perf_counter() - t0)
 
+    def collect(self, step: int, timer: Timer) -> tuple[Samples, Scored, dict[str, float]]:
+        """Generate and score one batch; with dynamic sampling (DAPO) keep only groups whose scores
+        differ, refilling with new prompts for up to `algo.max_refills` extra rounds, then topping up
+        from the dropped groups so the batch keeps its size."""
+        algo, n, want = self.cfg.algo, self.cfg.rollout.samples_per_prompt, self.cfg.trainer.prompts_per_step
+        kept, dropped, metrics = [], [], {}
+        for round_ in range(1 + (algo.max_refills if algo.dynamic_sampling else 0)):
+            with timer.phase("prompts"):
+                batch = [self.train_prompts[i] for i in self.iterator.next_indices()]
+                metadata = [e.metadata for e in batch for _ in range(n)]
+            with timer.phase("rollout"):
+                samples = self.roles.generate([e.prompt_ids for e in batch], self.sampling(),
+                                              self._seed(step) + 7_777_777 * round_, step, self.tokenizer.pad_token_id)
+            with timer.phase("score"):
+                scored = self.roles.score(samples, metadata, step)
+            if round_ == 0:
+                metrics |= group_stats(scored.scores, n) if n > 1 else {}
+            if not algo.dynamic_sampling:
+                return samples, scored, metrics
+            informative = informative_groups(scored.scores, n)
+            for keep, parts in ((informative, kept), (~informative, dropped)):
+                rows = group_rows(torch.nonzero(keep).flatten(), n)
+                parts.append((samples.select(rows), scored.select(rows)))
+            if sum(s.batch_size for s, _ in kept) >= want * n:
+                break
+        metrics["dynamic/rounds"] = round_ + 1
+        metrics["dynamic/kept_groups"] = sum(s.batch_size for s, _ in kept) // n
+        parts = [p for p in kept + dropped if p[0].batch_size]
+        samples = concat_samples([s for s, _ in parts], self.tokenizer.pad_token_id).select(slice(0, want * n))
+        return samples, concat_scored([c for _, c in parts]).select(torch.arange(want * n)), metrics
+
     def evaluate(self, step: int | str) -> dict[str, float]:
-        """Mean reward, KL to the reference and length on held-out prompts (one sample each, fixed seed)."""
+        """Held-out prompts: reward per source, KL to the reference, length; pass@k and win-rate against
+        the reference policy when configured (ALGORITHMS.md §9). Fixed seed, so evaluations compare."""
         if not self.eval_prompts:
             return {}
-        samples = self.roles.generate([e.prompt_ids for e in self.eval_prompts], self.sampling(n=1),
-                                      self.cfg.rollout.seed + 10**6, f"eval@{step}", self.tokenizer.pad_token_id)
-        scored = self.roles.score(samples, [e.metadata for e in self.eval_prompts], f"eval@{step}", with_values=False)
+        t, tag = self.cfg.trainer, f"eval@{step}"
+        prompts = [e.prompt_ids for e in self.eval_prompts]
+        params = self.sampling(greedy=t.eval_greedy, n=t.eval_samples)
+        seed = self.cfg.rollout.seed + 10**6
+        samples = self.roles.generate(prompts, params, seed, tag, self.tokenizer.pad_token_id)
+        metadata = [e.metadata for e in self.eval_prompts for _ in range(t.eval_samples)]
+        scored = self.roles.score(samples, metadata, tag, with_values=False)
         mask = samples.response_mask.float()
         out = {
             "eval/reward_mean": scored.scores.mean().item(),
             "eval/kl_ref": ((scored.old_logprobs - scored.ref_logprobs) * mask).sum(-1).mean().item(),
             "eval/length_mean": mask.sum(-1).mean().item(),
         }
-        return out | {f"eval/{k}_mean": v.mean().item() for k, v in scored.per_source.items()}
+        out |= {f"eval/{k}_mean": v.mean().item() for k, v in scored.per_source.items()}
+        out |= {f"eval/pass@{k}": mean_pass_at_k(scored.scores, t.eval_samples, k, t.eval_pass_threshold)
+                for k in t.eval_pass_k}
+        if t.eval_win_rate:
+            first = torch.arange(0, samples.batch_size, t.eval_samples)  # one policy response per prompt
+            reference = self.roles.reference_generate(prompts, replace(params, n=1), seed, tag, self.tokenizer.pad_token_id)
+            ref_scores = self.roles.rewards(reference, metadata[:: t.eval_samples], tag)[0]
+            out["eval/win_rate"] = win_rate(scored.scores[first], ref_scores)
+        return out
 
     def _seed(self, step: int) -> int:
         return self.cfg.rollout.seed * 1_000_003 + step
