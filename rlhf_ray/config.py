@@ -13,6 +13,7 @@ random models and the synthetic vowel task, built into the run directory at star
 from __future__ import annotations
 
 import difflib
+import string
 from pathlib import Path
 from typing import Any, Literal
 
@@ -94,11 +95,100 @@ class RolloutConfig(Section):
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="vLLM engine options.")
 
 
+class HttpSourceConfig(Section):
+    url: str | None = Field(None, description="Endpoint answering POST {prompts, responses, metadata} with {scores}, e.g. http://10.0.0.5:8000/score (python -m rlhf_ray.rewards.server).")
+    timeout_s: float = Field(60.0, gt=0, description="Deadline of each connect and read of one request, seconds.")
+    retries: int = Field(3, ge=0, description="Retries of a request after a connection error, timeout, HTTP 5xx or 429.")
+    backoff_s: float = Field(1.0, ge=0, description="Wait before the first retry; doubled per retry (equal jitter), capped at 30 s.")
+    batch_size: int = Field(64, gt=0, description="Samples per request.")
+    max_concurrency: int = Field(4, gt=0, description="Requests in flight at once.")
+    token_env: str | None = Field(None, description="Environment variable holding a bearer token sent as 'Authorization: Bearer …'; null sends none.")
+
+    @model_validator(mode="after")
+    def _url_scheme(self) -> HttpSourceConfig:
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ConfigError(f"url={self.url!r} is not an http(s) URL; use e.g. http://127.0.0.1:8000/score.")
+        return self
+
+
+JUDGE_GRADE_TEMPLATE = (
+    "Rate how well the response answers the prompt, from {min_score} (worst) to {max_score} (best).\n"
+    "Prompt: {prompt}\nResponse: {response}\nReply with the number only.\nScore:"
+)
+JUDGE_COMPARE_TEMPLATE = (
+    "Which response answers the prompt better?\n"
+    "Prompt: {prompt}\nResponse A: {response_a}\nResponse B: {response_b}\nReply with A, B or tie only.\nVerdict:"
+)
+JUDGE_PLACEHOLDERS = {  # template field → (placeholders it may use, those it must use)
+    "grade_template": ({"prompt", "response", "min_score", "max_score"}, {"response"}),
+    "compare_template": ({"prompt", "response_a", "response_b"}, {"response_a", "response_b"}),
+}
+
+
+class JudgeSourceConfig(Section):
+    mode: Literal["grade", "compare"] = Field("grade", description="'grade': score = the grade the judge gives; 'compare': score = share of wins against metadata[reference_key], both orders asked.")
+    grade_template: str = Field(JUDGE_GRADE_TEMPLATE, description="Grade prompt; placeholders {prompt}, {response}, {min_score}, {max_score} (literal braces doubled).")
+    compare_template: str = Field(JUDGE_COMPARE_TEMPLATE, description="Compare prompt; placeholders {prompt}, {response_a}, {response_b}; the reply names A, B or tie.")
+    reference_key: str = Field("reference", description="compare mode: metadata key (a data column) holding the baseline response.")
+    min_score: float = Field(0.0, description="grade mode: lowest valid grade; a grade outside [min_score, max_score] is unparseable.")
+    max_score: float = Field(10.0, description="grade mode: highest valid grade.")
+    max_new_tokens: int = Field(16, gt=0, description="Longest judge reply in tokens (greedy decoding).")
+    on_unparseable: Literal["error", "tie", "drop-order"] = Field("error", description="Reply without a verdict: 'error' stops the run; 'tie' scores it as a tie (0.5 / the mid grade); 'drop-order' (compare) uses the other order alone.")
+    chat_template: bool = Field(True, description="Send the rendered prompt as one user message through the judge tokenizer's chat template, when it has one.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JudgeSourceConfig:
+        problems = [_template_problem(field, getattr(self, field)) for field in JUDGE_PLACEHOLDERS]
+        if self.min_score >= self.max_score:
+            problems.append(f"min_score={self.min_score} must be below max_score={self.max_score}; widen the grade range.")
+        if self.on_unparseable == "drop-order" and self.mode != "compare":
+            problems.append("on_unparseable=drop-order needs mode=compare (a grade has one order only); use 'tie' or 'error'.")
+        problems = [p for p in problems if p]
+        if problems:
+            raise ConfigError(" ".join(problems))
+        return self
+
+
+def _template_problem(field: str, template: str) -> str | None:
+    allowed, required = JUDGE_PLACEHOLDERS[field]
+    try:
+        used = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as err:
+        return f"{field} is not a valid format string ({err}); write placeholders as {{name}} and literal braces as {{{{ }}}}."
+    unknown, missing = sorted(used - allowed), sorted(required - used)
+    if unknown:
+        return f"{field} uses unknown placeholders {unknown}; allowed: {sorted(allowed)}."
+    if missing:
+        return f"{field} lacks the placeholders {missing}; the judge could not see what it judges."
+    return None
+
+
 class RewardSourceConfig(Section):
-    kind: Literal["model", "function"] = Field(..., description="'model': HF sequence classifier scored at the last token; 'function': a Python `module:function`.")
-    path: str = Field(..., description="Model path / hub id / 'toy' for kind=model; `module:function` for kind=function.")
-    name: str | None = Field(None, description="Name in metrics (reward/<name>); default: derived from path.")
+    kind: Literal["model", "function", "judge", "http"] = Field("function", description="'model': HF sequence classifier scored at the last token; 'function': a Python `module:function`; 'judge': an LLM asked to grade or compare (RLAIF); 'http': a remote reward server.")
+    path: str | None = Field(None, description="Model path / hub id / 'toy' for kind=model and kind=judge (a causal LM; 'toy' = the toy policy); `module:function` for kind=function; unused for kind=http.")
+    name: str | None = Field(None, description="Name in metrics (reward/<name>); default: derived from path (kind=http: 'http', kind=judge: 'judge').")
     weight: float = Field(1.0, description="Weight of this source in the summed score.")
+    http: HttpSourceConfig | None = Field(None, description="kind=http only: endpoint, timeout, retries, concurrency, token.")
+    judge: JudgeSourceConfig | None = Field(None, description="kind=judge only: mode, templates, reply length, unparseable-verdict policy (null: the defaults).")
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> RewardSourceConfig:
+        hints = {"model": "a reward model directory, hub id or 'toy'", "function": "module.path:function",
+                 "judge": "a causal LM directory, hub id or 'toy'"}
+        problems = []
+        if self.kind in hints and not self.path:
+            problems.append(f"kind={self.kind} needs path (got {self.path!r}); set path to {hints[self.kind]}.")
+        if self.kind == "http" and (self.http is None or self.http.url is None):
+            problems.append("kind=http needs http.url (got null); set it to the reward server's endpoint, "
+                            "e.g. http: {url: 'http://127.0.0.1:8000/score'}.")
+        if self.kind == "http" and self.path:
+            problems.append(f"path={self.path!r} is unused for kind=http; put the endpoint in http.url and remove path.")
+        for section in ("http", "judge"):
+            if getattr(self, section) is not None and self.kind != section:
+                problems.append(f"{section} options are set but kind={self.kind}; remove {section} or set kind={section}.")
+        if problems:
+            raise ConfigError(" ".join(problems))
+        return self
 
 
 def _default_reward_sources() -> list[RewardSourceConfig]:
@@ -172,7 +262,7 @@ class PlacementConfig(Section):
     policy: RoleResources = Field(default_factory=RoleResources, description="Policy ranks.")
     critic: RoleResources = Field(default_factory=RoleResources, description="Critic ranks (created only for estimators that need one).")
     reference: RoleResources = Field(default_factory=RoleResources, description="Reference workers.")
-    reward: RoleResources = Field(default_factory=RoleResources, description="Reward workers.")
+    reward: RoleResources = Field(default_factory=RoleResources, description="Reward workers; in stage rm, the reward model's data-parallel ranks.")
     rollout: RoleResources = Field(default_factory=RoleResources, description="Resources per rollout engine (count is rollout.num_engines).")
     colocate: list[list[str]] = Field(default_factory=list, description="Groups of roles sharing one placement group's bundles, e.g. [[policy, reference, rollout]].")
     torch_threads: int | None = Field(None, gt=0, description="torch threads per actor; default: its CPU count rounded up.")
@@ -198,10 +288,10 @@ class TrainerConfig(Section):
     seed: int = Field(0, description="Global seed (data order, model init, sampling).")
     total_steps: int = Field(20, gt=0, description="Training steps (RL: rollout batches; offline: optimizer steps).")
     prompts_per_step: int = Field(8, gt=0, description="Prompts per RL step; sequences per step = prompts_per_step × samples_per_prompt.")
-    mini_batch_size: int = Field(8, gt=0, description="Sequences per optimizer step (all data-parallel ranks together).")
-    micro_batch_size: int = Field(4, gt=0, description="Sequences per forward/backward on one rank.")
+    mini_batch_size: int = Field(8, gt=0, description="Sequences per optimizer step (all data-parallel ranks together); offline stages: examples (SFT pairs, preference pairs, ranked lists).")
+    micro_batch_size: int = Field(4, gt=0, description="Sequences (offline stages: examples) per forward/backward on one rank.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps (and at the start and end); 0: only at the end.")
-    eval_prompts: int = Field(32, gt=0, description="Held-out prompts per evaluation.")
+    eval_prompts: int = Field(32, gt=0, description="Held-out prompts per evaluation; offline stages: held-out examples.")
     eval_greedy: bool = Field(False, description="Evaluate with greedy decoding instead of the rollout sampling settings.")
     eval_samples: int = Field(1, gt=0, description="Responses per held-out prompt (n for pass@k).")
     eval_pass_k: list[int] = Field(default_factory=list, description="k values for pass@k on verifiable tasks (each <= eval_samples); a sample passes when its score >= eval_pass_threshold.")
@@ -210,8 +300,38 @@ class TrainerConfig(Section):
     timeout_s: float = Field(600.0, gt=0, description="Deadline of one phase's remote calls, seconds.")
 
 
+# ---------------------------------------------------------------------------------------------
+# Offline stages (sft, rm, dpo) and the pipeline (sft → rm → ppo)
+# ---------------------------------------------------------------------------------------------
+
+
+class RMConfig(Section):
+    loss: Literal["pairwise", "listwise", "ranked_pairs"] = Field(
+        "pairwise", description="'pairwise': Bradley–Terry on preference pairs; 'listwise': InfoNCE over ranked lists (best first); 'ranked_pairs': each ranked list split into all its ordered pairs, then Bradley–Terry.")
+    margin: float = Field(0.0, ge=0, description="Bradley–Terry margin m in −log σ(r_chosen − r_rejected − m) (Touvron et al. 2023 §3.2.2); pairwise losses only.")
+    init: str | None = Field(None, description="Reward-model initialisation: a causal LM (e.g. an SFT export; a new scalar head is added), a sequence classifier, or 'toy'; null: model.policy.")
+
+
+class DPOConfig(Section):
+    loss: Literal["dpo", "ipo", "simpo", "orpo", "kto", "rrhf"] = Field(
+        "dpo", description="Preference loss (ALGORITHMS.md §7); cDPO is dpo with label_smoothing > 0. Data: pairs (dpo, ipo, simpo, orpo), KTO rows (kto), ranked lists with scores (rrhf).")
+    beta: float = Field(0.1, gt=0, description="β: scale of the implicit reward β·(ℓ_θ − ℓ_ref) (dpo, ipo's τ, kto) or β·ℓ/|y| (simpo).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO: assumed share ε of flipped labels (Mitchell 2023); dpo only, 0 = plain DPO.")
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO target reward margin γ (Meng et al. 2024).")
+    orpo_lambda: float = Field(0.1, gt=0, description="ORPO weight λ of the odds-ratio term (Hong et al. 2024).")
+    kto_desirable_weight: float = Field(1.0, gt=0, description="KTO weight λ_D of desirable examples (Ethayarajh et al. 2024).")
+    kto_undesirable_weight: float = Field(1.0, gt=0, description="KTO weight λ_U of undesirable examples.")
+
+
+class PipelineConfig(Section):
+    sft: list[str] = Field(default_factory=list, description="section.field=value overrides of the SFT stage, applied on top of this config's sections.")
+    rm: list[str] = Field(default_factory=list, description="Overrides of the reward-model stage (its rm.init is wired to the SFT export).")
+    ppo: list[str] = Field(default_factory=list, description="Overrides of the PPO stage (policy and reference = SFT export, critic and reward.sources[0] = RM export).")
+
+
 class RunConfig(Section):
-    stage: Literal["ppo"] = Field("ppo", description="What to run: 'ppo' (RL with any estimator).")
+    stage: Literal["ppo", "sft", "rm", "dpo", "pipeline"] = Field(
+        "ppo", description="What to run: 'ppo' (RL, any estimator), 'sft', 'rm' (reward model), 'dpo' (DPO family), or 'pipeline' (sft → rm → ppo).")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Models.")
     data: DataConfig = Field(default_factory=DataConfig, description="Datasets.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Generation.")
@@ -219,11 +339,15 @@ class RunConfig(Section):
     algo: AlgoConfig = Field(default_factory=AlgoConfig, description="Estimators and losses.")
     policy_optim: OptimConfig = Field(default_factory=OptimConfig, description="Policy optimiser.")
     critic_optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=5e-5), description="Critic optimiser.")
+    reward_optim: OptimConfig = Field(default_factory=OptimConfig, description="Reward-model optimiser (stage rm).")
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="DeepSpeed engine.")
     placement: PlacementConfig = Field(default_factory=PlacementConfig, description="Actors and resources.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metric sinks.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints and export.")
     trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="Loop sizes and schedule.")
+    rm: RMConfig = Field(default_factory=RMConfig, description="Reward-model training (stage rm).")
+    dpo: DPOConfig = Field(default_factory=DPOConfig, description="Offline preference optimisation (stage dpo).")
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="Per-stage overrides of stage=pipeline (sft → rm → ppo).")
 
     @model_validator(mode="after")
     def _cross_field(self) -> RunConfig:
@@ -258,11 +382,15 @@ GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 
 
 def cross_field_problems(cfg: RunConfig) -> list[str]:
+    if cfg.stage == "pipeline":
+        return _pipeline_rules(cfg)
     checks = (_batch_divisibility, _estimator_rules, _kl_rules, _deepspeed_rules, _placement_rules, _dapo_rules, _toy_rules)
-    return [msg for check in checks for msg in check(cfg)]
+    return [msg for check in checks for msg in check(cfg)] + _stage_rules(cfg)
 
 
 def _batch_divisibility(cfg: RunConfig) -> list[str]:
+    if cfg.stage in OFFLINE_ROLE:
+        return _offline_batch_rules(cfg)
     t = cfg.trainer
     out = []
     seqs = cfg.sequences_per_step
@@ -320,6 +448,9 @@ def _deepspeed_rules(cfg: RunConfig) -> list[str]:
 
 def _placement_rules(cfg: RunConfig) -> list[str]:
     out, seen = [], set()
+    if cfg.placement.rollout.num_workers != 1:
+        out.append(f"placement.rollout.num_workers={cfg.placement.rollout.num_workers} is not used: the number of "
+                   f"engines is rollout.num_engines; set that instead (placement.rollout sizes each engine).")
     for group in cfg.placement.colocate:
         for role in group:
             if role not in ROLES:
@@ -351,6 +482,106 @@ def _toy_rules(cfg: RunConfig) -> list[str]:
     if toy.hidden_size % toy.num_heads:
         return [f"model.toy.num_heads={toy.num_heads} must divide model.toy.hidden_size={toy.hidden_size}."]
     return []
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline stages and the pipeline: rules, and the pipeline's per-stage configs
+# ---------------------------------------------------------------------------------------------
+
+OFFLINE_ROLE = {"sft": "policy", "rm": "reward", "dpo": "policy"}  # stage → the role it trains
+PIPELINE_STAGES = ("sft", "rm", "ppo")
+PIPELINE_WIRED = {  # keys the pipeline sets in each stage; a per-stage override may not touch them
+    "sft": ("stage", "trainer.output_dir", "trainer.name"),
+    "rm": ("stage", "trainer.output_dir", "trainer.name", "rm.init"),
+    "ppo": ("stage", "trainer.output_dir", "trainer.name", "model.policy", "model.reference", "model.critic",
+            "reward.sources.0"),
+}
+
+
+def _offline_batch_rules(cfg: RunConfig) -> list[str]:
+    t, role = cfg.trainer, OFFLINE_ROLE[cfg.stage]
+    ranks = getattr(cfg.placement, role).num_workers
+    per_step = t.micro_batch_size * ranks
+    if t.mini_batch_size % per_step:
+        return [f"trainer.mini_batch_size={t.mini_batch_size} must be a multiple of trainer.micro_batch_size="
+                f"{t.micro_batch_size} × placement.{role}.num_workers={ranks} = {per_step} (stage {cfg.stage}); "
+                f"change one of them (e.g. trainer.mini_batch_size={per_step * max(1, t.mini_batch_size // per_step)})."]
+    return []
+
+
+def _stage_rules(cfg: RunConfig) -> list[str]:
+    out = []
+    if cfg.dpo.label_smoothing > 0 and cfg.dpo.loss != "dpo":
+        out.append(f"dpo.label_smoothing={cfg.dpo.label_smoothing} is cDPO's and needs dpo.loss=dpo (got "
+                   f"{cfg.dpo.loss}); set dpo.label_smoothing=0 or dpo.loss=dpo.")
+    if cfg.rm.margin > 0 and cfg.rm.loss == "listwise":
+        out.append(f"rm.margin={cfg.rm.margin} applies to pairwise losses only (got rm.loss=listwise); "
+                   f"set rm.margin=0 or rm.loss=pairwise|ranked_pairs.")
+    lists = [name for name in PIPELINE_STAGES if getattr(cfg.pipeline, name)]
+    if lists:
+        out.append(f"pipeline.{lists[0]} is set but stage={cfg.stage}: per-stage overrides apply with "
+                   f"stage=pipeline only; remove the pipeline section or set stage=pipeline.")
+    return out
+
+
+def _pipeline_rules(cfg: RunConfig) -> list[str]:
+    try:
+        pipeline_stage_configs(cfg)
+    except ConfigError as err:
+        return str(err).splitlines()
+    return []
+
+
+def pipeline_exports(cfg: RunConfig) -> dict[str, str]:
+    """Where each pipeline stage exports its model: <run_dir>/<stage>/export/<policy|reward>."""
+    return {"sft": str(cfg.run_dir / "sft" / "export" / "policy"),
+            "rm": str(cfg.run_dir / "rm" / "export" / "reward"),
+            "ppo": str(cfg.run_dir / "ppo" / "export" / "policy")}
+
+
+def pipeline_stage_configs(cfg: RunConfig) -> dict[str, RunConfig]:
+    """The validated config of each stage of a pipeline run: this config's sections, then
+    `pipeline.<stage>` overrides, then the wiring (run directory, and each stage's models
+    from the exports before it). One ConfigError names every stage's problems."""
+    configs, problems = {}, []
+    for stage in PIPELINE_STAGES:
+        try:
+            configs[stage] = build_config(_pipeline_stage_raw(cfg, stage))
+        except ConfigError as err:
+            lines = str(err).removeprefix("invalid config:").strip().splitlines()
+            problems += [f"pipeline.{stage}: {line.strip()}" for line in lines]
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return configs
+
+
+def _pipeline_stage_raw(cfg: RunConfig, stage: str) -> dict[str, Any]:
+    raw = cfg.model_dump(mode="json")
+    del raw["pipeline"]
+    for item in getattr(cfg.pipeline, stage):
+        key, value = _parse_override(item)
+        wired = next((w for w in PIPELINE_WIRED[stage] if key == w or key.startswith(w + ".")), None)
+        if wired:
+            raise ConfigError(f"override {item!r} sets {wired}, which the pipeline wires itself; remove it "
+                              f"(or run the stage alone with stage={stage}).")
+        _set_dotted(raw, key, value)
+    return _wire(raw, cfg, stage)
+
+
+def _wire(raw: dict[str, Any], cfg: RunConfig, stage: str) -> dict[str, Any]:
+    exports = pipeline_exports(cfg)
+    raw["stage"] = stage
+    raw["trainer"] |= {"output_dir": str(cfg.run_dir), "name": stage}
+    if stage in ("sft", "rm"):
+        raw["checkpoint"]["export_hf"] = True  # the next stage loads the export
+    if stage == "rm":
+        raw["rm"]["init"] = exports["sft"]
+    if stage == "ppo":
+        raw["model"] |= {"policy": exports["sft"], "reference": exports["sft"], "critic": exports["rm"]}
+        sources = raw["reward"]["sources"]
+        weight = sources[0]["weight"] if sources else 1.0
+        raw["reward"]["sources"] = [{"kind": "model", "path": exports["rm"], "name": "rm", "weight": weight}] + sources[1:]
+    return raw
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,7 +669,7 @@ def _explain(err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"{loc}: unknown key{_suggest(e['loc'])}")
         elif e["type"] == "value_error" and isinstance(e.get("ctx", {}).get("error"), ConfigError):
-            lines.append(str(e["ctx"]["error"]))
+            lines.append(f"{loc}: {e['ctx']['error']}" if loc else str(e["ctx"]["error"]))  # loc: a nested section's rule
         else:
             lines.append(f"{loc}={e.get('input')!r}: {e['msg']}")
     return "invalid config:\n  " + "\n  ".join(lines)

@@ -46,6 +46,12 @@ METRICS: dict[str, str] = {
     "eval/reward_mean": "mean reward on held-out prompts",
     "eval/kl_ref": "per-sequence KL to the reference on held-out prompts",
     "eval/length_mean": "mean response length on held-out prompts",
+    "eval/<source>_mean": "mean score of one reward source on held-out prompts",
+    "eval/pass@<k>": "unbiased pass@k over held-out prompts (trainer.eval_samples per prompt, trainer.eval_pass_threshold)",
+    "eval/win_rate": "share of held-out prompts where the policy's response outscores the reference policy's (ties ½)",
+    "reward/shaped_mean": "mean score after penalties, normalisation and clipping (what advantages see)",
+    "dynamic/rounds": "generation rounds this step (dynamic sampling)",
+    "dynamic/kept_groups": "prompt groups with differing scores found this step (dynamic sampling)",
     "time/<phase>": "seconds spent in a phase of the step (prompts, rollout, score, advantages, update, sync, eval)",
     "time/step": "seconds for the whole step",
     "perf/tokens_per_s": "(prompt + response) tokens processed per second of step time",
@@ -76,7 +82,7 @@ class MetricsLogger:
         self.cfg = cfg
         self.history: list[dict[str, float]] = []
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = (run_dir / "metrics.jsonl").open("a") if cfg.jsonl else None
+        self.jsonl = (run_dir / "metrics.jsonl").open("w") if cfg.jsonl else None
         self.tb = _tensorboard(run_dir / "tb") if cfg.tensorboard else None
         self.wandb = _wandb(cfg, run_dir, config_dump) if cfg.wandb else None
         self.bar = _progress_bar(total_steps) if cfg.progress_bar else None

@@ -2,7 +2,8 @@
 
 Prompts are `"a+b="` with a, b in 0..9; each row carries its `answer` (the decimal sum) as a
 column, which reaches reward functions as `metadata["answer"]`. `exact_answer` is the shipped
-rule reward: 1.0 when the response, stripped of surrounding whitespace, equals the answer.
+rule reward: 1.0 when the response, stripped of surrounding whitespace, equals the answer;
+`digits_format` is a shaping reward for the answer's format (one or two digits).
 Seeded and deterministic like the vowel task; nothing is downloaded.
 """
 
@@ -36,6 +37,11 @@ def exact_answer(prompts: list[str], responses: list[str], metadata: list[dict] 
     if metadata is None or len(metadata) != len(responses):
         raise ValueError("exact_answer needs one metadata dict with an 'answer' per response")
     return [float(r.strip() == str(m["answer"])) for r, m in zip(responses, metadata)]
+
+
+def digits_format(prompts: list[str], responses: list[str], metadata: list[dict] | None = None) -> list[float]:
+    """1.0 where the response is one or two digits (the answer's format), else 0.0: a shaping reward."""
+    return [float(r.strip().isdigit() and len(r.strip()) <= 2) for r in responses]
 
 
 def write_arith_datasets(out_dir: str | Path, seed: int = 0, n_train: int = 512, n_eval: int = 64) -> ArithDataPaths:

@@ -356,14 +356,17 @@ class PPOTrainer:
                 ("eval reward, after", final.get("eval/reward_mean")),
                 ("eval KL to reference, after", final.get("eval/kl_ref")),
                 ("eval response length, after", final.get("eval/length_mean")),
+                *[(f"eval {k.removeprefix('eval/')}, after", v) for k, v in final.items()
+                  if k.startswith(("eval/pass@", "eval/win_rate"))],
                 ("median step time (s)", float(np.median([h["time/step"] for h in self.logger.history]))),
                 ("run directory", str(self.cfg.run_dir))]
         rows += [(f"exported {k}", v) for k, v in exported.items()]
-        print(summary_table([(k, v) for k, v in rows if v is not None], title="== PPO summary =="), flush=True)
+        print(summary_table([(k, v) for k, v in rows if v is not None], title=f"== RL summary ({self.cfg.algo.advantage}) =="), flush=True)
         self.logger.close()
         return {"eval_before": first.get("eval/reward_mean"), "eval_after": final.get("eval/reward_mean"),
                 "first_reward": first_train.get("reward/score_mean"), "last_reward": last.get("reward/score_mean"),
-                **{f"export_{k}": v for k, v in exported.items()}}
+                **{f"export_{k}": v for k, v in exported.items()},
+                "eval_first": first, "eval_final": final}  # every eval metric, for the pipeline's summary
 
     def close(self) -> None:
         self.roles.shutdown()

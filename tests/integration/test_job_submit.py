@@ -52,7 +52,7 @@ def test_toy_job_succeeds_through_ray_job_submit(ray_head, tmp_path):
     status = _ray("job", "status", "--address", ray_head, job_id)
     plain = re.sub(r"\x1b\[[0-9;]*m", "", status.stdout + status.stderr)
     assert f"Job '{job_id}' succeeded" in plain, plain
-    assert "== PPO summary ==" in log
+    assert "== RL summary (gae) ==" in log
     rows = [json.loads(line) for line in (out / "submitted" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert (out / "submitted" / "export" / "policy" / "model.safetensors").is_file()

@@ -5,7 +5,15 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from rlhf_ray.config import ConfigError, RunConfig, dump_config, load_config
+from rlhf_ray.config import (
+    ConfigError,
+    HttpSourceConfig,
+    JudgeSourceConfig,
+    RewardSourceConfig,
+    RunConfig,
+    dump_config,
+    load_config,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,15 +71,56 @@ def test_dump_round_trips(tmp_path):
     (["rollout.num_engines=9"], "rollout.num_engines=9 exceeds trainer.prompts_per_step=8"),
     (["placement.colocate=[[policy, judge]]"], "placement.colocate names unknown role 'judge'"),
     (["placement.colocate=[[policy], [policy, reference]]"], "lists role 'policy' in more than one group"),
+    (["placement.rollout.num_workers=2"], "the number of engines is rollout.num_engines"),
     (["model.toy.num_heads=3"], "model.toy.num_heads=3 must divide model.toy.hidden_size=64"),
     (["data.max_prompt_len=0"], "data.max_prompt_len=0"),
     (["reward.sources.3.weight=1"], "'3' is not an index of a list of 1 items"),
+    (["reward.sources.0.kind=rm"], "reward.sources.0.kind='rm'"),
+    (["reward.sources.0.path=null"], "reward.sources.0: kind=function needs path (got None); set path to module.path:function"),
+    (["reward.sources.0.kind=judge", "reward.sources.0.path=null"], "kind=judge needs path (got None); set path to a causal LM"),
+    (["reward.sources.0.kind=http", "reward.sources.0.path=null"], "reward.sources.0: kind=http needs http.url (got null)"),
+    (["reward.sources.0.kind=http", "reward.sources.0.http.url=http://127.0.0.1:8000/score"],
+     "reward.sources.0: path='rlhf_ray.toy.task:vowel_reward' is unused for kind=http; put the endpoint in http.url"),
+    (["reward.sources.0.kind=http", "reward.sources.0.path=null", "reward.sources.0.http.url=ftp://host/score"],
+     "reward.sources.0.http: url='ftp://host/score' is not an http(s) URL"),
+    (["reward.sources.0.http.url=http://127.0.0.1:8000/score"], "reward.sources.0: http options are set but kind=function; remove http or set kind=http"),
+    (["reward.sources.0.judge.mode=grade"], "judge options are set but kind=function"),
+    (["reward.sources.0.kind=http", "reward.sources.0.path=null", "reward.sources.0.http.url=http://h/score",
+      "reward.sources.0.http.retries=-1"], "reward.sources.0.http.retries=-1"),
+    (["reward.sources.0.kind=judge", "reward.sources.0.judge.on_unparseable=drop-order"],
+     "reward.sources.0.judge: on_unparseable=drop-order needs mode=compare"),
+    (["reward.sources.0.kind=judge", "reward.sources.0.judge.on_unparseable=zero"], "reward.sources.0.judge.on_unparseable='zero'"),
+    (["reward.sources.0.kind=judge", "reward.sources.0.judge.min_score=5", "reward.sources.0.judge.max_score=5"],
+     "min_score=5.0 must be below max_score=5.0"),
+    (["reward.sources.0.kind=judge", "reward.sources.0.judge.compare_template='Which is better?'"],
+     "compare_template lacks the placeholders ['response_a', 'response_b']"),
+    (["reward.sources.0.kind=judge", "reward.sources.0.judge.grade_template='{prompt} {answer}'"],
+     "grade_template uses unknown placeholders ['answer']; allowed:"),
+    (["reward.sources.0.kind=judge", "reward.sources.0.judge.grade_template='{response'"], "grade_template is not a valid format string"),
+    (["reward.sources.0.kind=judge", "reward.sources.0.judge.max_new_tokens=0"], "reward.sources.0.judge.max_new_tokens=0"),
     (["trainer.total_steps"], "is not of the form section.field=value"),
 ])
 def test_broken_configs_name_field_value_and_fix(overrides, expected):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
     assert expected in str(err.value)
+
+
+def test_reward_source_kinds_validate_describe_and_round_trip(tmp_path):
+    for model in (RewardSourceConfig, HttpSourceConfig, JudgeSourceConfig):
+        for name, field in model.model_fields.items():
+            assert field.description and not field.is_required(), f"{model.__name__}.{name} needs help text and a default"
+    path = tmp_path / "rewards.yaml"
+    path.write_text("reward:\n  sources:\n"
+                    "    - {kind: http, name: remote, http: {url: 'http://10.0.0.5:8000/score', token_env: RM_TOKEN}}\n"
+                    "    - {kind: judge, path: toy, weight: 0.5, judge: {mode: compare, on_unparseable: drop-order}}\n")
+    cfg = load_config(path)
+    http, judge = cfg.reward.sources
+    assert http.http.url == "http://10.0.0.5:8000/score" and http.http.retries == 3 and http.judge is None
+    assert judge.judge.mode == "compare" and judge.judge.max_new_tokens == 16
+    dumped = tmp_path / "dump.yaml"
+    dumped.write_text(dump_config(cfg))
+    assert load_config(dumped) == cfg
 
 
 def test_several_problems_are_reported_together():
