@@ -6,8 +6,10 @@ import torch
 
 from rlhf_ray.batch import Experience, Samples
 from rlhf_ray.config import load_config
+from rlhf_ray.trainers.evaluation import mean_pass_at_k, pass_at_k, win_rate
 from rlhf_ray.trainers.experience import (
-    RunningMoments, Scored, make_experience, plan_update, shape_scores, token_rewards)
+    RunningMoments, Scored, group_rows, group_stats, informative_groups, make_experience, plan_update, shape_scores,
+    token_rewards)
 
 
 def _samples(lengths: list[int], t: int = 4) -> Samples:
@@ -29,11 +31,37 @@ def test_token_rewards_put_score_on_last_real_token():
 
 def test_shape_scores_penalty_clip_and_batch_norm():
     cfg = load_config(None, ["reward.missing_eos_penalty=-1", "reward.clip=1.5"])
-    out = shape_scores(torch.tensor([1.0, 2.0, -3.0]), torch.tensor([True, False, True]), cfg, RunningMoments())
+    out = shape_scores(torch.tensor([1.0, 2.0, -3.0]), torch.tensor([True, False, True]), torch.tensor([3, 16, 2]), cfg,
+                       RunningMoments())
     torch.testing.assert_close(out, torch.tensor([1.0, 1.0, -1.5]))  # 2 − 1 = 1; −3 clipped
     cfg = load_config(None, ["reward.normalize=batch"])
-    out = shape_scores(torch.tensor([1.0, 3.0]), torch.tensor([True, True]), cfg, RunningMoments())
+    out = shape_scores(torch.tensor([1.0, 3.0]), torch.tensor([True, True]), torch.tensor([2, 2]), cfg, RunningMoments())
     torch.testing.assert_close(out, torch.tensor([-1.0, 1.0]), atol=1e-6, rtol=0)
+
+
+def test_overlong_penalty_is_linear_in_the_buffer():
+    # max 16, buffer 4: no penalty up to 12 tokens, then −¼ per token, −1 at 16
+    cfg = load_config(None, ["rollout.max_new_tokens=16", "reward.overlong_buffer=4", "reward.overlong_penalty=1"])
+    lengths = torch.tensor([10, 12, 13, 14, 16])
+    out = shape_scores(torch.zeros(5), torch.ones(5, dtype=torch.bool), lengths, cfg, RunningMoments())
+    torch.testing.assert_close(out, torch.tensor([0.0, 0.0, -0.25, -0.5, -1.0]))
+
+
+def test_group_stats_and_informative_groups():
+    scores = torch.tensor([1.0, 1.0, 0.0, 2.0, 3.0, 3.0])
+    assert informative_groups(scores, 2).tolist() == [False, True, False]
+    stats = group_stats(scores, 2)
+    assert stats["reward/zero_adv_group_frac"] == pytest.approx(2 / 3)
+    assert stats["reward/group_std_mean"] == pytest.approx(1 / 3)  # stds 0, 1, 0
+    assert group_rows(torch.tensor([2, 0]), 2).tolist() == [4, 5, 0, 1]
+
+
+def test_mask_truncated_removes_truncated_rows_from_the_loss_only():
+    cfg = load_config(None, ["algo.advantage=grpo", "rollout.samples_per_prompt=2", "algo.mask_truncated=true"])
+    samples = _samples([2, 4], t=4)  # the second hit the limit without EOS
+    exp, metrics = make_experience(samples, _scored(samples, [1.0, 0.0]), torch.tensor([1.0, 0.0]), cfg, 0.0)
+    assert exp.response_mask.tolist() == [[1, 1, 0, 0], [0, 0, 0, 0]]
+    assert metrics["response/truncated_frac"] == 0.5 and metrics["response/length_mean"] == 3.0
 
 
 def test_running_moments_match_numpy():
@@ -83,3 +111,12 @@ def test_plan_shards_each_minibatch_over_ranks_in_order():
     rows = [Experience.from_numpy(s).advantages[:, 0].tolist() for s in shards]
     assert rows == [[0, 1, 4, 5], [2, 3, 6, 7]]  # rank r holds its half of mini-batch 0 then of mini-batch 1
     assert [s.num_tokens for s in scales] == [10, 10] and [s.num_seqs for s in scales] == [4, 4]
+
+
+def test_pass_at_k_and_win_rate_by_hand():
+    assert pass_at_k(4, 0, 1) == 0.0 and pass_at_k(4, 4, 1) == 1.0
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)  # 1 − C(3,1)/C(4,1)
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 − C(3,2)/C(4,2) = 1 − 3/6
+    scores = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # prompt 0: 1 of 4 correct; prompt 1: none
+    assert mean_pass_at_k(scores, 4, 1, threshold=1.0) == pytest.approx(0.125)
+    assert win_rate(torch.tensor([1.0, 0.5, 0.2]), torch.tensor([0.0, 0.5, 0.9])) == pytest.approx(0.5)
