@@ -9,6 +9,7 @@ Each worker holds one model (or the reward sources) and answers typed calls with
 - `ReferenceWorker`: frozen reference; log-probs.
 - `RewardWorker`: reward sources; one score per sample and per source.
 - `RolloutWorker`: a generation engine (HF on CPU) and the weight version it holds.
+- `OfflineWorker`: a DeepSpeed rank of an offline stage (sft, rm, dpo); sequence outputs, update, export.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlhf_ray.batch import Experience, Samples, position_ids
-from rlhf_ray.config import RunConfig
+from rlhf_ray.batch import Experience, OfflineBatch, Samples, TensorRecord, position_ids
+from rlhf_ray.config import OFFLINE_ROLE, OptimConfig, RunConfig
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,19 @@ def _split(n: int, size: int) -> list[slice]:
     return [slice(i, i + size) for i in range(0, n, size)]
 
 
+def _per_micro_batch(samples: Samples, micro: int, fn) -> np.ndarray:
+    """`fn` over micro-batches of `samples`, results stacked along the batch. (B, …)"""
+    return torch.cat([fn(samples.select(rows)) for rows in _split(samples.batch_size, micro)]).numpy()
+
+
+def _response_logprobs(forward, part: Samples, temperature: float) -> torch.Tensor:
+    """log π of the response tokens at `temperature`, 0 on padding (never NaN × 0). (B, T)"""
+    from rlhf_ray.algorithms.logprobs import logprobs_from_logits
+
+    logprobs = logprobs_from_logits(_forward_logits(forward, part), part.response_ids, temperature)
+    return torch.where(part.response_mask.bool(), logprobs, 0.0)
+
+
 class _TrainedRole(Worker):
     """A DeepSpeed rank (policy or critic): rendezvous, engine, export."""
 
@@ -123,15 +137,21 @@ class _TrainedRole(Worker):
         init_distributed(self.rank, self.world_size, master_addr, master_port,
                          "nccl" if device == "cuda" else "gloo", self.cfg.deepspeed.timeout_s)
         torch.manual_seed(self.cfg.trainer.seed)
-        optim = self.cfg.policy_optim if self.role == "policy" else self.cfg.critic_optim
-        total = self.cfg.trainer.total_steps * self.cfg.algo.epochs * self.cfg.sequences_per_step // self.cfg.trainer.mini_batch_size
-        self.engine = TrainEngine(self.load_model(), optim, self.cfg.deepspeed,
+        self.engine = TrainEngine(self.load_model(), self.optim_config(), self.cfg.deepspeed,
                                   micro_batch_size=self.cfg.trainer.micro_batch_size,
-                                  grad_accum=self.cfg.grad_accum_steps(self.role), total_optimizer_steps=total)
+                                  grad_accum=self.cfg.grad_accum_steps(self.role),
+                                  total_optimizer_steps=self.total_optimizer_steps())
         return True
 
     def load_model(self) -> torch.nn.Module:
         raise NotImplementedError
+
+    def optim_config(self) -> OptimConfig:
+        return self.cfg.policy_optim if self.role == "policy" else self.cfg.critic_optim
+
+    def total_optimizer_steps(self) -> int:
+        """For the lr schedule: RL steps × epochs × mini-batches per step."""
+        return self.cfg.trainer.total_steps * self.cfg.algo.epochs * self.cfg.sequences_per_step // self.cfg.trainer.mini_batch_size
 
     def export(self, path: str) -> str:
         from rlhf_ray.models import load_tokenizer
@@ -139,14 +159,15 @@ class _TrainedRole(Worker):
         self.engine.save_hf(path, tokenizer=load_tokenizer(self.paths.tokenizer, self.cfg.model.trust_remote_code))
         return path
 
-    def _update(self, payload: dict[str, Any], scales: list[Any], micro_loss) -> dict[str, float]:
+    def _update(self, payload: dict[str, Any], scales: list[Any], micro_loss,
+                record: type[TensorRecord] = Experience) -> dict[str, float]:
         """One pass over this rank's shard: len(scales) mini-batches, micro-batched, one optimizer step each.
 
         `micro_loss(mb, scale) -> (loss, shares, means)`: `loss` and `shares` are this micro-batch's
         part of the mini-batch value (they sum over micro-batches, and over ranks once multiplied by
         world_size); `means` are averaged. Reported: mini-batch values averaged over mini-batches.
         """
-        exp = Experience.from_numpy(payload)
+        exp = record.from_numpy(payload)
         per_mb = exp.batch_size // len(scales)
         summed: dict[str, float] = {}
         averaged: list[dict[str, float]] = []
@@ -184,16 +205,9 @@ class PolicyWorker(_TrainedRole):
     @torch.no_grad()
     def compute_logprobs(self, payload: dict[str, Any]) -> np.ndarray:
         """Old log-probs π_old of the response tokens, recomputed by the trainer (B, T)."""
-        from rlhf_ray.algorithms.logprobs import logprobs_from_logits
-
-        samples = Samples.from_numpy(payload)
         self.engine.eval()
-        out = []
-        for rows in _split(samples.batch_size, self.cfg.trainer.micro_batch_size):
-            part = samples.select(rows)
-            logits = _forward_logits(self.engine.forward, part)
-            out.append(logprobs_from_logits(logits, part.response_ids, self.cfg.rollout.temperature) * part.response_mask)
-        return torch.cat(out).numpy()
+        return _per_micro_batch(Samples.from_numpy(payload), self.cfg.trainer.micro_batch_size,
+                                lambda part: _response_logprobs(self.engine.forward, part, self.cfg.rollout.temperature))
 
     @timed
     def train(self, payload: dict[str, Any], scales: list[Any], kl_coef: float) -> dict[str, float]:
@@ -267,14 +281,13 @@ class CriticWorker(_TrainedRole):
         """V(s_t) before each response token (B, T), zeros on padding."""
         from rlhf_ray.models import response_values
 
-        samples = Samples.from_numpy(payload)
         self.engine.eval()
-        out = []
-        for rows in _split(samples.batch_size, self.cfg.trainer.micro_batch_size):
-            part = samples.select(rows)
-            values = response_values(self.engine.module, part.input_ids, part.attention_mask, part.prompt_ids.shape[1])
-            out.append(values.float() * part.response_mask)
-        return torch.cat(out).numpy()
+
+        def values(part: Samples) -> torch.Tensor:
+            v = response_values(self.engine.module, part.input_ids, part.attention_mask, part.prompt_ids.shape[1])
+            return torch.where(part.response_mask.bool(), v.float(), 0.0)
+
+        return _per_micro_batch(Samples.from_numpy(payload), self.cfg.trainer.micro_batch_size, values)
 
     @timed
     def train(self, payload: dict[str, Any], scales: list[Any]) -> dict[str, float]:
@@ -315,15 +328,9 @@ class ReferenceWorker(Worker):
     @torch.no_grad()
     def compute_logprobs(self, payload: dict[str, Any]) -> np.ndarray:
         """log π_ref of the response tokens (B, T)."""
-        from rlhf_ray.algorithms.logprobs import logprobs_from_logits
-
-        samples = Samples.from_numpy(payload)
-        out = []
-        for rows in _split(samples.batch_size, self.cfg.trainer.micro_batch_size):
-            part = samples.select(rows)
-            logits = _forward_logits(_plain_forward(self.model), part)
-            out.append(logprobs_from_logits(logits, part.response_ids, self.cfg.rollout.temperature) * part.response_mask)
-        return torch.cat(out).numpy()
+        forward = _plain_forward(self.model)
+        return _per_micro_batch(Samples.from_numpy(payload), self.cfg.trainer.micro_batch_size,
+                                lambda part: _response_logprobs(forward, part, self.cfg.rollout.temperature))
 
 
 class RewardWorker(Worker):
@@ -335,18 +342,23 @@ class RewardWorker(Worker):
         from rlhf_ray.rewards import build_reward_sources
 
         self.tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code)
-        resolved = dict(zip((s.path for s in cfg.reward.sources), reward_paths))
-        self.sources = build_reward_sources(cfg.reward.sources, resolved.__getitem__, cfg.model.trust_remote_code)
+        self.sources = build_reward_sources(cfg.reward.sources, reward_paths, cfg.model.trust_remote_code,
+                                            cfg.reward.batch_size)
 
     @timed
     def score(self, payload: dict[str, Any], metadata: list[dict]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """→ (total (B,), {source name: (B,)})."""
         samples = Samples.from_numpy(payload)
         prompts = [self._prompt_text(ids[m.bool()]) for ids, m in zip(samples.prompt_ids, samples.prompt_mask)]
-        responses = self.tokenizer.batch_decode(samples.response_ids * samples.response_mask, skip_special_tokens=True)
+        responses = [self.tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
+                     for ids, m in zip(samples.response_ids, samples.response_mask)]
         meta = [{**m, "stopped": bool(s)} for m, s in zip(metadata, samples.stopped.tolist())]
         total, per_source = self.sources.score_all(prompts, responses, meta)
         return np.asarray(total, dtype=np.float32), {k: np.asarray(v, dtype=np.float32) for k, v in per_source.items()}
+
+    def counters(self) -> dict[str, int]:
+        """Cumulative per-source failure/verdict counters (`<source>/<counter>`)."""
+        return self.sources.counters()
 
     def _prompt_text(self, ids: torch.Tensor) -> str:
         """The prompt as rendered (chat role tokens kept), without a leading BOS the scorer adds itself."""
@@ -410,3 +422,120 @@ class RolloutWorker(Worker):
             self.engine.load_weights({k: to_numpy(v) for k, v in bucket.items()})
         self.version = version
         return self.weight_state()
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline stages (sft, rm, dpo)
+# ---------------------------------------------------------------------------------------------
+
+
+class OfflineWorker(_TrainedRole):
+    """A data-parallel rank of an offline stage: one model, the stage's loss, no rollouts.
+
+    Role "policy" (sft, dpo): a causal LM from `paths.policy`; its outputs are the summed
+    response log-probs ℓ(y), (N, K). Role "reward" (rm): a sequence classifier (num_labels=1)
+    from `paths.policy` (a causal LM gets a new scalar head); its outputs are the scores at the
+    last real token, (N, K), the convention of `rlhf_ray.rewards.model`. `loss(outputs, batch,
+    scale) -> (loss share, shares, means)` is the stage's, chosen once at config time.
+    """
+
+    def __init__(self, cfg: RunConfig, paths: ModelPaths, rank: int, world_size: int, loss):
+        super().__init__(cfg, paths, rank, world_size)
+        self.role = OFFLINE_ROLE[cfg.stage]
+        self.loss = loss
+        self.reference = None  # a frozen reference other than the initial policy, loaded on demand
+
+    def optim_config(self) -> OptimConfig:
+        return self.cfg.reward_optim if self.role == "reward" else self.cfg.policy_optim
+
+    def total_optimizer_steps(self) -> int:
+        return self.cfg.trainer.total_steps
+
+    def load_model(self) -> torch.nn.Module:
+        from rlhf_ray.models import load_causal_lm, load_sequence_classifier, load_tokenizer
+
+        trust = self.cfg.model.trust_remote_code
+        if self.role == "policy":
+            return load_causal_lm(self.paths.policy, model_dtype(self.cfg), trust)
+        model = load_sequence_classifier(self.paths.policy, model_dtype(self.cfg), trust, num_labels=1)
+        if model.config.pad_token_id is None:  # HF's own pooling needs it; our scoring reads the mask
+            model.config.pad_token_id = load_tokenizer(self.paths.tokenizer, trust).pad_token_id
+        return model
+
+    def _outputs(self, batch: OfflineBatch) -> torch.Tensor:
+        if self.role == "policy":
+            return sequence_logprobs(self.engine.forward, batch)
+        return last_token_scores(self.engine.module, batch)
+
+    @timed
+    def train(self, payload: dict[str, Any], scale) -> dict[str, float]:
+        """One optimizer step over this rank's shard of the mini-batch (`scale`: the whole mini-batch's)."""
+        return self._update(payload, [scale], lambda mb, sc: self.loss(self._outputs(mb), mb, sc), OfflineBatch)
+
+    @timed
+    @torch.no_grad()
+    def outputs(self, payload: dict[str, Any]) -> np.ndarray:
+        """ℓ(y) (policy) or scores (reward) of every sequence, (N, K) float32; no update."""
+        batch = OfflineBatch.from_numpy(payload)
+        self.engine.eval()
+        parts = [self._outputs(batch.select(rows)) for rows in _split(batch.batch_size, self.cfg.trainer.micro_batch_size)]
+        return torch.cat(parts).float().numpy()
+
+    @timed
+    @torch.no_grad()
+    def reference_logprobs(self, payload: dict[str, Any]) -> np.ndarray:
+        """ℓ_ref(y), (N, K): the engine itself before the first update when the reference is the
+        initial policy (the default), else a frozen copy of `paths.reference` loaded here."""
+        if self.paths.reference == self.paths.policy:
+            return self.outputs(payload)
+        from rlhf_ray.models import load_causal_lm
+
+        if self.reference is None:
+            self.reference = load_causal_lm(self.paths.reference, model_dtype(self.cfg), self.cfg.model.trust_remote_code)
+            self.reference.to(self.engine.module.device).eval()
+        batch = OfflineBatch.from_numpy(payload)
+        forward = _plain_forward(self.reference)
+        parts = [sequence_logprobs(forward, batch.select(rows))
+                 for rows in _split(batch.batch_size, self.cfg.trainer.micro_batch_size)]
+        return torch.cat(parts).float().numpy()
+
+    def release_reference(self) -> bool:
+        """Drop the separate reference once its log-probs are computed (frees its memory)."""
+        self.reference = None
+        return True
+
+
+def _flat(batch: OfflineBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K, L) → (N·K, W) input_ids, attention_mask, response_mask; W = the longest real row (padding cut)."""
+    width = int(batch.attention_mask.sum(-1).max())
+    return tuple(t.flatten(0, 1)[:, :width] for t in (batch.input_ids, batch.attention_mask, batch.response_mask))
+
+
+def sequence_logprobs(forward, batch: OfflineBatch) -> torch.Tensor:
+    """ℓ(y) = Σ_t log π(y_t | prompt, y_<t) over each response, (N, K) float32; differentiable.
+
+    `forward(input_ids, attention_mask, position_ids) -> logits (B, L, V)`.
+    """
+    from rlhf_ray.algorithms.logprobs import logprobs_from_logits
+
+    input_ids, attention_mask, response_mask = _flat(batch)
+    logits = forward(input_ids, attention_mask, position_ids(attention_mask))  # (N·K, W, V)
+    labels, mask = input_ids[:, 1:].to(logits.device), response_mask[:, 1:].to(logits.device)
+    logprobs = logprobs_from_logits(logits[:, :-1], labels)  # (N·K, W-1): logits at t-1 predict token t
+    logprobs = torch.where(mask.bool(), logprobs, torch.zeros((), dtype=logprobs.dtype, device=logprobs.device))
+    return logprobs.sum(-1).view(batch.input_ids.shape[:2]).cpu()  # the losses run on CPU tensors
+
+
+def last_token_scores(model: torch.nn.Module, batch: OfflineBatch) -> torch.Tensor:
+    """The scalar head at each sequence's last real token, (N, K) float32; differentiable.
+
+    Exactly how `rlhf_ray.rewards.model.ModelReward` scores: right padding, default positions,
+    the `score` head read at the last attention-mask position (not HF's pad-id pooling).
+    """
+    from rlhf_ray.models import token_scores
+
+    input_ids, attention_mask, _ = _flat(batch)
+    device = next(model.parameters()).device
+    per_token = token_scores(model, input_ids.to(device), attention_mask.to(device)).cpu()  # (N·K, W)
+    last = attention_mask.sum(-1) - 1  # (N·K,)
+    return per_token.gather(1, last[:, None]).squeeze(1).view(batch.input_ids.shape[:2])

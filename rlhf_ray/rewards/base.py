@@ -25,6 +25,7 @@ class RewardError(RuntimeError):
         where = f" (sample {index})" if index is not None else ""
         super().__init__(f"reward source '{source}'{where}: {message}")
         self.source = source
+        self.message = message
         self.index = index
 
 

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 
 from rlhf_ray.config import RewardSourceConfig
 from rlhf_ray.rewards.base import RewardError, RewardSource, check_scores
 from rlhf_ray.rewards.function import FunctionReward
+from rlhf_ray.rewards.http import HttpReward
+from rlhf_ray.rewards.judge import JudgeReward
 from rlhf_ray.rewards.model import ModelReward
 
 
@@ -33,24 +34,38 @@ class WeightedSum:
             total = [t + weight * s for t, s in zip(total, per_source[name])]
         return total, per_source
 
+    def counters(self) -> dict[str, int]:
+        """Failure and verdict counters of the sources that keep them (http, judge), as {"<name>/<counter>": n}."""
+        return {f"{name}/{key}": value for name, source in zip(self.names, self.sources)
+                for key, value in getattr(source, "counters", {}).items()}
+
 
 def build_reward_sources(
     cfgs: list[RewardSourceConfig],
-    resolve_path: Callable[[str], str],
+    paths: list[str | None],
     trust_remote_code: bool = False,
     batch_size: int = 32,
 ) -> WeightedSum:
-    """Sources from config; `resolve_path` maps a model path ('toy' included) to a local directory or hub id."""
-    sources: list[tuple[RewardSource, float]] = []
-    for cfg in cfgs:
-        if cfg.kind == "function":
-            source: RewardSource = FunctionReward(cfg.path, name=cfg.name)
-        else:
-            name = cfg.name or cfg.path.rstrip("/").rpartition("/")[2]
-            source = ModelReward(resolve_path(cfg.path), batch_size=batch_size,
-                                 trust_remote_code=trust_remote_code, name=name)
-        sources.append((source, cfg.weight))
-    return WeightedSum(sources)
+    """Sources from config; `paths[i]` is source i's path resolved ('toy' built into a directory), aligned with `cfgs`."""
+    if len(paths) != len(cfgs):
+        raise ValueError(f"build_reward_sources: {len(paths)} paths for {len(cfgs)} sources; pass one per source.")
+    return WeightedSum([(build_reward_source(cfg, path, trust_remote_code, batch_size), cfg.weight)
+                        for cfg, path in zip(cfgs, paths)])
+
+
+def build_reward_source(
+    cfg: RewardSourceConfig, path: str | None, trust_remote_code: bool = False, batch_size: int = 32
+) -> RewardSource:
+    """One source; `path` is `cfg.path` resolved to a local directory or hub id (unused by kind=http)."""
+    if cfg.kind == "function":
+        return FunctionReward(cfg.path, name=cfg.name)
+    if cfg.kind == "http":
+        return HttpReward(cfg.http, name=cfg.name)
+    if cfg.kind == "judge":
+        return JudgeReward(path, options=cfg.judge, name=cfg.name, batch_size=batch_size,
+                           trust_remote_code=trust_remote_code)
+    name = cfg.name or cfg.path.rstrip("/").rpartition("/")[2]
+    return ModelReward(path, batch_size=batch_size, trust_remote_code=trust_remote_code, name=name)
 
 
 def _score(

@@ -15,7 +15,7 @@ class RunInputs:
     """Real paths for every model and dataset of a run ('toy' already built into the run directory)."""
 
     models: ModelPaths
-    reward_paths: list[str]  # one per reward source, aligned with cfg.reward.sources
+    reward_paths: list[str | None]  # one per reward source, aligned with cfg.reward.sources (None for kind=http)
     train: str
     eval: str | None
 
@@ -28,7 +28,9 @@ def prepare_run(cfg: RunConfig) -> RunInputs:
     toy = _ToyBuilder(cfg, run_dir / "toy")
     m = cfg.model
     policy = toy.model("policy") if m.policy == TOY else m.policy
-    reward_paths = [toy.model("reward") if s.kind == "model" and s.path == TOY else s.path for s in cfg.reward.sources]
+    toy_roles = {"model": "reward", "judge": "policy"}  # a 'toy' judge is the toy policy (a causal LM)
+    reward_paths = [toy.model(toy_roles[s.kind]) if s.path == TOY and s.kind in toy_roles else s.path
+                    for s in cfg.reward.sources]
     first_rm = next((p for s, p in zip(cfg.reward.sources, reward_paths) if s.kind == "model"), None)
     toy_critic = TOY if m.policy == TOY else None  # the toy kit ships a critic; a real policy gets a new head
     critic = _first(m.critic, first_rm, toy_critic, policy)
@@ -81,7 +83,23 @@ class _ToyBuilder:
         return getattr(self._data, f"{self._kind()}_{split}")
 
     def _kind(self) -> str:
-        return {"ppo": "prompts"}[self.cfg.stage]
+        return toy_data_kind(self.cfg)
+
+
+def toy_data_kind(cfg: RunConfig) -> str:
+    """The toy dataset a stage reads (a kind of `rlhf_ray.toy.write_toy_datasets`)."""
+    if cfg.stage == "sft":
+        return "sft"
+    if cfg.stage == "rm":
+        return "preference" if cfg.rm.loss == "pairwise" else "ranked"
+    if cfg.stage == "dpo":
+        return {"kto": "kto", "rrhf": "ranked"}.get(cfg.dpo.loss, "preference")
+    return "prompts"
+
+
+def toy_model(cfg: RunConfig, role: str) -> str:
+    """Directory of the toy model of `role` ('policy' | 'reward' | 'critic'), built into the run directory."""
+    return _ToyBuilder(cfg, cfg.run_dir / "toy").model(role)
 
 
 def data_keys(cfg: RunConfig) -> Keys:

@@ -238,9 +238,8 @@ def test_build_reward_sources_from_config(reward_model_dir):
         RewardSourceConfig(kind="function", path="rlhf_ray.toy.task:vowel_reward"),
         RewardSourceConfig(kind="model", path="toy", weight=0.5),
     ]
-    resolved = []
-    combined = build_reward_sources(cfgs, lambda p: resolved.append(p) or reward_model_dir, trust_remote_code=False)
-    assert resolved == ["toy"] and combined.names == ["vowel_reward", "toy"]
+    combined = build_reward_sources(cfgs, [cfgs[0].path, reward_model_dir], trust_remote_code=False)
+    assert combined.names == ["vowel_reward", "toy"]
     total, per_source = combined.score_all(PROMPTS, RESPONSES, METADATA)
     rm = ModelReward(reward_model_dir).score(PROMPTS, RESPONSES, METADATA)
     assert per_source["toy"] == pytest.approx(rm, abs=1e-6)
