@@ -49,6 +49,7 @@ METRICS: dict[str, str] = {
     "eval/<source>_mean": "mean score of one reward source on held-out prompts",
     "eval/pass@<k>": "unbiased pass@k over held-out prompts (trainer.eval_samples per prompt, trainer.eval_pass_threshold)",
     "eval/win_rate": "share of held-out prompts where the policy's response outscores the reference policy's (ties ½)",
+    "reward/<source>/<counter>": "cumulative counters of a reward source (judge: verdicts, unparseable, no_verdict; http: failures by kind)",
     "reward/shaped_mean": "mean score after penalties, normalisation and clipping (what advantages see)",
     "dynamic/rounds": "generation rounds this step (dynamic sampling)",
     "dynamic/kept_groups": "prompt groups with differing scores found this step (dynamic sampling)",
@@ -57,6 +58,25 @@ METRICS: dict[str, str] = {
     "perf/tokens_per_s": "(prompt + response) tokens processed per second of step time",
     "perf/response_tokens_per_s": "response tokens generated per second of rollout time",
     "sync/version": "policy weight version held by every rollout engine after the sync",
+    # offline stages (sft, rm, dpo): <stage>/<name> per optimizer step (mini-batch means), eval/<name> on
+    # the whole held-out set (trainer.eval_every and the last step); time/batch, time/update, time/eval
+    "sft/loss": "SFT loss: response-token NLL aggregated as algo.loss_agg (ALGORITHMS.md §8)",
+    "sft/nll": "token-mean NLL of the response tokens",
+    "rm/loss": "reward-model loss: Bradley–Terry (pairwise, ranked_pairs) or listwise InfoNCE (§6)",
+    "rm/accuracy": "share of pairs with r_chosen > r_rejected (listwise: the best beats every other)",
+    "rm/pair_accuracy": "listwise: share of a list's ordered pairs scored in order",
+    "rm/margin": "mean r_chosen − r_rejected (listwise: best − best other)",
+    "rm/score_mean": "mean reward-model score over all candidates",
+    "rm/score_std": "std of the reward-model scores",
+    "dpo/loss": "DPO-family loss of dpo.loss (§7)",
+    "dpo/rewards/chosen": "mean implicit reward of chosen (KTO: desirable) responses, β(ℓ_θ − ℓ_ref); SimPO β·ℓ/|y|",
+    "dpo/rewards/rejected": "mean implicit reward of rejected (KTO: undesirable) responses",
+    "dpo/rewards/accuracy": "share of pairs whose chosen implicit reward exceeds the rejected one (ORPO: log-odds)",
+    "dpo/rewards/margin": "mean implicit reward of chosen minus rejected",
+    "dpo/<term>": "a variant's own terms: orpo nll, odds_ratio_loss, log_odds_ratio; kto kl (z_0); rrhf rank_loss, nll",
+    "<stage>/grad_norm": "gradient norm before clipping (offline stages)",
+    "<stage>/lr": "learning rate (offline stages)",
+    "eval/loss": "offline stages: the stage's loss on the held-out set (eval/<name> likewise for every metric above)",
 }
 
 
@@ -122,7 +142,8 @@ def _plain(v: Any) -> Any:
 
 
 def _short(row: dict[str, Any]) -> str:
-    keys = ("reward/score_mean", "kl/ref", "policy/loss", "time/step")
+    keys = ("reward/score_mean", "kl/ref", "policy/loss", "sft/loss", "rm/loss", "rm/accuracy", "dpo/loss",
+            "dpo/rewards/margin", "time/step")
     return " ".join(f"{k.split('/')[-1]}={row[k]:.4g}" for k in keys if isinstance(row.get(k), (int, float)))
 
 

@@ -127,6 +127,10 @@ class Roles:
         total, per_source = self.groups["reward"].get(refs, "score", step)[0]
         return torch.tensor(total), {k: torch.tensor(v) for k, v in per_source.items()}
 
+    def reward_counters(self, step: int | str) -> dict[str, int]:
+        reward = self.groups["reward"]
+        return reward.get([reward.workers[0].counters.remote()], "score", step)[0]
+
     def reference_generate(self, prompts: list[list[int]], params: SamplingParams, seed: int, step: int | str,
                            pad_token_id: int) -> Samples:
         """The reference policy's responses (baseline for win-rate)."""
@@ -267,6 +271,7 @@ class PPOTrainer:
         with timer.phase("sync"):
             self.version += 1
             self.roles.sync(self.version, step)
+        metrics |= {f"reward/{k}": v for k, v in self.roles.reward_counters(step).items()}
         metrics["kl/coef"] = self.kl_ctl.value
         self.kl_ctl.update(metrics["kl/ref"], samples.batch_size)
         metrics["sync/version"] = self.version
