@@ -203,6 +203,8 @@ class RewardConfig(Section):
     batch_size: int = Field(32, gt=0, description="Sequences per reward-model forward pass.")
     overlong_buffer: int | None = Field(None, gt=0, description="DAPO soft overlong penalty: responses longer than max_new_tokens - overlong_buffer lose up to overlong_penalty linearly; null disables.")
     overlong_penalty: float = Field(1.0, ge=0, description="Largest overlong penalty (reached at max_new_tokens).")
+    on_error: Literal["fail", "mask"] = Field("fail", description="Reward contract: a source raising, timing out, or returning a wrong count/type or NaN/inf 'fail's the step naming source and sample, or 'mask's the sample out of the loss (never scored 0).")
+    max_masked_frac: float = Field(0.1, ge=0, le=1, description="With on_error=mask: the largest share of a batch that may be masked before the step fails anyway.")
 
 
 class KLConfig(Section):

@@ -344,17 +344,23 @@ class RewardWorker(Worker):
         self.tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code)
         self.sources = build_reward_sources(cfg.reward.sources, reward_paths, cfg.model.trust_remote_code,
                                             cfg.reward.batch_size)
+        self.on_error = cfg.reward.on_error
 
     @timed
-    def score(self, payload: dict[str, Any], metadata: list[dict]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """→ (total (B,), {source name: (B,)})."""
+    def score(self, payload: dict[str, Any], metadata: list[dict]) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray, dict[str, int]]:
+        """→ (total (B,), {source name: (B,)}, valid (B,) bool, {violation kind: count}); with
+        reward.on_error=fail any violation raises a RewardError naming source and sample instead."""
         samples = Samples.from_numpy(payload)
         prompts = [self._prompt_text(ids[m.bool()]) for ids, m in zip(samples.prompt_ids, samples.prompt_mask)]
         responses = [self.tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
                      for ids, m in zip(samples.response_ids, samples.response_mask)]
         meta = [{**m, "stopped": bool(s)} for m, s in zip(metadata, samples.stopped.tolist())]
-        total, per_source = self.sources.score_all(prompts, responses, meta)
-        return np.asarray(total, dtype=np.float32), {k: np.asarray(v, dtype=np.float32) for k, v in per_source.items()}
+        if self.on_error == "mask":
+            total, per_source, valid, violations = self.sources.score_tolerant(prompts, responses, meta)
+        else:
+            (total, per_source), valid, violations = self.sources.score_all(prompts, responses, meta), [True] * len(meta), {}
+        return (np.asarray(total, dtype=np.float32), {k: np.asarray(v, dtype=np.float32) for k, v in per_source.items()},
+                np.asarray(valid, dtype=bool), dict(violations))
 
     def counters(self) -> dict[str, int]:
         """Cumulative per-source failure/verdict counters (`<source>/<counter>`)."""

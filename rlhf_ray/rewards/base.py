@@ -18,15 +18,23 @@ class RewardSource(Protocol):
         """One finite float per sample; `metadata[i]` carries e.g. `stopped` (the response ended with EOS)."""
 
 
-class RewardError(RuntimeError):
-    """A reward source failed or returned a bad value; `index` is the sample, None for batch-level failures."""
+VIOLATIONS = ("exception", "timeout", "wrong_count", "wrong_type", "non_finite")
 
-    def __init__(self, source: str, message: str, index: int | None = None):
+
+class RewardError(RuntimeError):
+    """A reward source failed or returned a bad value; `index` is the sample, None for batch-level failures;
+    `kind` is one of VIOLATIONS (the reward contract's counters)."""
+
+    def __init__(self, source: str, message: str, index: int | None = None, kind: str = "exception"):
         where = f" (sample {index})" if index is not None else ""
         super().__init__(f"reward source '{source}'{where}: {message}")
         self.source = source
         self.message = message
         self.index = index
+        self.kind = kind
+
+    def __reduce__(self):  # crosses Ray process boundaries intact
+        return (RewardError, (self.source, self.message, self.index, self.kind))
 
 
 def check_scores(source_name: str, scores: Any, n: int) -> list[float]:
@@ -36,9 +44,10 @@ def check_scores(source_name: str, scores: Any, n: int) -> list[float]:
             raise TypeError
         count = len(scores)
     except TypeError:
-        raise RewardError(source_name, f"returned {_show(scores)}, expected a list of {n} floats") from None
+        raise RewardError(source_name, f"returned {_show(scores)}, expected a list of {n} floats",
+                          kind="wrong_type") from None
     if count != n:
-        raise RewardError(source_name, f"returned {count} scores for {n} samples")
+        raise RewardError(source_name, f"returned {count} scores for {n} samples", kind="wrong_count")
     out = []
     for i, value in enumerate(scores):
         try:
@@ -46,9 +55,9 @@ def check_scores(source_name: str, scores: Any, n: int) -> list[float]:
                 raise TypeError
             x = float(value)
         except (TypeError, ValueError):
-            raise RewardError(source_name, f"score {_show(value)} is not a number", i) from None
+            raise RewardError(source_name, f"score {_show(value)} is not a number", i, kind="wrong_type") from None
         if not math.isfinite(x):
-            raise RewardError(source_name, f"score {x} is not finite", i)
+            raise RewardError(source_name, f"score {x} is not finite", i, kind="non_finite")
         out.append(x)
     return out
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 from rlhf_ray.config import RewardSourceConfig
@@ -33,6 +34,24 @@ class WeightedSum:
         for name, weight in zip(self.names, self.weights):
             total = [t + weight * s for t, s in zip(total, per_source[name])]
         return total, per_source
+
+    def score_tolerant(
+        self, prompts: list[str], responses: list[str], metadata: list[dict]
+    ) -> tuple[list[float], dict[str, list[float]], list[bool], Counter]:
+        """The reward contract's `mask` policy: like `score_all`, but a sample any source fails on
+        (exception, timeout, wrong count or type, NaN/inf) is marked invalid (its total is NaN, never
+        a made-up 0) and counted by kind, instead of stopping the run.
+        → (total, {name: scores}, valid per sample, Counter of violation kinds)."""
+        n = len(prompts)
+        valid, violations, per_source = [True] * n, Counter(), {}
+        for name, source in zip(self.names, self.sources):
+            scores, ok, kinds = _score_tolerant(name, source, prompts, responses, metadata)
+            per_source[name] = scores
+            valid = [v and o for v, o in zip(valid, ok)]
+            violations += kinds
+        total = [math.nan if not v else sum(w * per_source[name][i] for name, w in zip(self.names, self.weights))
+                 for i, v in enumerate(valid)]
+        return total, per_source, valid, violations
 
     def counters(self) -> dict[str, int]:
         """Failure and verdict counters of the sources that keep them (http, judge), as {"<name>/<counter>": n}."""
@@ -79,6 +98,47 @@ def _score(
     except Exception as error:
         raise RewardError(name, f"raised {type(error).__name__}: {error}") from error
     return check_scores(name, scores, len(prompts))
+
+
+def _score_tolerant(
+    name: str, source: RewardSource, prompts: list[str], responses: list[str], metadata: list[dict]
+) -> tuple[list[float], list[bool], Counter]:
+    """(scores with NaN where invalid, valid per sample, violations by kind). A source that raises on a
+    batch is asked again sample by sample, so one bad sample does not invalidate its neighbours
+    (not after a timeout: that would multiply the wait)."""
+    n = len(prompts)
+    try:
+        raw = source.score(prompts, responses, metadata)
+    except Exception as error:  # noqa: BLE001 - every failure of user reward code is a contract violation
+        kind = error.kind if isinstance(error, RewardError) else "exception"
+        if kind == "timeout" or n == 1:
+            return [math.nan] * n, [False] * n, Counter({kind: n})
+        parts = [_score_tolerant(name, source, prompts[i:i + 1], responses[i:i + 1], metadata[i:i + 1])
+                 for i in range(n)]
+        return [p[0][0] for p in parts], [p[1][0] for p in parts], sum((p[2] for p in parts), Counter())
+    return _checked_values(name, raw, n)
+
+
+def _checked_values(name: str, raw, n: int) -> tuple[list[float], list[bool], Counter]:
+    """Per-value check of a list of the right length; the list-level problems raise as in check_scores."""
+    if isinstance(raw, (str, bytes, dict)) or not hasattr(raw, "__len__"):
+        return [math.nan] * n, [False] * n, Counter({"wrong_type": n})
+    if len(raw) != n:
+        return [math.nan] * n, [False] * n, Counter({"wrong_count": n})
+    scores, valid, kinds = [], [], Counter()
+    for value in raw:
+        try:
+            if isinstance(value, (str, bytes)):
+                raise TypeError
+            x = float(value)
+        except (TypeError, ValueError):
+            scores.append(math.nan), valid.append(False)
+            kinds["wrong_type"] += 1
+            continue
+        ok = math.isfinite(x)
+        scores.append(x if ok else math.nan), valid.append(ok)
+        kinds["non_finite"] += not ok
+    return scores, valid, +kinds
 
 
 def _unique_names(names: list[str]) -> list[str]:

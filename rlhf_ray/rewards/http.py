@@ -115,7 +115,8 @@ class HttpReward:
             except _Retryable as error:
                 self._count(error.kind)
                 if attempt + 1 == attempts:
-                    raise RewardError(self.name, f"{where} failed after {attempts} attempts: {error}") from None
+                    kind = "timeout" if error.kind == "timeout" else "exception"
+                    raise RewardError(self.name, f"{where} failed after {attempts} attempts: {error}", kind=kind) from None
                 self._count("retries")
                 time.sleep(self._backoff(attempt))
         return self._decode(raw, len(prompts), start, where)
@@ -167,7 +168,7 @@ class HttpReward:
         except RewardError as error:
             self._count("wrong_count" if error.index is None else "bad_value")
             index = None if error.index is None else start + error.index
-            raise RewardError(self.name, f"{where}: {error.message}", index) from None
+            raise RewardError(self.name, f"{where}: {error.message}", index, kind=error.kind) from None
 
     def _backoff(self, attempt: int) -> float:
         delay = min(MAX_BACKOFF_S, self.options.backoff_s * 2**attempt)

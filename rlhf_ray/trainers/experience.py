@@ -7,7 +7,9 @@ over data-parallel ranks with whole-mini-batch loss normalisers. No Ray, no mode
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from collections import Counter
 
 import torch
 
@@ -26,13 +28,36 @@ class Scored(TensorRecord):
     old_logprobs: torch.Tensor  # (B, T) log π_old
     ref_logprobs: torch.Tensor  # (B, T) log π_ref
     values: torch.Tensor | None  # (B, T) critic values, or None without a critic
-    scores: torch.Tensor  # (B,) weighted sum of reward sources
+    scores: torch.Tensor  # (B,) weighted sum of reward sources (NaN where a source violated the contract)
     per_source: dict[str, torch.Tensor]  # source name → (B,)
+    valid: torch.Tensor | None = None  # (B,) bool, False for samples masked by the reward contract
+    violations: dict[str, int] = field(default_factory=dict)  # reward-contract violations by kind
 
     def select(self, rows: torch.Tensor) -> "Scored":
         picked = super().select(rows)
         picked.per_source = {k: v[rows] for k, v in self.per_source.items()}
         return picked
+
+
+@dataclass
+class Rewards:
+    """The reward phase's answer for a batch."""
+
+    scores: torch.Tensor  # (B,) weighted sum of the sources, NaN where the reward contract was violated
+    per_source: dict[str, torch.Tensor]  # source name → (B,)
+    valid: torch.Tensor  # (B,) bool
+    violations: dict[str, int]  # violation kind → count in this batch
+
+
+def fill_invalid(scores: torch.Tensor, valid: torch.Tensor, n: int) -> torch.Tensor:
+    """Masked samples take the mean valid score of their prompt group (the batch's if the group has
+    none), so they shift no baseline; they are then left out of the loss. (B,)"""
+    groups, ok = scores.view(-1, n), valid.view(-1, n)
+    batch_mean = scores[valid].mean() if valid.any() else torch.tensor(0.0)
+    count = ok.sum(1, keepdim=True)
+    group_mean = torch.where(ok, groups, 0.0).sum(1, keepdim=True) / count.clamp(min=1)
+    group_mean = torch.where(count > 0, group_mean, batch_mean)
+    return torch.where(ok, groups, group_mean).reshape(-1)
 
 
 def concat_scored(parts: list[Scored]) -> Scored:
@@ -42,7 +67,9 @@ def concat_scored(parts: list[Scored]) -> Scored:
     return Scored(old_logprobs=tokens("old_logprobs"), ref_logprobs=tokens("ref_logprobs"),
                   values=tokens("values") if parts[0].values is not None else None,
                   scores=torch.cat([p.scores for p in parts]),
-                  per_source={k: torch.cat([p.per_source[k] for p in parts]) for k in parts[0].per_source})
+                  per_source={k: torch.cat([p.per_source[k] for p in parts]) for k in parts[0].per_source},
+                  valid=torch.cat([p.valid for p in parts]) if parts[0].valid is not None else None,
+                  violations=dict(sum((Counter(p.violations) for p in parts), Counter())))
 
 
 # --- prompt groups (n samples of one prompt are contiguous rows) ---------------------------------
@@ -126,7 +153,9 @@ def make_experience(samples: Samples, scored: Scored, scores: torch.Tensor, cfg:
                      advantages=advantages, returns=returns, values=scored.values)
     metrics = _experience_metrics(exp, scored, scores, mask)
     if algo.mask_truncated:  # DAPO: truncated responses teach nothing about where to stop
-        exp.response_mask = samples.response_mask * samples.stopped[:, None].to(samples.response_mask.dtype)
+        exp.response_mask = exp.response_mask * samples.stopped[:, None].to(samples.response_mask.dtype)
+    if scored.valid is not None:  # the reward contract's masked samples never reach the loss
+        exp.response_mask = exp.response_mask * scored.valid[:, None].to(samples.response_mask.dtype)
     return exp, metrics
 
 

@@ -9,6 +9,7 @@ The driver never holds a model.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import replace
 import numpy as np
 import ray
@@ -24,7 +25,7 @@ from rlhf_ray.rollout.base import SamplingParams
 from rlhf_ray.trainers.common import RunInputs, data_keys, prepare_run
 from rlhf_ray.trainers.evaluation import mean_pass_at_k, win_rate
 from rlhf_ray.trainers.experience import (
-    RunningMoments, Scored, concat_scored, group_rows, group_stats, informative_groups, make_experience, plan_update,
+    Rewards, RunningMoments, Scored, concat_scored, fill_invalid, group_rows, group_stats, informative_groups, make_experience, plan_update,
     shape_scores)
 from rlhf_ray.workers import (
     CriticWorker, ModelPaths, PolicyWorker, ReferenceWorker, RewardWorker, RolloutWorker)
@@ -113,19 +114,20 @@ class Roles:
         old_lp = _cat(self.policy.get(old, "score", step))[:n]
         ref_lp = _cat(ref_group.get(ref, "score", step))[:n]
         values = _cat(self.critic.get(crit, "score", step))[:n] if crit else None
-        total, per_source = self._reward_result(rew, step)
-        return Scored(old_lp, ref_lp, values, total, per_source)
+        r = self._reward_result(rew, step)
+        return Scored(old_lp, ref_lp, values, r.scores, r.per_source, r.valid, r.violations)
 
-    def rewards(self, samples: Samples, metadata: list[dict], step: int | str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Reward scores only: (total (B,), {source: (B,)})."""
+    def rewards(self, samples: Samples, metadata: list[dict], step: int | str) -> Rewards:
+        """Reward scores only."""
         return self._reward_result(self._reward_call(samples, metadata), step)
 
     def _reward_call(self, samples: Samples, metadata: list[dict]) -> list[ray.ObjectRef]:
         return [self.groups["reward"].workers[0].score.remote(ray.put(samples.to_numpy()), metadata)]
 
-    def _reward_result(self, refs: list[ray.ObjectRef], step: int | str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        total, per_source = self.groups["reward"].get(refs, "score", step)[0]
-        return torch.tensor(total), {k: torch.tensor(v) for k, v in per_source.items()}
+    def _reward_result(self, refs: list[ray.ObjectRef], step: int | str) -> Rewards:
+        total, per_source, valid, violations = self.groups["reward"].get(refs, "score", step)[0]
+        return Rewards(torch.tensor(total), {k: torch.tensor(v) for k, v in per_source.items()},
+                       torch.tensor(valid), violations)
 
     def reward_counters(self, step: int | str) -> dict[str, int]:
         reward = self.groups["reward"]
@@ -242,6 +244,7 @@ class PPOTrainer:
         k = cfg.algo.kl
         self.kl_ctl = AdaptiveKLController(k.coef, k.target, k.horizon) if k.adaptive else FixedKLController(k.coef)
         self.moments = RunningMoments()
+        self.violations: Counter = Counter()  # reward-contract violations by kind, over the run
         self.version = 0
         self.roles = Roles(cfg, inputs.models, inputs.reward_paths)
         self.logger = MetricsLogger(cfg.run_dir, cfg.logging, cfg.trainer.total_steps, cfg.model_dump(mode="json"))
@@ -292,6 +295,7 @@ class PPOTrainer:
                                               self._seed(step) + 7_777_777 * round_, step, self.tokenizer.pad_token_id)
             with timer.phase("score"):
                 scored = self.roles.score(samples, metadata, step)
+                metrics |= self._reward_contract(scored, step)
             if round_ == 0:
                 metrics |= group_stats(scored.scores, n) if n > 1 else {}
             if not algo.dynamic_sampling:
@@ -308,6 +312,20 @@ class PPOTrainer:
         samples = concat_samples([s for s, _ in parts], self.tokenizer.pad_token_id).select(slice(0, want * n))
         return samples, concat_scored([c for _, c in parts]).select(torch.arange(want * n)), metrics
 
+    def _reward_contract(self, scored: Scored, step: int) -> dict[str, float]:
+        """Count violations; fail the step past reward.max_masked_frac; give masked samples their group's
+        mean valid score (they are left out of the loss in make_experience)."""
+        invalid = int((~scored.valid).sum())
+        self.violations.update(scored.violations)
+        if invalid > self.cfg.reward.max_masked_frac * scored.valid.numel():
+            raise PhaseError("score", "reward", step,
+                             f"{invalid} of {scored.valid.numel()} samples violate the reward contract "
+                             f"({dict(scored.violations)}), more than reward.max_masked_frac={self.cfg.reward.max_masked_frac}")
+        if invalid:
+            scored.scores = fill_invalid(scored.scores, scored.valid, self.cfg.rollout.samples_per_prompt)
+        return {"reward/masked_frac": invalid / scored.valid.numel(),
+                **{f"reward/violations/{k}": v for k, v in self.violations.items()}}
+
     def evaluate(self, step: int | str) -> dict[str, float]:
         """Held-out prompts: reward per source, KL to the reference, length; pass@k and win-rate against
         the reference policy when configured (ALGORITHMS.md §9). Fixed seed, so evaluations compare."""
@@ -322,7 +340,7 @@ class PPOTrainer:
         scored = self.roles.score(samples, metadata, tag, with_values=False)
         mask = samples.response_mask.float()
         out = {
-            "eval/reward_mean": scored.scores.mean().item(),
+            "eval/reward_mean": scored.scores[scored.valid].mean().item(),
             "eval/kl_ref": ((scored.old_logprobs - scored.ref_logprobs) * mask).sum(-1).mean().item(),
             "eval/length_mean": mask.sum(-1).mean().item(),
         }
@@ -332,7 +350,7 @@ class PPOTrainer:
         if t.eval_win_rate:
             first = torch.arange(0, samples.batch_size, t.eval_samples)  # one policy response per prompt
             reference = self.roles.reference_generate(prompts, replace(params, n=1), seed, tag, self.tokenizer.pad_token_id)
-            ref_scores = self.roles.rewards(reference, metadata[:: t.eval_samples], tag)[0]
+            ref_scores = self.roles.rewards(reference, metadata[:: t.eval_samples], tag).scores
             out["eval/win_rate"] = win_rate(scored.scores[first], ref_scores)
         return out
 

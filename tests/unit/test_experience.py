@@ -120,3 +120,13 @@ def test_pass_at_k_and_win_rate_by_hand():
     scores = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # prompt 0: 1 of 4 correct; prompt 1: none
     assert mean_pass_at_k(scores, 4, 1, threshold=1.0) == pytest.approx(0.125)
     assert win_rate(torch.tensor([1.0, 0.5, 0.2]), torch.tensor([0.0, 0.5, 0.9])) == pytest.approx(0.5)
+
+
+def test_fill_invalid_uses_group_then_batch_mean():
+    from rlhf_ray.trainers.experience import fill_invalid
+
+    scores = torch.tensor([1.0, float("nan"), 3.0, 5.0, float("nan"), float("nan")])
+    valid = torch.tensor([True, False, True, True, False, False])
+    out = fill_invalid(scores, valid, 2)
+    # group 0 → its valid mean 1; group 1 fully valid; group 2 has none → batch mean (1+3+5)/3 = 3
+    torch.testing.assert_close(out, torch.tensor([1.0, 1.0, 3.0, 5.0, 3.0, 3.0]))
