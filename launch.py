@@ -1,7 +1,8 @@
 """Entry point: load YAML + `a.b.c=value` overrides → validate → join or start Ray → run the stage.
 
-    python launch.py                                     # the toy PPO demo on local Ray (CPU)
+    python launch.py                                     # the toy SFT → RM → PPO pipeline on local Ray (CPU)
     python launch.py --config configs/toy_ppo.yaml trainer.total_steps=5
+    python launch.py --config configs/toy_sft.yaml       # one stage alone: toy_{sft,rm,dpo,ppo}.yaml
     python launch.py --config configs/toy_ppo.yaml --print-config
     ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- python launch.py --config ...
 
@@ -19,21 +20,26 @@ import time
 
 from pathlib import Path
 
-from rlhf_ray.config import ConfigError, RunConfig, dump_config, load_config
+from rlhf_ray.config import OFFLINE_ROLE, ConfigError, RunConfig, dump_config, load_config, pipeline_stage_configs
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy_ppo.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy_pipeline.yaml"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="rlhf_ray: distributed RLHF on Ray + DeepSpeed")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG),
-                        help="YAML file of overrides (see configs/); default: configs/toy_ppo.yaml, the toy PPO demo")
+                        help="YAML file of overrides (see configs/); default: configs/toy_pipeline.yaml, the toy SFT → RM → PPO demo")
     parser.add_argument("--print-config", action="store_true", help="print the effective config and exit")
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides, applied last")
     return parser.parse_args(argv)
 
 
 def required_cpus(cfg: RunConfig) -> float:
+    if cfg.stage == "pipeline":
+        return max(required_cpus(stage_cfg) for stage_cfg in pipeline_stage_configs(cfg).values())
+    if cfg.stage in OFFLINE_ROLE:  # one group of data-parallel ranks
+        ranks = getattr(cfg.placement, OFFLINE_ROLE[cfg.stage])
+        return ranks.cpus * ranks.num_workers
     p = cfg.placement
     roles = [p.policy, p.reference, p.reward] + ([p.critic] if cfg.uses_critic else [])
     return sum(r.cpus * r.num_workers for r in roles) + p.rollout.cpus * cfg.rollout.num_engines
@@ -58,9 +64,13 @@ def init_ray(cfg: RunConfig) -> None:
 
 
 def run(cfg: RunConfig) -> dict:
+    from rlhf_ray.trainers.dpo import run_dpo
+    from rlhf_ray.trainers.pipeline import run_pipeline
     from rlhf_ray.trainers.ppo import run_ppo
+    from rlhf_ray.trainers.rm import run_rm
+    from rlhf_ray.trainers.sft import run_sft
 
-    stages = {"ppo": run_ppo}
+    stages = {"ppo": run_ppo, "sft": run_sft, "rm": run_rm, "dpo": run_dpo, "pipeline": run_pipeline}
     return stages[cfg.stage](cfg)
 
 

@@ -110,3 +110,31 @@ def concat_samples(parts: list[Samples], pad_token_id: int) -> Samples:
         stopped=torch.cat([s.stopped for s in parts]),
         weight_version=min(s.weight_version for s in parts),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline stages (sft, rm, dpo): examples of K sequences, no generation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OfflineBatch(TensorRecord):
+    """N examples of an offline stage, K sequences each, every row right-padded to L tokens.
+
+    K = 1 (SFT, KTO), 2 (a preference pair: chosen, then rejected) or the list length (ranked
+    candidates, best first). Selecting rows selects whole examples, so a micro-batch never splits
+    a pair or a list. For the reward model the whole sequence is its input (prompt ⊕ response ⊕
+    EOS, tokenised as `rlhf_ray.rewards.model` does) and `response_mask` equals `attention_mask`.
+    """
+
+    input_ids: Tensor  # (N, K, L) long, prompt ⊕ response, right-padded with pad_token_id
+    attention_mask: Tensor  # (N, K, L) long, 1 on real tokens
+    response_mask: Tensor  # (N, K, L) long, 1 on response tokens (EOS included); logits at t-1 predict token t
+    scores: Tensor | None = None  # (N, K) float, candidate scores, non-increasing (ranked data: RRHF)
+    desirable: Tensor | None = None  # (N,) bool, KTO label: True = desirable
+    ref_logprobs: Tensor | None = None  # (N, K) float32, ℓ_ref(y) = Σ_t log π_ref(y_t | …) over response tokens
+    kl_ref: float = 0.0  # KTO z_0: the mini-batch's estimate of KL(π_θ‖π_ref) before this step
+
+    @property
+    def response_lengths(self) -> Tensor:  # (N, K) float, |y|, at least 1
+        return self.response_mask.sum(-1).clamp(min=1).float()

@@ -4,10 +4,10 @@
 - `errors.py`   `DataError`: names file, row, key and reason
 - `records.py`  example records and one loader per format (prompts, SFT, preferences, ranked, KTO)
 - `iterator.py` `BatchIterator`: seeded, resumable index batches over epochs
-- `collate.py`  left/right padding and prompt+response batches with a response mask
+- `collate.py`  left/right padding, prompt+response batches with a response mask, K candidates per prompt
 """
 
-from rlhf_ray.data.collate import concat_prompt_response, pad_left, pad_right
+from rlhf_ray.data.collate import concat_prompt_response, pad_candidates, pad_left, pad_right
 from rlhf_ray.data.errors import DataError
 from rlhf_ray.data.iterator import BatchIterator
 from rlhf_ray.data.records import (
@@ -45,6 +45,7 @@ __all__ = [
     "load_ranked",
     "load_rows",
     "load_sft",
+    "pad_candidates",
     "pad_left",
     "pad_right",
 ]

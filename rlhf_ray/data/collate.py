@@ -50,3 +50,23 @@ def _empty(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tens
         raise ValueError("cannot pad an empty batch")
     shape = (len(seqs), max(len(seq) for seq in seqs))
     return torch.full(shape, pad_id, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
+
+
+def pad_candidates(
+    prompt_ids: list[list[int]], candidates: list[list[list[int]]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each prompt ⊕ each of its K candidate responses: (input_ids, attention_mask, response_mask), (N, K, L) long.
+
+    Offline stages keep an example's sequences together (a pair, a ranked list) so that selecting
+    rows of dim 0 never splits one. Every example must have the same K. Right-padded, as in
+    `concat_prompt_response`; an empty prompt makes the whole sequence the "response".
+    """
+    if len(prompt_ids) != len(candidates):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(candidates)} candidate lists")
+    counts = sorted({len(c) for c in candidates})
+    if len(counts) != 1 or counts[0] == 0:
+        raise ValueError(f"every example needs the same number (>= 1) of candidates, got counts {counts}")
+    flat_prompts = [p for p, cands in zip(prompt_ids, candidates) for _ in cands]
+    flat = [c for cands in candidates for c in cands]
+    tensors = concat_prompt_response(flat_prompts, flat, pad_id)
+    return tuple(t.view(len(candidates), counts[0], -1) for t in tensors)

@@ -85,6 +85,18 @@ def vowel_reward(
     return [toy_score(p, r) for p, r in zip(prompts, responses)]
 
 
+def format_reward(
+    prompts: list[str], responses: list[str], metadata: list[dict] | None = None
+) -> list[float]:
+    """The toy format, 1 or 0 per sample (`rlhf_ray.toy.task:format_reward`): 1..16 lowercase letters,
+    ended with EOS (`metadata[i]["stopped"]`, set by the reward worker; True when absent)."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    metadata = metadata or [{} for _ in responses]
+    return [float(0 < len(r) <= 16 and all(c in string.ascii_lowercase for c in r) and m.get("stopped", True))
+            for r, m in zip(responses, metadata)]
+
+
 class ToyTask:
     """Seeded generator of the task's prompts and training examples."""
 
