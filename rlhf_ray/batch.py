@@ -33,6 +33,9 @@ class TensorRecord:
     def select(self: B, rows: Tensor | list[int] | slice) -> B:
         return dataclasses.replace(self, **{k: v[rows] for k, v in self.tensor_fields().items()})
 
+    def to(self: B, device: torch.device | str) -> B:
+        return dataclasses.replace(self, **{k: v.to(device) for k, v in self.tensor_fields().items()})
+
     @property
     def batch_size(self) -> int:
         return next(iter(self.tensor_fields().values())).shape[0]

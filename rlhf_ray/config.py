@@ -386,7 +386,9 @@ GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 def cross_field_problems(cfg: RunConfig) -> list[str]:
     if cfg.stage == "pipeline":
         return _pipeline_rules(cfg)
-    checks = (_batch_divisibility, _estimator_rules, _kl_rules, _deepspeed_rules, _placement_rules, _dapo_rules, _toy_rules)
+    checks = [_batch_divisibility, _deepspeed_rules, _placement_rules, _toy_rules]
+    if cfg.stage == "ppo":  # RL-only rules: offline stages ignore these sections
+        checks += [_estimator_rules, _kl_rules, _dapo_rules]
     return [msg for check in checks for msg in check(cfg)] + _stage_rules(cfg)
 
 
@@ -671,7 +673,8 @@ def _explain(err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"{loc}: unknown key{_suggest(e['loc'])}")
         elif e["type"] == "value_error" and isinstance(e.get("ctx", {}).get("error"), ConfigError):
-            lines.append(f"{loc}: {e['ctx']['error']}" if loc else str(e["ctx"]["error"]))  # loc: a nested section's rule
+            text = str(e["ctx"]["error"]).replace("\n", "\n  ")  # one problem per line, all indented
+            lines.append(f"{loc}: {text}" if loc else text)  # loc: a nested section's rule
         else:
             lines.append(f"{loc}={e.get('input')!r}: {e['msg']}")
     return "invalid config:\n  " + "\n  ".join(lines)

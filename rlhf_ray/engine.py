@@ -320,6 +320,10 @@ class TrainEngine:
         return float(self._ds.get_lr()[0])
 
     @property
+    def device(self) -> torch.device:
+        return self._ds.device
+
+    @property
     def module(self) -> torch.nn.Module:
         """The wrapped HF model (under ZeRO-3 its parameters are partitioned outside a gather)."""
         return self._ds.module

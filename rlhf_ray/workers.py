@@ -115,8 +115,9 @@ def _response_logprobs(forward, part: Samples, temperature: float) -> torch.Tens
     """log π of the response tokens at `temperature`, 0 on padding (never NaN × 0). (B, T)"""
     from rlhf_ray.algorithms.logprobs import logprobs_from_logits
 
-    logprobs = logprobs_from_logits(_forward_logits(forward, part), part.response_ids, temperature)
-    return torch.where(part.response_mask.bool(), logprobs, 0.0)
+    logits = _forward_logits(forward, part)
+    logprobs = logprobs_from_logits(logits, part.response_ids.to(logits.device), temperature)
+    return torch.where(part.response_mask.to(logits.device).bool(), logprobs, 0.0).cpu()
 
 
 class _TrainedRole(Worker):
@@ -175,7 +176,7 @@ class _TrainedRole(Worker):
         for mb_index, scale in enumerate(scales):
             mb = exp.select(slice(mb_index * per_mb, (mb_index + 1) * per_mb))
             for rows in _split(per_mb, self.cfg.trainer.micro_batch_size):
-                loss, shares, means = micro_loss(mb.select(rows), scale)
+                loss, shares, means = micro_loss(mb.select(rows).to(self.engine.device), scale)
                 self.engine.backward(loss * self.world_size)
                 _add(summed, {"loss": loss.item(), **shares}, self.world_size / len(scales))
                 averaged.append(means)
@@ -284,8 +285,9 @@ class CriticWorker(_TrainedRole):
         self.engine.eval()
 
         def values(part: Samples) -> torch.Tensor:
+            part = part.to(self.engine.device)
             v = response_values(self.engine.module, part.input_ids, part.attention_mask, part.prompt_ids.shape[1])
-            return torch.where(part.response_mask.bool(), v.float(), 0.0)
+            return torch.where(part.response_mask.bool(), v.float(), 0.0).cpu()
 
         return _per_micro_batch(Samples.from_numpy(payload), self.cfg.trainer.micro_batch_size, values)
 

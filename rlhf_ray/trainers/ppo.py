@@ -384,8 +384,9 @@ class PPOTrainer:
                 ("median step time (s)", float(np.median([h["time/step"] for h in self.logger.history]))),
                 ("run directory", str(self.cfg.run_dir))]
         rows += [(f"exported {k}", v) for k, v in exported.items()]
-        print(summary_table([(k, v) for k, v in rows if v is not None], title=f"== RL summary ({self.cfg.algo.advantage}) =="), flush=True)
-        self.logger.close()
+        self.logger.close()  # the progress bar ends before the table
+        print(summary_table([(k, v) for k, v in rows if v is not None],
+                            title=f"== RL summary ({self.cfg.algo.advantage}) =="), flush=True)
         return {"eval_before": first.get("eval/reward_mean"), "eval_after": final.get("eval/reward_mean"),
                 "first_reward": first_train.get("reward/score_mean"), "last_reward": last.get("reward/score_mean"),
                 **{f"export_{k}": v for k, v in exported.items()},
