@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 import time
 
@@ -45,6 +46,21 @@ def required_cpus(cfg: RunConfig) -> float:
     return sum(r.cpus * r.num_workers for r in roles) + p.rollout.cpus * cfg.rollout.num_engines
 
 
+LOOPBACK = ("127.", "localhost", "::1", "[::1]")
+
+
+def check_ray_address(address: str) -> None:
+    """Refuse a remote cluster over an unauthenticated client channel (`ray://` or `http://`): Ray's
+    APIs have no authentication by default. Token auth (RAY_AUTH_MODE=token) or ALLOW_INSECURE_RAY=1
+    lifts it. Addresses without a scheme (as set inside `ray job submit` jobs) are the cluster's own."""
+    scheme, sep, rest = address.partition("://")
+    host = rest.split("/")[0].rsplit(":", 1)[0] if sep else ""
+    if scheme in ("ray", "http") and not host.startswith(LOOPBACK) and os.environ.get("RAY_AUTH_MODE") != "token" \
+            and os.environ.get("ALLOW_INSECURE_RAY") != "1":
+        raise SystemExit(f"refusing RAY_ADDRESS={address}: plain {scheme}:// to a non-loopback host without Ray token "
+                         f"auth. Use an SSH tunnel to 127.0.0.1, set RAY_AUTH_MODE=token, or ALLOW_INSECURE_RAY=1.")
+
+
 def init_ray(cfg: RunConfig) -> None:
     """Join RAY_ADDRESS when set; else a local Ray on 127.0.0.1, sized so the config's actors fit.
 
@@ -57,6 +73,7 @@ def init_ray(cfg: RunConfig) -> None:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     if os.environ.get("RAY_ADDRESS"):
+        check_ray_address(os.environ["RAY_ADDRESS"])
         ray.init(log_to_driver=True)
         return
     cpus = max(os.cpu_count() or 1, math.ceil(required_cpus(cfg)))
@@ -84,12 +101,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
+    from rlhf_ray.placement import PhaseError
+    from rlhf_ray.trainers.checkpointing import StopRequested, install_stop_handler
+
+    if os.environ.get("RLHF_RAY_FAULTS"):  # injected faults fire once per run: markers live with the run
+        os.environ.setdefault("RLHF_RAY_FAULTS_DIR", str(cfg.run_dir / ".faults"))
     start = time.perf_counter()
+    install_stop_handler()
     init_ray(cfg)
     try:
         run(cfg)
-    except Exception as err:  # one line naming phase/role/step comes from PhaseError
-        print(f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
+    except StopRequested as stop:
+        print(stop, file=sys.stderr, flush=True)
+        return 128 + signal.SIGTERM
+    except PhaseError as err:  # the one line naming phase, role, step and cause
+        print(err, file=sys.stderr, flush=True)
+        return 1
+    except Exception as err:
+        print(f"FAILED {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         raise
     print(f"done in {time.perf_counter() - start:.1f}s", flush=True)
     return 0

@@ -84,6 +84,24 @@ if [[ "${SKIP_CONFIG_CHECK:-0}" != 1 ]]; then
 fi
 
 address="${RAY_API_SERVER_ADDRESS:-${RAY_ADDRESS:-http://127.0.0.1:8265}}"
+
+# Ray's job API has no authentication by default: anyone who reaches it runs code on the cluster.
+# Refuse a non-loopback address over plain HTTP unless Ray token auth is on (RAY_AUTH_MODE=token)
+# or ALLOW_INSECURE_RAY=1 says the network path is trusted (an SSH tunnel ends on 127.0.0.1 anyway).
+host="$(printf '%s' "$address" | sed -E 's#^[a-z]+://##; s#[:/].*$##')"
+case "$address" in
+  http://*|ray://*)
+    case "$host" in
+      127.*|localhost|::1|"[::1]") ;;
+      *)
+        if [[ "${RAY_AUTH_MODE:-}" != token && "${ALLOW_INSECURE_RAY:-0}" != 1 ]]; then
+          echo "error: refusing to submit to $address over plain HTTP without Ray token auth: Ray's job API" >&2
+          echo "  has no authentication by default. Use an SSH tunnel to 127.0.0.1, set RAY_AUTH_MODE=token" >&2
+          echo "  (with the cluster's token), or set ALLOW_INSECURE_RAY=1 if this network is trusted." >&2
+          exit 2
+        fi ;;
+    esac ;;
+esac
 name="$(basename "$config_rel" .yaml)"
 name="${name//[^A-Za-z0-9_-]/-}"
 submission_id="${SUBMISSION_ID:-rlhf-${name}-$(date -u +%Y%m%d-%H%M%S)-$RANDOM}"

@@ -45,7 +45,7 @@ Guarantees:
   exist and none is valid it raises, never starting fresh silently.
 - Nothing here unpickles: tensors are safetensors, other state JSON; `torch.load` is never
   called. Caveat for callers: DeepSpeed's own `load_checkpoint` unpickles its engine files
-  (`torch.load(weights_only=False)` in deepspeed 0.19.8). The manifest proves a file is the one
+  (deepspeed 0.19.8 loads them with pickle enabled). The manifest proves a file is the one
   the run wrote (integrity), not who wrote it: resume only from checkpoint roots you trust as
   you trust code.
 
@@ -64,10 +64,9 @@ deletes `.tmp-*` entries, so ranks never open one; they receive the tmp dir's pa
 module functions. Checkpoints newer than `latest` (from a crash between 4 and 5, or from an
 earlier run resumed at an older step) are ignored by resume and left alone by retention.
 
-Fault injection (tests): with `RLHF_RAY_FAULTS` containing `checkpoint:<point>` (comma-separated
-with other faults, e.g. `RLHF_RAY_FAULTS=checkpoint:after_rename`), commit prints one line to
-stderr and ends the process with `os._exit(FAULT_EXIT_CODE)` at that point: no cleanup runs, as
-in a real crash. Points: `FAULT_POINTS`; `_should_crash` is the one place that reads the variable.
+Fault injection (tests): with `RLHF_RAY_FAULTS` containing `crash@checkpoint.<point>` (see
+`rlhf_ray.faults`), commit prints one line to stderr and ends the process with
+`os._exit(FAULT_EXIT_CODE)` at that point: no cleanup runs, as in a real crash. Points: `FAULT_POINTS`.
 """
 
 from __future__ import annotations
@@ -92,6 +91,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from rlhf_ray import faults
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "rlhf_ray.checkpoint"
@@ -99,7 +100,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 LATEST = "latest"
 FAULT_POINTS = ("after_files", "after_manifest", "after_move_aside", "after_rename", "after_latest", "during_retention")
-FAULT_EXIT_CODE = 86
+FAULT_EXIT_CODE = faults.CRASH_EXIT_CODE
 ALLOW_OVERRIDE = "checkpoint.allow_incompatible_resume=true"
 
 _TMP = ".tmp-"  # in-progress saves, pointer tmp files, trash: deleted when a store opens the root
@@ -519,17 +520,12 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], allow: bool
 # ---------------------------------------------------------------------------------------------
 
 
-def _should_crash(point: str) -> bool:
-    """True when RLHF_RAY_FAULTS (comma-separated) holds `checkpoint:<point>`."""
-    faults = {f.strip() for f in os.environ.get("RLHF_RAY_FAULTS", "").split(",")}
-    return f"checkpoint:{point}" in faults
-
-
 def _fault(point: str) -> None:
-    assert point in FAULT_POINTS, point
-    if _should_crash(point):
-        print(f"FAULT injected: checkpoint:{point} (pid {os.getpid()})", file=sys.stderr, flush=True)
-        os._exit(FAULT_EXIT_CODE)
+    """A fault-injection point `checkpoint.<point>` (rlhf_ray.faults): `crash@checkpoint.<point>` ends
+    the process here with os._exit, as a real crash would, leaving whatever was written so far."""
+    if point not in FAULT_POINTS:
+        raise ValueError(f"unknown checkpoint fault point {point!r}; points: {FAULT_POINTS}")
+    faults.fire("checkpoint", point)
 
 
 # ---------------------------------------------------------------------------------------------

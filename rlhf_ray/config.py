@@ -269,6 +269,7 @@ class PlacementConfig(Section):
     colocate: list[list[str]] = Field(default_factory=list, description="Groups of roles sharing one placement group's bundles, e.g. [[policy, reference, rollout]].")
     torch_threads: int | None = Field(None, gt=0, description="torch threads per actor; default: its CPU count rounded up.")
     timeout_s: float = Field(120.0, gt=0, description="Deadline for actors to start and placement to be granted.")
+    max_restarts: int = Field(3, ge=0, description="Restarts of a dead stateless actor (reference, reward, rollout); its calls are retried and an engine's weights re-synced.")
 
 
 class LoggingConfig(Section):
@@ -282,6 +283,11 @@ class LoggingConfig(Section):
 
 class CheckpointConfig(Section):
     export_hf: bool = Field(True, description="Export the final trained model(s) in Hugging Face format to <run_dir>/export.")
+    every: int = Field(0, ge=0, description="Save an atomic checkpoint every N steps; 0: only when stopped by SIGTERM.")
+    keep_last: int = Field(2, gt=0, description="Complete checkpoints kept; older ones are deleted only after a newer one is complete.")
+    dir: str | None = Field(None, description="Checkpoint directory; default <run_dir>/checkpoints (shared storage on multi-node clusters).")
+    resume: str = Field("off", description="'auto': continue from the latest valid checkpoint (fresh start when there is none); a checkpoint path; 'off'.")
+    allow_incompatible_resume: bool = Field(False, description="Resume even when world sizes, models or data differ from the checkpoint's (the differing fields are logged).")
 
 
 class TrainerConfig(Section):
@@ -300,6 +306,8 @@ class TrainerConfig(Section):
     eval_pass_threshold: float = Field(1.0, description="Score at or above which an eval sample counts as correct for pass@k.")
     eval_win_rate: bool = Field(False, description="Also report the win-rate of the policy against the reference policy's responses, judged by the reward sources.")
     timeout_s: float = Field(600.0, gt=0, description="Deadline of one phase's remote calls, seconds.")
+    max_restarts: int = Field(0, ge=0, description="Restart the stage from its latest checkpoint this many times after a training rank dies (needs checkpoint.every > 0).")
+    max_skipped_steps: int = Field(3, gt=0, description="Stop after this many consecutive steps whose update was skipped for non-finite values (the last good checkpoint is kept).")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,7 +394,7 @@ GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 def cross_field_problems(cfg: RunConfig) -> list[str]:
     if cfg.stage == "pipeline":
         return _pipeline_rules(cfg)
-    checks = [_batch_divisibility, _deepspeed_rules, _placement_rules, _toy_rules]
+    checks = [_batch_divisibility, _deepspeed_rules, _placement_rules, _toy_rules, _checkpoint_rules]
     if cfg.stage == "ppo":  # RL-only rules: offline stages ignore these sections
         checks += [_estimator_rules, _kl_rules, _dapo_rules]
     return [msg for check in checks for msg in check(cfg)] + _stage_rules(cfg)
@@ -479,6 +487,13 @@ def _dapo_rules(cfg: RunConfig) -> list[str]:
         out.append(f"trainer.eval_pass_k={cfg.trainer.eval_pass_k} needs every k in 1..trainer.eval_samples="
                    f"{cfg.trainer.eval_samples}; raise trainer.eval_samples or drop {bad_k}.")
     return out
+
+
+def _checkpoint_rules(cfg: RunConfig) -> list[str]:
+    if cfg.trainer.max_restarts and not cfg.checkpoint.every:
+        return [f"trainer.max_restarts={cfg.trainer.max_restarts} restarts from the latest checkpoint, but "
+                f"checkpoint.every=0 saves none; set checkpoint.every (e.g. 10)."]
+    return []
 
 
 def _toy_rules(cfg: RunConfig) -> list[str]:

@@ -308,11 +308,18 @@ class TrainEngine:
                 f"grad_accum={accum}: run exactly that many backward() calls per mini-batch")
         lr = self.lr
         local_norm = _grad_norm(self._ds.module) if self.zero_stage == 0 else None
+        skipped = local_norm is not None and not math.isfinite(local_norm)
+        if skipped:  # ZeRO-0 has no overflow check: drop the gradients so the optimizer leaves every weight alone
+            for p in self._ds.module.parameters():
+                p.grad = None
         self._ds.step()
         self._micro_batches = 0
+        # ZeRO 1-3 skip the update themselves when the (all-reduced) gradient norm is not finite
+        skipped = skipped or bool(getattr(self._ds.optimizer, "overflow", False))
         grad_norm = self._ds.get_global_grad_norm()
         grad_norm = local_norm if grad_norm is None else float(grad_norm)
-        return {"lr": lr} if grad_norm is None else {"lr": lr, "grad_norm": grad_norm}
+        out = {"lr": lr, "skipped": float(skipped)}
+        return out if grad_norm is None else out | {"grad_norm": grad_norm}
 
     @property
     def lr(self) -> float:

@@ -57,6 +57,11 @@ METRICS: dict[str, str] = {
     "time/step": "seconds for the whole step",
     "perf/tokens_per_s": "(prompt + response) tokens processed per second of step time",
     "perf/response_tokens_per_s": "response tokens generated per second of rollout time",
+    "numerics/skipped_step": "1 when this step's update was skipped: non-finite values before it, or a non-finite gradient norm in it",
+    "numerics/nonfinite_<name>": "count of non-finite values found in <name> (scores, old_logprobs, ref_logprobs, values, advantages, returns)",
+    "policy/skipped": "share of this step's optimizer steps the engine skipped for a non-finite gradient norm (critic/skipped likewise)",
+    "reward/masked_frac": "share of samples masked out of the loss by the reward contract (reward.on_error=mask)",
+    "reward/violations/<kind>": "cumulative reward-contract violations by kind: exception, timeout, wrong_count, wrong_type, non_finite",
     "sync/version": "policy weight version held by every rollout engine after the sync",
     # offline stages (sft, rm, dpo): <stage>/<name> per optimizer step (mini-batch means), eval/<name> on
     # the whole held-out set (trainer.eval_every and the last step); time/batch, time/update, time/eval
@@ -98,14 +103,20 @@ class Timer:
 class MetricsLogger:
     """Writes each step's metrics to the enabled sinks and keeps them for the final summary."""
 
-    def __init__(self, run_dir: Path, cfg: LoggingConfig, total_steps: int, config_dump: dict | None = None):
+    def __init__(self, run_dir: Path, cfg: LoggingConfig, total_steps: int, config_dump: dict | None = None,
+                 resume_step: int = 0):
+        """`resume_step` > 0: a resumed run keeps the rows up to that step (dropping any logged after
+        the checkpoint it resumes from) and appends."""
         self.cfg = cfg
-        self.history: list[dict[str, float]] = []
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = (run_dir / "metrics.jsonl").open("w") if cfg.jsonl else None
+        path = run_dir / "metrics.jsonl"
+        self.history: list[dict[str, Any]] = _rows_up_to(path, resume_step) if resume_step else []
+        if cfg.jsonl:
+            path.write_text("".join(json.dumps(row) + "\n" for row in self.history))
+        self.jsonl = path.open("a") if cfg.jsonl else None
         self.tb = _tensorboard(run_dir / "tb") if cfg.tensorboard else None
         self.wandb = _wandb(cfg, run_dir, config_dump) if cfg.wandb else None
-        self.bar = _progress_bar(total_steps) if cfg.progress_bar else None
+        self.bar = _progress_bar(total_steps, initial=resume_step) if cfg.progress_bar else None
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
@@ -162,10 +173,17 @@ def _wandb(cfg: LoggingConfig, run_dir: Path, config_dump: dict | None):
     return wandb.init(project=cfg.wandb_project, name=run_dir.name, dir=str(run_dir), config=config_dump)
 
 
-def _progress_bar(total: int):
+def _progress_bar(total: int, initial: int = 0):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="steps", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc="steps", dynamic_ncols=True)
+
+
+def _rows_up_to(path: Path, step: int) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for row in rows if row.get("step", 0) <= step]
 
 
 def summary_table(rows: list[tuple[str, Any]], title: str = "") -> str:

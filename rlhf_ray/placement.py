@@ -24,11 +24,15 @@ W = TypeVar("W")
 
 
 class PhaseError(RuntimeError):
-    """A remote phase failed or missed its deadline."""
+    """A phase failed or missed its deadline. `restartable`: a restart from the last checkpoint may
+    get past it (a dead or hung rank), unlike e.g. repeated non-finite values."""
 
-    def __init__(self, phase: str, role: str, step: int | str, cause: str):
-        self.phase, self.role, self.step, self.cause = phase, role, step, cause
+    def __init__(self, phase: str, role: str, step: int | str, cause: str, restartable: bool = True):
+        self.phase, self.role, self.step, self.cause, self.restartable = phase, role, step, cause, restartable
         super().__init__(f"FAILED phase={phase} role={role} step={step} cause={cause}")
+
+    def __reduce__(self):
+        return (PhaseError, (self.phase, self.role, self.step, self.cause, self.restartable))
 
 
 class PlacementError(RuntimeError):
@@ -95,7 +99,8 @@ class WorkerGroup(Generic[W]):
     """N actors of one role. Calls are typed: `group.call(lambda w: w.method.remote(...))`."""
 
     def __init__(self, spec: RoleSpec, worker_cls: type[W], pg: PlacementGroup, gpu_share: float,
-                 make_args: Callable[[int], tuple], timeout_s: float, max_restarts: int = 0):
+                 make_args: Callable[[int], tuple], timeout_s: float, max_restarts: int = 0,
+                 max_task_retries: int = 0):
         self.spec = spec
         self.timeout_s = timeout_s
         actor_cls = ray.remote(worker_cls)
@@ -106,6 +111,7 @@ class WorkerGroup(Generic[W]):
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
                 runtime_env={"env_vars": actor_env(spec)},
                 max_restarts=max_restarts,
+                max_task_retries=max_task_retries,
                 name=None,
             ).remote(*make_args(rank))
             for rank in range(spec.num_workers)
@@ -149,7 +155,7 @@ def actor_env(spec: RoleSpec) -> dict[str, str]:
     if spec.gpus == 0:
         env["DS_ACCELERATOR"] = "cpu"
         env["CUDA_VISIBLE_DEVICES"] = ""
-    for key in ("RLHF_RAY_FAULTS", "PYTHONPATH"):
+    for key in ("RLHF_RAY_FAULTS", "RLHF_RAY_FAULTS_DIR", "PYTHONPATH"):
         if key in os.environ:
             env[key] = os.environ[key]
     return env

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlhf_ray import faults
 from rlhf_ray.batch import Experience, OfflineBatch, Samples, TensorRecord, position_ids
 from rlhf_ray.config import OFFLINE_ROLE, OptimConfig, RunConfig
 
@@ -52,15 +53,18 @@ def node_address() -> tuple[str, int]:
 
 
 def timed(method):
-    """Adds the method's wall time to `self.busy[name]` (benchmarks split compute from orchestration)."""
+    """An entry point of a role: adds its wall time to `self.busy[name]` (benchmarks split compute
+    from orchestration) and is a fault-injection point `<role>.<method>` (`rlhf_ray.faults`)."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
+        fault = faults.fire(self.role, method.__name__, self.rank)
         start = time.perf_counter()
         try:
-            return method(self, *args, **kwargs)
+            result = method(self, *args, **kwargs)
         finally:
             self.busy[method.__name__] = self.busy.get(method.__name__, 0.0) + time.perf_counter() - start
+        return faults.poison(result) if fault == "nan" else result
 
     return wrapper
 
@@ -68,12 +72,16 @@ def timed(method):
 class Worker:
     """What every role answers: liveness, its address, and where its time and memory went."""
 
+    role = "worker"
+    rank = 0  # data-parallel rank or engine index
+
     def __init__(self) -> None:
         set_threads()
         self.busy: dict[str, float] = {}
 
-    def ping(self) -> bool:
-        return True
+    def ping(self) -> int:
+        """The process id: liveness, and a changed id tells the driver the actor was restarted."""
+        return os.getpid()
 
     def node_address(self) -> tuple[str, int]:
         return node_address()
@@ -120,6 +128,9 @@ def _response_logprobs(forward, part: Samples, temperature: float) -> torch.Tens
     return torch.where(part.response_mask.to(logits.device).bool(), logprobs, 0.0).cpu()
 
 
+ENGINE_TAG = "engine"  # DeepSpeed checkpoint tag inside a role's checkpoint directory
+
+
 class _TrainedRole(Worker):
     """A DeepSpeed rank (policy or critic): rendezvous, engine, export."""
 
@@ -160,6 +171,21 @@ class _TrainedRole(Worker):
         self.engine.save_hf(path, tokenizer=load_tokenizer(self.paths.tokenizer, self.cfg.model.trust_remote_code))
         return path
 
+    def save_state(self, directory: str) -> bool:
+        """DeepSpeed model/optimizer/scheduler state of this rank (every rank calls it) and its RNG."""
+        from rlhf_ray.checkpoint import capture_rng, save_rng
+
+        self.engine.save_checkpoint(directory, tag=ENGINE_TAG)
+        save_rng(directory, f"rng_rank{self.rank}", capture_rng())
+        return True
+
+    def load_state(self, directory: str) -> bool:
+        from rlhf_ray.checkpoint import load_rng, restore_rng
+
+        self.engine.load_checkpoint(directory, tag=ENGINE_TAG)
+        restore_rng(load_rng(directory, f"rng_rank{self.rank}"))
+        return True
+
     def _update(self, payload: dict[str, Any], scales: list[Any], micro_loss,
                 record: type[TensorRecord] = Experience) -> dict[str, float]:
         """One pass over this rank's shard: len(scales) mini-batches, micro-batched, one optimizer step each.
@@ -177,6 +203,11 @@ class _TrainedRole(Worker):
             mb = exp.select(slice(mb_index * per_mb, (mb_index + 1) * per_mb))
             for rows in _split(per_mb, self.cfg.trainer.micro_batch_size):
                 loss, shares, means = micro_loss(mb.select(rows).to(self.engine.device), scale)
+                if faults.fire(self.role, "loss", self.rank) == "nan":
+                    loss = loss * float("nan")
+                if not torch.isfinite(loss):
+                    print(f"non-finite {self.role} loss on rank {self.rank}: {loss.item()} (the optimizer step "
+                          f"will be skipped on every rank)", flush=True)
                 self.engine.backward(loss * self.world_size)
                 _add(summed, {"loss": loss.item(), **shares}, self.world_size / len(scales))
                 averaged.append(means)
@@ -311,6 +342,8 @@ class CriticWorker(_TrainedRole):
 class ReferenceWorker(Worker):
     """The frozen initial policy: log-probs, and responses for win-rate evaluation."""
 
+    role = "reference"
+
     def __init__(self, cfg: RunConfig, paths: ModelPaths):
         super().__init__()
         from rlhf_ray.models import load_causal_lm
@@ -337,6 +370,8 @@ class ReferenceWorker(Worker):
 
 class RewardWorker(Worker):
     """Scores decoded (prompt, response) pairs with the configured sources."""
+
+    role = "reward"
 
     def __init__(self, cfg: RunConfig, paths: ModelPaths, reward_paths: list[str]):
         super().__init__()
@@ -378,13 +413,15 @@ class RewardWorker(Worker):
 class RolloutWorker(Worker):
     """One generation engine and the policy weight version it holds."""
 
+    role = "rollout"
+
     def __init__(self, cfg: RunConfig, paths: ModelPaths, engine_index: int):
         super().__init__()
         from rlhf_ray.models import load_causal_lm, load_tokenizer
         from rlhf_ray.rollout import resolve_backend
         from rlhf_ray.rollout.hf import HFRolloutEngine
 
-        self.cfg, self.engine_index, self.version = cfg, engine_index, 0
+        self.cfg, self.engine_index, self.rank, self.version = cfg, engine_index, engine_index, 0
         self.backend = resolve_backend(cfg.rollout.backend)  # raises a clear error for vllm where it can't run
         tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code)
         model = load_causal_lm(paths.policy, model_dtype(cfg), cfg.model.trust_remote_code)

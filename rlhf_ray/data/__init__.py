@@ -4,6 +4,8 @@
 - `errors.py`   `DataError`: names file, row, key and reason
 - `records.py`  example records and one loader per format (prompts, SFT, preferences, ranked, KTO)
 - `iterator.py` `BatchIterator`: seeded, resumable index batches over epochs
+- `feedback.py` feedback records (comparisons, ratings, thumbs, edits, critiques) → training datasets
+- `constitution.py` Constitutional AI principles and the critique / revision conversations
 - `collate.py`  left/right padding, prompt+response batches with a response mask, K candidates per prompt
 """
 
@@ -23,6 +25,7 @@ from rlhf_ray.data.records import (
     load_prompts,
     load_ranked,
     load_sft,
+    render_messages,
 )
 from rlhf_ray.data.sources import ORIGIN_FILE, ORIGIN_ROW, load_rows
 
@@ -48,4 +51,5 @@ __all__ = [
     "pad_candidates",
     "pad_left",
     "pad_right",
+    "render_messages",
 ]

@@ -73,6 +73,7 @@ class PromptExample:
     prompt_ids: list[int]  # (P,) prompt tokens, P <= max_prompt_len
     prompt_text: str  # the rendered prompt (chat template applied); if cut, the decoded kept tokens
     metadata: dict[str, Any]  # the row's other columns (e.g. a reference answer for a rule reward)
+    prompt: Any = None  # the prompt as the row gives it (a string or chat messages), for rows written from it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,9 +156,7 @@ class _Encoder:
         return ids, self.tokenizer.decode(ids)
 
     def render(self, messages: list[dict[str, str]]) -> str:
-        if self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+        return render_messages(self.tokenizer, messages)
 
     def response(self, value: Any, key: str) -> list[int]:
         """Response ids + EOS, cut to max_response_len, from a string or assistant message list."""
@@ -172,6 +171,15 @@ class _Encoder:
             self.row_truncations.append("response")
             ids = ids[: self.max_response_len]
         return ids
+
+
+def render_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
+    """Chat messages as the text a model continues (the assistant's turn opened): the tokenizer's chat
+    template, or `"{role}: {content}\\n"` lines then `"assistant: "` without one. Encode it without
+    adding special tokens (a template writes its own)."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
 
 
 # ---- value checks -------------------------------------------------------------------------
@@ -219,12 +227,10 @@ def _scores(value: Any, key: str, count: int) -> list[float]:
 
 def _parse_prompt(row: dict[str, Any], enc: _Encoder) -> PromptExample:
     k = enc.keys
-    if row.get(k.prompt) is None and row.get(k.messages) is not None:
-        ids, text = enc.prompt(row[k.messages], k.messages)
-    else:
-        ids, text = enc.prompt(_get(row, k.prompt), k.prompt)
+    key = k.messages if row.get(k.prompt) is None and row.get(k.messages) is not None else k.prompt
+    ids, text = enc.prompt(_get(row, key), key)
     skip = {k.prompt, k.messages, ORIGIN_FILE, ORIGIN_ROW}
-    return PromptExample(ids, text, {name: v for name, v in row.items() if name not in skip})
+    return PromptExample(ids, text, {name: v for name, v in row.items() if name not in skip}, row[key])
 
 
 def _parse_sft(row: dict[str, Any], enc: _Encoder) -> SFTExample:

@@ -7,7 +7,8 @@ ALGORITHMS.md §9, ARCHITECTURE.md §5). It is one more reward source, run insid
   reference answer column). Each pair is asked in BOTH orders, A/B and B/A, which cancels the
   judge's position bias; score = the response's share of wins over the two orders, a tie
   counting ½. `compare_pairs(prompts, a, b)` exposes the same for evaluation win-rates
-  (1 = A better, 0 = B better, 0.5 tie).
+  (1 = A better, 0 = B better, 0.5 tie); `compare_orders` gives each order's verdict apart
+  (AI preference labelling: `rlhf_ray.rewards.labeling`).
 - Replies are decoded greedily (at most `max_new_tokens`) with the HF rollout engine, every
   query of a call in one `generate` batch; the rendered prompt is sent as one user message
   through the judge tokenizer's chat template when it has one (`chat_template`).
@@ -160,13 +161,22 @@ class JudgeReward:
 
     def compare_pairs(self, prompts: list[str], responses_a: list[str], responses_b: list[str]) -> list[float]:
         """Per pair: 1 = A better, 0 = B better, ½ = tie, averaged over the A/B and B/A orders."""
+        orders = self.compare_orders(prompts, responses_a, responses_b)
+        replies = [q.reply for q in self.last_queries]
+        return [self._pair_score(i, list(wins), replies[2 * i : 2 * i + 2]) for i, wins in enumerate(orders)]
+
+    def compare_orders(self, prompts: list[str], responses_a: list[str],
+                       responses_b: list[str]) -> list[tuple[float | None, float | None]]:
+        """Per pair, A's result in the A/B order and in the B/A order: 1 win, 0 loss, ½ tie, None when
+        the reply has no verdict (counted; `on_unparseable` is the caller's to apply). `last_queries`
+        holds the two rendered prompts and replies of pair i at 2i (A/B) and 2i+1 (B/A)."""
         queries = [(i, swapped, self._render(self.options.compare_template, prompt=p,
                                             response_a=b if swapped else a, response_b=a if swapped else b))
                    for i, (p, a, b) in enumerate(zip(prompts, responses_a, responses_b)) for swapped in (False, True)]
         replies = self._ask(queries)
         wins = [_win_of_a(parse_choice(reply), swapped) for (_, swapped, _), reply in zip(queries, replies)]
         self._count(wins, n_samples=len(prompts), per_sample=2)
-        return [self._pair_score(i, wins[2 * i : 2 * i + 2], replies[2 * i : 2 * i + 2]) for i in range(len(prompts))]
+        return [(wins[2 * i], wins[2 * i + 1]) for i in range(len(prompts))]
 
     def _grade(self, prompts: list[str], responses: list[str]) -> list[float]:
         o = self.options

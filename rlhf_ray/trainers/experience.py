@@ -210,3 +210,17 @@ def plan_update(exp: Experience, mini_batch_size: int, ranks: int) -> tuple[list
             start = j * mini_batch_size + r * per_rank
             rows[r].extend(range(start, start + per_rank))
     return [exp.select(torch.tensor(r)).to_numpy() for r in rows], scales
+
+
+def nonfinite_counts(named: dict[str, torch.Tensor | None], mask: torch.Tensor) -> dict[str, int]:
+    """Non-finite values on real response tokens (or per sequence), in the order given: the first
+    name is where they first appeared. {} when all are finite."""
+    out = {}
+    for name, t in named.items():
+        if t is None:
+            continue
+        values = t[mask.bool()] if t.shape == mask.shape else t
+        bad = int((~torch.isfinite(values)).sum())
+        if bad:
+            out[name] = bad
+    return out

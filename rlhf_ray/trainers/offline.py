@@ -39,6 +39,7 @@ from rlhf_ray.config import OFFLINE_ROLE, RunConfig
 from rlhf_ray.data import BatchIterator, DataError, LoadReport, PreferenceExample, RankedExample
 from rlhf_ray.metrics import MetricsLogger, Timer, summary_table
 from rlhf_ray.placement import RoleSpec, WorkerGroup, rendezvous, reserve
+from rlhf_ray.trainers.checkpointing import RunCheckpoints, StopRequested, stop_requested, with_restarts
 from rlhf_ray.trainers.common import RunInputs, data_keys, prepare_run
 from rlhf_ray.workers import ModelPaths, OfflineWorker
 
@@ -148,8 +149,12 @@ class OfflineTrainer:
         self.iterator = train_iterator(len(self.train_set), t.mini_batch_size, t.seed)
         self.eval_batch = stage.collate(self.eval_set) if self.eval_set else None
         self.train_ref: dict[int, np.ndarray] = {}
-        self.logger = MetricsLogger(cfg.run_dir, cfg.logging, t.total_steps, cfg.model_dump(mode="json"))
+        self.first_eval: dict[str, float] = {}
         self.group, self._pg = start_ranks(cfg, stage)
+        self.checkpoints = RunCheckpoints(cfg, {OFFLINE_ROLE[cfg.stage]: self.group})
+        self.start_step = self._resume()
+        self.logger = MetricsLogger(cfg.run_dir, cfg.logging, t.total_steps, cfg.model_dump(mode="json"),
+                                    resume_step=self.start_step - 1)
 
     # --- phases -----------------------------------------------------------------------------
 
@@ -198,16 +203,52 @@ class OfflineTrainer:
 
     def fit(self) -> dict[str, Any]:
         t = self.cfg.trainer
-        self.compute_reference()
-        first = final = self.evaluate(0)
-        for step in range(1, t.total_steps + 1):
+        if self.start_step == 1:
+            self.compute_reference()
+            self.first_eval = self.evaluate(0)
+        final = self.first_eval
+        for step in range(self.start_step, t.total_steps + 1):
             metrics = self.train_step(step)
             if step == t.total_steps or (t.eval_every and step % t.eval_every == 0):
                 final = self.evaluate(step)
                 metrics |= final
             self.logger.log(step, metrics)
+            if self.checkpoints.due(step) or stop_requested():
+                saved = self.checkpoints.save(step, self.state_dict(step), self._reference_tensors())
+                if stop_requested():
+                    raise StopRequested(step, saved)
+        if self.start_step > t.total_steps:  # resumed from the final checkpoint: evaluate once more
+            final = self.evaluate(t.total_steps)
         exported = self.export() if self.cfg.checkpoint.export_hf else None
-        return self._summarise(first, final, exported)
+        return self._summarise(self.first_eval, final, exported)
+
+    def state_dict(self, step: int) -> dict[str, Any]:
+        return {"step": step, "iterator": self.iterator.state_dict(), "first_eval": self.first_eval}
+
+    def _reference_tensors(self) -> dict[str, torch.Tensor]:
+        """ℓ_ref computed before training (the policy has moved since, so a resume cannot recompute it)."""
+        if not self.train_ref:
+            return {}
+        keys = sorted(self.train_ref)
+        out = {"train_ref_index": torch.tensor(keys), "train_ref": torch.from_numpy(np.stack([self.train_ref[k] for k in keys]))}
+        if self.eval_batch is not None and self.eval_batch.ref_logprobs is not None:
+            out["eval_ref"] = self.eval_batch.ref_logprobs
+        return out
+
+    def _resume(self) -> int:
+        restored = self.checkpoints.restore()
+        if restored is None:
+            return 1
+        state, tensors = restored
+        self.iterator.load_state_dict(state["iterator"])
+        self.first_eval = state["first_eval"]
+        if "train_ref" in tensors:
+            self.train_ref = dict(zip(tensors["train_ref_index"].tolist(), tensors["train_ref"].numpy()))
+        if "eval_ref" in tensors and self.eval_batch is not None:
+            self.eval_batch.ref_logprobs = tensors["eval_ref"]
+        if self.stage.uses_reference:
+            self.group.get(self.group.call(lambda w: w.release_reference.remote()), "reference", "init")
+        return state["step"] + 1
 
     # --- details ----------------------------------------------------------------------------
 
@@ -293,8 +334,12 @@ def start_ranks(cfg: RunConfig, stage: OfflineStage) -> tuple[WorkerGroup[Offlin
 def run_offline(cfg: RunConfig, make_stage: Callable[[RunConfig, RunInputs], OfflineStage]) -> dict[str, Any]:
     """Resolve inputs, load the data (before any actor starts), train, evaluate, export; always release the ranks."""
     inputs = prepare_run(cfg)
-    trainer = OfflineTrainer(cfg, make_stage(cfg, inputs), inputs)
-    try:
-        return trainer.fit()
-    finally:
-        trainer.close()
+
+    def once(run_cfg: RunConfig) -> dict[str, Any]:
+        trainer = OfflineTrainer(run_cfg, make_stage(run_cfg, inputs), inputs)
+        try:
+            return trainer.fit()
+        finally:
+            trainer.close()
+
+    return with_restarts(cfg, once, {OFFLINE_ROLE[cfg.stage]})

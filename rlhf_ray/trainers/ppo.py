@@ -22,10 +22,11 @@ from rlhf_ray.data import BatchIterator, PromptExample, load_prompts
 from rlhf_ray.metrics import MetricsLogger, Timer, summary_table
 from rlhf_ray.placement import PhaseError, RoleSpec, WorkerGroup, rendezvous, reserve
 from rlhf_ray.rollout.base import SamplingParams
+from rlhf_ray.trainers.checkpointing import RunCheckpoints, StopRequested, stop_requested, with_restarts
 from rlhf_ray.trainers.common import RunInputs, data_keys, prepare_run
 from rlhf_ray.trainers.evaluation import mean_pass_at_k, win_rate
 from rlhf_ray.trainers.experience import (
-    Rewards, RunningMoments, Scored, concat_scored, fill_invalid, group_rows, group_stats, informative_groups, make_experience, plan_update,
+    Rewards, RunningMoments, Scored, concat_scored, fill_invalid, nonfinite_counts, group_rows, group_stats, informative_groups, make_experience, plan_update,
     shape_scores)
 from rlhf_ray.workers import (
     CriticWorker, ModelPaths, PolicyWorker, ReferenceWorker, RewardWorker, RolloutWorker)
@@ -39,7 +40,7 @@ class Roles:
     """The worker groups of an RL run, created in placement groups, with typed fan-out calls."""
 
     def __init__(self, cfg: RunConfig, models: ModelPaths, reward_paths: list[str]):
-        self.cfg = cfg
+        self.cfg, self.version = cfg, 0
         p, timeout = cfg.placement, cfg.placement.timeout_s
         specs = {
             "policy": _spec("policy", p.policy, p.policy.num_workers, p.torch_threads),
@@ -62,7 +63,9 @@ class Roles:
         for role, spec in specs.items():
             cls, args = make[role]
             pg, share = pgs[role]
-            self.groups[role] = WorkerGroup(spec, cls, pg, share, args, cfg.trainer.timeout_s)
+            restarts = 0 if role in ("policy", "critic") else p.max_restarts  # trained ranks: restart the stage
+            retries = restarts if role in ("reference", "reward") else 0  # idempotent calls; rollout re-syncs first
+            self.groups[role] = WorkerGroup(spec, cls, pg, share, args, cfg.trainer.timeout_s, restarts, retries)
         self._placement_groups = {id(pg): pg for pg, _ in pgs.values()}
         self._start(timeout)
 
@@ -78,6 +81,7 @@ class Roles:
         """Wait for every actor, then rendezvous the trained roles (all inits submitted before any wait)."""
         for group in self.groups.values():
             group.get(group.call(lambda w: w.ping.remote()), "start", "init", timeout)
+        self.rollout_pids = self._rollout_pids("init")
         rendezvous([g for g in (self.policy, self.critic) if g is not None])
         if self.cfg.rollout.weight_sync == "gloo":
             self._join_gloo()
@@ -97,9 +101,46 @@ class Roles:
                  pad_token_id: int) -> Samples:
         rollout = self.groups["rollout"]
         chunks = np.array_split(np.arange(len(prompts)), len(rollout))
-        refs = rollout.call_each(lambda w, c: w.generate.remote([prompts[i] for i in c], params, seed + 7919 * int(c[0])), chunks)
-        parts = [Samples.from_numpy(p) for p in rollout.get(refs, "rollout", step)]
+
+        def call() -> list:
+            refs = rollout.call_each(lambda w, c: w.generate.remote([prompts[i] for i in c], params,
+                                                                    seed + 7919 * int(c[0])), chunks)
+            return rollout.get(refs, "rollout", step)
+
+        parts = [Samples.from_numpy(p) for p in self._recovering_rollout(call, step)]
         return concat_samples(parts, pad_token_id)
+
+    def _recovering_rollout(self, call, step: int | str):
+        """Run `call`; if it failed because a rollout engine died and Ray restarted it, put the engine back
+        in sync (the weights of the current version; a new gloo group) and run `call` once more. The
+        engines are seeded per call, so the retried result is the one the failed call would have given."""
+        try:
+            return call()
+        except PhaseError as err:
+            if "actor died" not in err.cause and "Connection closed" not in err.cause:
+                raise  # a hang or a bug: no restart would help
+            pids = self._rollout_pids(step)
+            if pids == self.rollout_pids:
+                raise
+            print(f"{err}\nrollout engine restarted; re-syncing weights (version {self.version}) and retrying",
+                  flush=True)
+            self.rollout_pids = pids
+            if self.cfg.rollout.weight_sync == "gloo":
+                self._join_gloo()
+            self._sync_once(self.version, step)
+            return call()
+
+    def _rollout_pids(self, step: int | str) -> list[int]:
+        """Each engine's process id, waiting (up to placement.timeout_s) for restarting ones to come back."""
+        rollout, deadline = self.groups["rollout"], time.monotonic() + self.cfg.placement.timeout_s
+        while True:
+            try:
+                return rollout.get(rollout.call(lambda w: w.ping.remote()), "rollout", step,
+                                   max(1.0, deadline - time.monotonic()))
+            except PhaseError as err:
+                if "actor died" not in err.cause or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)  # Ray is restarting it
 
     def score(self, samples: Samples, metadata: list[dict], step: int | str, with_values: bool = True) -> Scored:
         """Old log-probs, reference log-probs, values and rewards, all in flight at once."""
@@ -161,6 +202,10 @@ class Roles:
 
     def sync(self, version: int, step: int | str) -> None:
         """New policy weights → every engine; verified by version and checksum before the next rollout."""
+        self._recovering_rollout(lambda: self._sync_once(version, step), step)
+        self.version = version
+
+    def _sync_once(self, version: int, step: int | str) -> None:
         rollout = self.groups["rollout"]
         if self.cfg.rollout.weight_sync == "gloo":
             sent = self.policy.call(lambda w: w.send_to_gloo.remote())
@@ -245,9 +290,13 @@ class PPOTrainer:
         self.kl_ctl = AdaptiveKLController(k.coef, k.target, k.horizon) if k.adaptive else FixedKLController(k.coef)
         self.moments = RunningMoments()
         self.violations: Counter = Counter()  # reward-contract violations by kind, over the run
-        self.version = 0
+        self.version, self.skipped_in_a_row, self.first_eval = 0, 0, {}
         self.roles = Roles(cfg, inputs.models, inputs.reward_paths)
-        self.logger = MetricsLogger(cfg.run_dir, cfg.logging, cfg.trainer.total_steps, cfg.model_dump(mode="json"))
+        trained = {"policy": self.roles.policy} | ({"critic": self.roles.critic} if self.roles.critic else {})
+        self.checkpoints = RunCheckpoints(cfg, trained)
+        self.start_step = self._resume()
+        self.logger = MetricsLogger(cfg.run_dir, cfg.logging, cfg.trainer.total_steps, cfg.model_dump(mode="json"),
+                                    resume_step=self.start_step - 1)
 
     def _load(self, source: str, split: str) -> list[PromptExample]:
         d = self.cfg.data
@@ -269,16 +318,37 @@ class PPOTrainer:
             scores = shape_scores(scored.scores, samples.stopped, samples.response_lengths, self.cfg, self.moments)
             exp, exp_metrics = make_experience(samples, scored, scores, self.cfg, self.kl_ctl.value)
             metrics |= exp_metrics
-        with timer.phase("update"):
-            metrics |= self.roles.update(exp, step, self.cfg.trainer.seed, self.kl_ctl.value)
+            bad = nonfinite_counts({"scores": scores, "old_logprobs": scored.old_logprobs,
+                                    "ref_logprobs": scored.ref_logprobs, "values": scored.values,
+                                    "advantages": exp.advantages, "returns": exp.returns}, samples.response_mask)
+        if bad:
+            print(f"step {step}: non-finite values, first in {next(iter(bad))} ({bad}); update skipped", flush=True)
+            metrics |= {f"numerics/nonfinite_{k}": v for k, v in bad.items()}
+        else:
+            with timer.phase("update"):
+                metrics |= self.roles.update(exp, step, self.cfg.trainer.seed, self.kl_ctl.value)
+        skipped = bool(bad) or metrics.get("policy/skipped", 0) > 0 or metrics.get("critic/skipped", 0) > 0
+        metrics["numerics/skipped_step"] = float(skipped)
+        self._count_skip(step, skipped)
         with timer.phase("sync"):
-            self.version += 1
-            self.roles.sync(self.version, step)
+            if not bad:
+                self.version += 1
+                self.roles.sync(self.version, step)
         metrics |= {f"reward/{k}": v for k, v in self.roles.reward_counters(step).items()}
         metrics["kl/coef"] = self.kl_ctl.value
-        self.kl_ctl.update(metrics["kl/ref"], samples.batch_size)
+        if not bad:
+            self.kl_ctl.update(metrics["kl/ref"], samples.batch_size)
         metrics["sync/version"] = self.version
         return metrics | _throughput(samples, timer, time.perf_counter() - t0)
+
+    def _count_skip(self, step: int, skipped: bool) -> None:
+        """Consecutive skipped updates; past trainer.max_skipped_steps the run stops (no checkpoint is
+        written after the last good one)."""
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+        limit = self.cfg.trainer.max_skipped_steps
+        if self.skipped_in_a_row >= limit:
+            raise PhaseError("update", "policy", step, f"{limit} consecutive updates skipped for non-finite values "
+                             f"(trainer.max_skipped_steps={limit})", restartable=False)
 
     def collect(self, step: int, timer: Timer) -> tuple[Samples, Scored, dict[str, float]]:
         """Generate and score one batch; with dynamic sampling (DAPO) keep only groups whose scores
@@ -359,17 +429,43 @@ class PPOTrainer:
 
     def fit(self) -> dict[str, float]:
         t = self.cfg.trainer
-        first_eval = self.evaluate(0)
-        last: dict[str, float] = {}
-        for step in range(1, t.total_steps + 1):
+        if self.start_step == 1:
+            self.first_eval = self.evaluate(0)
+        last: dict[str, float] = self.logger.history[-1] if self.logger.history else {}
+        for step in range(self.start_step, t.total_steps + 1):
             metrics = self.train_step(step)
             if t.eval_every and step % t.eval_every == 0 and step != t.total_steps:
                 metrics |= self.evaluate(step)
             self.logger.log(step, metrics)
             last = metrics
+            if self.checkpoints.due(step) or stop_requested():
+                saved = self.checkpoints.save(step, self.state_dict(step))
+                if stop_requested():
+                    raise StopRequested(step, saved)
         final_eval = self.evaluate(t.total_steps)
         exported = self.roles.export(str(self.cfg.run_dir / "export")) if self.cfg.checkpoint.export_hf else {}
-        return self._summarise(first_eval, final_eval, last, exported)
+        return self._summarise(self.first_eval, final_eval, last, exported)
+
+    def state_dict(self, step: int) -> dict:
+        """Everything of the driver a resumed run needs to continue exactly (models are saved by their ranks)."""
+        return {"step": step, "version": self.version, "iterator": self.iterator.state_dict(),
+                "kl_ctl": self.kl_ctl.state_dict(), "moments": vars(self.moments), "violations": dict(self.violations),
+                "skipped_in_a_row": self.skipped_in_a_row, "first_eval": self.first_eval}
+
+    def _resume(self) -> int:
+        """Load the checkpoint `checkpoint.resume` selects and put the engines in sync; → the first step to run."""
+        restored = self.checkpoints.restore()
+        if restored is None:
+            return 1
+        state, _ = restored
+        self.iterator.load_state_dict(state["iterator"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        vars(self.moments).update(state["moments"])
+        self.violations = Counter(state["violations"])
+        self.skipped_in_a_row, self.first_eval = state["skipped_in_a_row"], state["first_eval"]
+        self.version = state["version"]
+        self.roles.sync(self.version, "resume")
+        return state["step"] + 1
 
     def _summarise(self, first: dict, final: dict, last: dict, exported: dict) -> dict[str, float]:
         first_train = self.logger.history[0] if self.logger.history else {}
@@ -404,10 +500,15 @@ def _throughput(samples: Samples, timer: Timer, step_s: float) -> dict[str, floa
 
 
 def run_ppo(cfg: RunConfig) -> dict[str, float]:
-    """Build inputs, start the roles, train, evaluate, export; always release the actors."""
+    """Build inputs, start the roles, train, evaluate, export; always release the actors; restart from
+    the latest checkpoint after a training rank fails (trainer.max_restarts)."""
     inputs = prepare_run(cfg)
-    trainer = PPOTrainer(cfg, inputs)
-    try:
-        return trainer.fit()
-    finally:
-        trainer.close()
+
+    def once(run_cfg: RunConfig) -> dict[str, float]:
+        trainer = PPOTrainer(run_cfg, inputs)
+        try:
+            return trainer.fit()
+        finally:
+            trainer.close()
+
+    return with_restarts(cfg, once, {"policy", "critic"})

@@ -135,7 +135,7 @@ def spawn_run(fn_name: str, world_size: int, out_dir: Path) -> list[dict]:
         pytest.fail(f"{fn_name} failed:\n" + "\n".join(errors))
     if any(p.exitcode != 0 for p in procs):
         pytest.fail(f"{fn_name}: exit codes {[p.exitcode for p in procs]} (timeout {RUN_TIMEOUT_S} s?)")
-    return [torch.load(out_dir / f"{fn_name}_rank{r}.pt", weights_only=False) for r in range(world_size)]
+    return [torch.load(out_dir / f"{fn_name}_rank{r}.pt", weights_only=True) for r in range(world_size)]
 
 
 # ---------------------------------------------------------------------------------------------

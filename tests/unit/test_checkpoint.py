@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import random
 from datetime import datetime
 
@@ -142,7 +143,8 @@ def _commit_in_crashing_child(store, tmp, step, point):
     if pid == 0:  # child: never return into pytest
         code = 1
         try:
-            os.environ["RLHF_RAY_FAULTS"] = f"other:thing, checkpoint:{point}"
+            os.environ["RLHF_RAY_FAULTS"] = f"crash@rollout.generate#9, crash@checkpoint.{point}"
+            os.environ["RLHF_RAY_FAULTS_DIR"] = tempfile.mkdtemp()  # a fresh run: the fault fires
             store.commit(tmp, step, {"step_seen": step})
             code = 0
         finally:
@@ -212,11 +214,12 @@ def test_crash_while_replacing_an_existing_step_restores_it(tmp_path):
     assert ck.load_json(store.latest_valid(), "trainer") == {"attempt": 3}
 
 
-def test_should_crash_parsing(monkeypatch):
-    monkeypatch.setenv("RLHF_RAY_FAULTS", "rollout:crash@3, checkpoint:after_latest")
-    assert ck._should_crash("after_latest") and not ck._should_crash("after_rename")
-    monkeypatch.delenv("RLHF_RAY_FAULTS")
-    assert not any(ck._should_crash(p) for p in ck.FAULT_POINTS)
+def test_checkpoint_fault_points_are_checked(monkeypatch):
+    monkeypatch.delenv("RLHF_RAY_FAULTS", raising=False)
+    for point in ck.FAULT_POINTS:
+        ck._fault(point)  # no fault configured: a no-op
+    with pytest.raises(ValueError, match="unknown checkpoint fault point"):
+        ck._fault("before_everything")
 
 
 def test_stale_tmp_dirs_are_removed_on_open(tmp_path, caplog):

@@ -72,6 +72,7 @@ def test_dump_round_trips(tmp_path):
     (["placement.colocate=[[policy, judge]]"], "placement.colocate names unknown role 'judge'"),
     (["placement.colocate=[[policy], [policy, reference]]"], "lists role 'policy' in more than one group"),
     (["placement.rollout.num_workers=2"], "the number of engines is rollout.num_engines"),
+    (["trainer.max_restarts=2"], "trainer.max_restarts=2 restarts from the latest checkpoint, but checkpoint.every=0"),
     (["model.toy.num_heads=3"], "model.toy.num_heads=3 must divide model.toy.hidden_size=64"),
     (["data.max_prompt_len=0"], "data.max_prompt_len=0"),
     (["reward.sources.3.weight=1"], "'3' is not an index of a list of 1 items"),

@@ -1,0 +1,129 @@
+"""Checkpoints and resume for every stage, on top of the atomic store (`rlhf_ray.checkpoint`).
+
+A save at step k: every rank of every trained role writes its DeepSpeed state (model, optimizer,
+scheduler) and RNG into `<tmp>/<role>/`, the driver writes its own state (step, data position, KL
+controller, reward normaliser, …) as JSON and tensors, then the store commits: manifest, rename,
+`latest` pointer, retention. Resume loads the same pieces back after checking that the run is
+compatible (world sizes, models, data, stage), and refuses when it is not, naming the field.
+
+Graceful stop: `install_stop_handler` makes SIGTERM (what `ray job stop` sends) set a flag; the
+loops check it after each step, save a complete checkpoint and raise `StopRequested`.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import torch
+
+from rlhf_ray import __version__
+from rlhf_ray.checkpoint import (
+    CheckpointStore, capture_rng, check_compatible, load_json, load_rng, load_tensors, read_manifest, restore_rng,
+    save_json, save_rng, save_tensors)
+from rlhf_ray.config import OFFLINE_ROLE, RunConfig, dump_config
+from rlhf_ray.placement import PhaseError, WorkerGroup
+
+_stop = threading.Event()
+
+
+class StopRequested(RuntimeError):
+    """SIGTERM arrived; a checkpoint was written (when one could be) and the run stops."""
+
+    def __init__(self, step: int, saved: Path | None):
+        self.step, self.saved = step, saved
+        where = f", checkpoint {saved}" if saved else ""
+        super().__init__(f"stopped by SIGTERM after step {step}{where}")
+
+
+def install_stop_handler() -> None:
+    """SIGTERM → finish the current step, checkpoint, exit (main thread only; a no-op elsewhere)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: _stop.set())
+
+
+def stop_requested() -> bool:
+    return _stop.is_set()
+
+
+def compat_fields(cfg: RunConfig) -> dict[str, Any]:
+    """What must match between a checkpoint and the run resuming it."""
+    p = cfg.placement
+    fields = {"stage": cfg.stage, "model.policy": cfg.model.policy, "data.train": cfg.data.train,
+              "deepspeed.zero_stage": cfg.deepspeed.zero_stage, "trainer.mini_batch_size": cfg.trainer.mini_batch_size}
+    if cfg.stage == "ppo":
+        fields |= {"placement.policy.num_workers": p.policy.num_workers,
+                   "rollout.samples_per_prompt": cfg.rollout.samples_per_prompt,
+                   "trainer.prompts_per_step": cfg.trainer.prompts_per_step, "algo.advantage": cfg.algo.advantage}
+        if cfg.uses_critic:
+            fields["placement.critic.num_workers"] = p.critic.num_workers
+    else:
+        role = OFFLINE_ROLE[cfg.stage]
+        fields[f"placement.{role}.num_workers"] = getattr(p, role).num_workers
+    return fields
+
+
+class RunCheckpoints:
+    """Saves and restores a run: trained groups (DeepSpeed state) plus the driver's state."""
+
+    def __init__(self, cfg: RunConfig, groups: dict[str, WorkerGroup]):
+        self.cfg, self.groups = cfg, groups
+        self.root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else cfg.run_dir / "checkpoints"
+        self.store = CheckpointStore(self.root, cfg.checkpoint.keep_last)
+
+    def due(self, step: int) -> bool:
+        every = self.cfg.checkpoint.every
+        return bool(every) and step % every == 0
+
+    def save(self, step: int, driver: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> Path:
+        tmp = self.store.begin(step)
+        pending = [(g, g.call(lambda w, d=str(tmp / name): w.save_state.remote(d))) for name, g in self.groups.items()]
+        for group, refs in pending:
+            group.get(refs, "checkpoint", step)
+        save_json(tmp, "driver", driver)
+        save_rng(tmp, "driver_rng", capture_rng())
+        if tensors:
+            save_tensors(tmp, "driver_tensors", tensors)
+        metadata = {"compat": compat_fields(self.cfg), "code_version": __version__, "config": dump_config(self.cfg)}
+        return self.store.commit(tmp, step, metadata)
+
+    def restore(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+        """(driver state, driver tensors) of the checkpoint `checkpoint.resume` selects, with every group's
+        state loaded; None for a fresh start."""
+        path = self.store.resolve(self.cfg.checkpoint.resume)
+        if path is None:
+            return None
+        saved = read_manifest(path)["metadata"]["compat"]
+        check_compatible(saved, compat_fields(self.cfg), self.cfg.checkpoint.allow_incompatible_resume,
+                         override="checkpoint.allow_incompatible_resume=true")
+        pending = [(g, g.call(lambda w, d=str(path / name): w.load_state.remote(d))) for name, g in self.groups.items()]
+        for group, refs in pending:
+            group.get(refs, "resume", "init")
+        restore_rng(load_rng(path, "driver_rng"))
+        tensors = load_tensors(path, "driver_tensors") if (path / "driver_tensors.safetensors").exists() else {}
+        print(f"resumed from {path}", flush=True)
+        return load_json(path, "driver"), tensors
+
+
+T = TypeVar("T")
+
+
+def with_restarts(cfg: RunConfig, run_once: Callable[[RunConfig], T], trained_roles: set[str]) -> T:
+    """Run a stage; when a training rank fails (it died, hung past its deadline, or its collective
+    broke), start the stage again from its latest checkpoint, up to `trainer.max_restarts` times.
+    Stateless roles recover inside the run; other failures end it."""
+    for attempt in range(cfg.trainer.max_restarts + 1):
+        try:
+            return run_once(cfg if attempt == 0 else _resuming(cfg))
+        except PhaseError as err:
+            if err.role not in trained_roles or not err.restartable or attempt == cfg.trainer.max_restarts:
+                raise
+            print(f"{err}\nrestarting {cfg.stage} from the latest checkpoint "
+                  f"({attempt + 1} of trainer.max_restarts={cfg.trainer.max_restarts})", flush=True)
+    raise AssertionError("unreachable")
+
+
+def _resuming(cfg: RunConfig) -> RunConfig:
+    return cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"resume": "auto"})})
