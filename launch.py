@@ -3,6 +3,7 @@
     python launch.py                                     # the toy SFT → RM → PPO pipeline on local Ray (CPU)
     python launch.py --config configs/toy_ppo.yaml trainer.total_steps=5
     python launch.py --config configs/toy_sft.yaml       # one stage alone: toy_{sft,rm,dpo,ppo}.yaml
+    python launch.py --config configs/toy_iterate.yaml   # data stages: toy_{feedback,cai,label}.yaml; rounds: toy_iterate.yaml
     python launch.py --config configs/toy_ppo.yaml --print-config
     ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- python launch.py --config ...
 
@@ -21,7 +22,8 @@ import time
 
 from pathlib import Path
 
-from rlhf_ray.config import OFFLINE_ROLE, ConfigError, RunConfig, dump_config, load_config, pipeline_stage_configs
+from rlhf_ray.config import (
+    OFFLINE_ROLE, ConfigError, RunConfig, dump_config, iterate_stage_configs, load_config, pipeline_stage_configs)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy_pipeline.yaml"
 
@@ -38,6 +40,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def required_cpus(cfg: RunConfig) -> float:
     if cfg.stage == "pipeline":
         return max(required_cpus(stage_cfg) for stage_cfg in pipeline_stage_configs(cfg).values())
+    if cfg.stage == "iterate":  # the final evaluation (engines + scorer) needs no more than a round's label stage
+        return max(required_cpus(stage_cfg) for stage_cfg in iterate_stage_configs(cfg, 1, cfg.model.policy).values())
+    if cfg.stage == "feedback":  # the driver alone
+        return 0.0
+    if cfg.stage in ("cai", "label"):  # engines, and one reward-side actor to label and/or evaluate
+        p = cfg.placement
+        reward_side = cfg.stage == "label" or cfg.cai.pairs == "judge" or cfg.data.eval is not None
+        return p.rollout.cpus * cfg.rollout.num_engines + p.reward.cpus * reward_side
     if cfg.stage in OFFLINE_ROLE:  # one group of data-parallel ranks
         ranks = getattr(cfg.placement, OFFLINE_ROLE[cfg.stage])
         return ranks.cpus * ranks.num_workers
@@ -81,13 +91,18 @@ def init_ray(cfg: RunConfig) -> None:
 
 
 def run(cfg: RunConfig) -> dict:
+    from rlhf_ray.trainers.cai import run_cai
     from rlhf_ray.trainers.dpo import run_dpo
+    from rlhf_ray.trainers.feedback import run_feedback
+    from rlhf_ray.trainers.iterate import run_iterate
+    from rlhf_ray.trainers.label import run_label
     from rlhf_ray.trainers.pipeline import run_pipeline
     from rlhf_ray.trainers.ppo import run_ppo
     from rlhf_ray.trainers.rm import run_rm
     from rlhf_ray.trainers.sft import run_sft
 
-    stages = {"ppo": run_ppo, "sft": run_sft, "rm": run_rm, "dpo": run_dpo, "pipeline": run_pipeline}
+    stages = {"ppo": run_ppo, "sft": run_sft, "rm": run_rm, "dpo": run_dpo, "pipeline": run_pipeline,
+              "feedback": run_feedback, "cai": run_cai, "label": run_label, "iterate": run_iterate}
     return stages[cfg.stage](cfg)
 
 
@@ -107,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("RLHF_RAY_FAULTS"):  # injected faults fire once per run: markers live with the run
         os.environ.setdefault("RLHF_RAY_FAULTS_DIR", str(cfg.run_dir / ".faults"))
     start = time.perf_counter()
-    install_stop_handler()
-    init_ray(cfg)
+    if cfg.stage != "feedback":  # feedback ingestion runs on the driver alone
+        init_ray(cfg)
+    install_stop_handler()  # after ray.init, which installs a SIGTERM handler of its own
     try:
         run(cfg)
     except StopRequested as stop:
