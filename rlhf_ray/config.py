@@ -246,6 +246,10 @@ class OptimConfig(Section):
     grad_clip: float | None = Field(1.0, gt=0, description="Gradient-norm clip; null disables.")
 
 
+class CriticOptimConfig(OptimConfig):
+    lr: float = Field(5e-5, gt=0, description="Peak learning rate of the critic (AdamW); a value head learns faster than the policy.")
+
+
 class DeepSpeedConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage for trained roles.")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="Training precision (bf16 on GPU; fp32 on CPU).")
@@ -339,16 +343,62 @@ class PipelineConfig(Section):
     ppo: list[str] = Field(default_factory=list, description="Overrides of the PPO stage (policy and reference = SFT export, critic and reward.sources[0] = RM export).")
 
 
+# ---------------------------------------------------------------------------------------------
+# From feedback to data: feedback ingestion, Constitutional AI, AI preference labelling, rounds
+# ---------------------------------------------------------------------------------------------
+
+
+class FeedbackConfig(Section):
+    input: str = Field(TOY, description="Feedback records, one JSON object per line (comparison, rating, binary, edit, critique; schema in rlhf_ray/data/feedback.py); 'toy': generated vowel-task feedback.")
+    ratings_as: Literal["pairs", "ranked"] = Field("pairs", description="Ratings of one prompt become preference pairs (higher ≻ lower) or one ranked list with the ratings as scores.")
+    min_rating_gap: float = Field(1.0, gt=0, description="Ratings → pairs: the smallest rating difference that makes a pair; equal ratings (ties) never do.")
+    rating_scale: int = Field(5, ge=2, description="Ratings are numbers in [1, rating_scale]; any other value is a malformed record.")
+
+
+def _default_labeler() -> RewardSourceConfig:
+    return RewardSourceConfig(kind="judge", path=TOY, name="judge",
+                              judge=JudgeSourceConfig(mode="compare", on_unparseable="drop-order", max_new_tokens=8))
+
+
+class LabelConfig(Section):
+    labeler: RewardSourceConfig = Field(default_factory=_default_labeler, description="Who prefers one of two responses: kind=judge (an LLM asked in both orders; judge.mode=compare) or a scorer (kind=model, function or http: the higher score wins). 'toy' = the toy policy (judge) or reward model.")
+    num_prompts: int = Field(64, gt=0, description="Prompts drawn from data.train (seeded by trainer.seed).")
+    pairs_per_prompt: int = Field(1, gt=0, description="Pairs per prompt: 2 × this many policy samples are drawn (rollout sampling settings; rollout.samples_per_prompt is not used), paired 1st with 2nd, 3rd with 4th, ….")
+    on_disagreement: Literal["drop", "tie"] = Field("drop", description="Judge verdicts that differ between the A/B and B/A orders: 'drop' the pair (position-consistent labels only), or 'tie': average the orders (A then B is a tie, A then tie is A).")
+    min_score_gap: float = Field(0.0, ge=0, description="Scorer labellers: a pair whose scores differ by at most this is a tie and is dropped.")
+
+
+class CAIConfig(Section):
+    constitution: str = Field(TOY, description="Constitution file, YAML or JSON: principles, each a critique request and a revision request (configs/constitutions/example.yaml); 'toy': short ones for the toy models.")
+    rounds: int = Field(1, gt=0, description="Critique → revision rounds K per prompt, each against a principle sampled afresh (seeded).")
+    num_prompts: int = Field(64, gt=0, description="Prompts drawn from data.train (seeded by trainer.seed) for the policy to draft responses to.")
+    critiques: str | None = Field(None, description="A feedback file (e.g. the feedback stage's critiques.jsonl): each critique record is revised too, its round 1 answering the given critique.")
+    critique_max_new_tokens: int = Field(32, gt=0, description="Longest critique in tokens (drafts and revisions: rollout.max_new_tokens).")
+    max_context_len: int = Field(1024, gt=0, description="Longest critique or revision context in tokens, its new tokens included; an example that would exceed it is dropped and counted.")
+    pairs: Literal["revision", "judge"] = Field("revision", description="AI preference pairs: 'revision' (final revision ≻ draft), or 'judge': label.labeler compares the draft and the final revision (both orders, label.on_disagreement).")
+
+
+class IterateConfig(Section):
+    rounds: int = Field(2, gt=0, description="Rounds R of sample → label → train → evaluate; round r runs in <run_dir>/round_<r> and starts from round r-1's exported policy.")
+    feedback: Literal["label", "cai"] = Field("label", description="How a round turns the current policy's samples into pairs: 'label' (judge or scorer, stage label) or 'cai' (revision ≻ draft, stage cai).")
+    train: Literal["dpo", "rm_ppo"] = Field("dpo", description="How a round trains on its pairs: 'dpo' (iterative DPO) or 'rm_ppo' (a reward model on the pairs, then PPO against it).")
+    label: list[str] = Field(default_factory=list, description="section.field=value overrides of each round's label stage.")
+    cai: list[str] = Field(default_factory=list, description="Overrides of each round's cai stage.")
+    dpo: list[str] = Field(default_factory=list, description="Overrides of each round's DPO stage (its data is the round's pairs; no held-out pairs).")
+    rm: list[str] = Field(default_factory=list, description="Overrides of each round's reward-model stage (rm.init: round 1 this config's, later the previous round's RM).")
+    ppo: list[str] = Field(default_factory=list, description="Overrides of each round's PPO stage (critic and reward = the round's RM; reward.sources at weight 0 as monitors).")
+
+
 class RunConfig(Section):
-    stage: Literal["ppo", "sft", "rm", "dpo", "pipeline"] = Field(
-        "ppo", description="What to run: 'ppo' (RL, any estimator), 'sft', 'rm' (reward model), 'dpo' (DPO family), or 'pipeline' (sft → rm → ppo).")
+    stage: Literal["ppo", "sft", "rm", "dpo", "pipeline", "feedback", "cai", "label", "iterate"] = Field(
+        "ppo", description="What to run: 'ppo' (RL, any estimator), 'sft', 'rm' (reward model), 'dpo' (DPO family), 'pipeline' (sft → rm → ppo), 'feedback' (feedback records → datasets), 'cai' (Constitutional AI data), 'label' (AI preference labels), or 'iterate' (rounds of sample → label → train → evaluate).")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Models.")
     data: DataConfig = Field(default_factory=DataConfig, description="Datasets.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Generation.")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward sources.")
     algo: AlgoConfig = Field(default_factory=AlgoConfig, description="Estimators and losses.")
     policy_optim: OptimConfig = Field(default_factory=OptimConfig, description="Policy optimiser.")
-    critic_optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=5e-5), description="Critic optimiser.")
+    critic_optim: CriticOptimConfig = Field(default_factory=CriticOptimConfig, description="Critic optimiser.")
     reward_optim: OptimConfig = Field(default_factory=OptimConfig, description="Reward-model optimiser (stage rm).")
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="DeepSpeed engine.")
     placement: PlacementConfig = Field(default_factory=PlacementConfig, description="Actors and resources.")
@@ -358,6 +408,10 @@ class RunConfig(Section):
     rm: RMConfig = Field(default_factory=RMConfig, description="Reward-model training (stage rm).")
     dpo: DPOConfig = Field(default_factory=DPOConfig, description="Offline preference optimisation (stage dpo).")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="Per-stage overrides of stage=pipeline (sft → rm → ppo).")
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig, description="Feedback ingestion (stage feedback).")
+    label: LabelConfig = Field(default_factory=LabelConfig, description="AI preference labelling (stage label; cai with cai.pairs=judge).")
+    cai: CAIConfig = Field(default_factory=CAIConfig, description="Constitutional AI critique → revision (stage cai).")
+    iterate: IterateConfig = Field(default_factory=IterateConfig, description="Rounds and per-stage overrides of stage=iterate.")
 
     @model_validator(mode="after")
     def _cross_field(self) -> RunConfig:
@@ -394,6 +448,11 @@ GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 def cross_field_problems(cfg: RunConfig) -> list[str]:
     if cfg.stage == "pipeline":
         return _pipeline_rules(cfg)
+    if cfg.stage == "iterate":
+        return _iterate_rules(cfg)
+    if cfg.stage in FEEDBACK_STAGES:  # the driver and rollout engines only: no batch, RL or training rules
+        checks = [_deepspeed_rules, _placement_rules, _toy_rules, _feedback_stage_rules]
+        return [msg for check in checks for msg in check(cfg)] + _override_list_rules(cfg)
     checks = [_batch_divisibility, _deepspeed_rules, _placement_rules, _toy_rules, _checkpoint_rules]
     if cfg.stage == "ppo":  # RL-only rules: offline stages ignore these sections
         checks += [_estimator_rules, _kl_rules, _dapo_rules]
@@ -536,10 +595,17 @@ def _stage_rules(cfg: RunConfig) -> list[str]:
     if cfg.rm.margin > 0 and cfg.rm.loss == "listwise":
         out.append(f"rm.margin={cfg.rm.margin} applies to pairwise losses only (got rm.loss=listwise); "
                    f"set rm.margin=0 or rm.loss=pairwise|ranked_pairs.")
-    lists = [name for name in PIPELINE_STAGES if getattr(cfg.pipeline, name)]
-    if lists:
-        out.append(f"pipeline.{lists[0]} is set but stage={cfg.stage}: per-stage overrides apply with "
-                   f"stage=pipeline only; remove the pipeline section or set stage=pipeline.")
+    return out + _override_list_rules(cfg)
+
+
+def _override_list_rules(cfg: RunConfig) -> list[str]:
+    """`pipeline.<stage>` and `iterate.<stage>` overrides apply with stage=pipeline / stage=iterate only."""
+    out = []
+    for section, stages in (("pipeline", PIPELINE_STAGES), ("iterate", ITERATE_STAGES)):
+        lists = [name for name in stages if getattr(getattr(cfg, section), name)]
+        if lists and cfg.stage != section:
+            out.append(f"{section}.{lists[0]} is set but stage={cfg.stage}: per-stage overrides apply with "
+                       f"stage={section} only; remove the {section} section or set stage={section}.")
     return out
 
 
@@ -547,8 +613,8 @@ def _pipeline_rules(cfg: RunConfig) -> list[str]:
     try:
         pipeline_stage_configs(cfg)
     except ConfigError as err:
-        return str(err).splitlines()
-    return []
+        return _override_list_rules(cfg) + str(err).splitlines()
+    return _override_list_rules(cfg)
 
 
 def pipeline_exports(cfg: RunConfig) -> dict[str, str]:
@@ -562,29 +628,40 @@ def pipeline_stage_configs(cfg: RunConfig) -> dict[str, RunConfig]:
     """The validated config of each stage of a pipeline run: this config's sections, then
     `pipeline.<stage>` overrides, then the wiring (run directory, and each stage's models
     from the exports before it). One ConfigError names every stage's problems."""
+    return _build_each("pipeline", PIPELINE_STAGES, lambda stage: _pipeline_stage_raw(cfg, stage))
+
+
+def _build_each(section: str, stages: tuple[str, ...], make_raw) -> dict[str, RunConfig]:
+    """Each stage's validated config from `make_raw(stage)`; one ConfigError naming every stage's problems."""
     configs, problems = {}, []
-    for stage in PIPELINE_STAGES:
+    for stage in stages:
         try:
-            configs[stage] = build_config(_pipeline_stage_raw(cfg, stage))
+            configs[stage] = build_config(make_raw(stage))
         except ConfigError as err:
             lines = str(err).removeprefix("invalid config:").strip().splitlines()
-            problems += [f"pipeline.{stage}: {line.strip()}" for line in lines]
+            problems += [f"{section}.{stage}: {line.strip()}" for line in lines]
     if problems:
         raise ConfigError("\n".join(problems))
     return configs
 
 
-def _pipeline_stage_raw(cfg: RunConfig, stage: str) -> dict[str, Any]:
+def _stage_raw(cfg: RunConfig, stage: str, overrides: list[str], wired: tuple[str, ...], owner: str) -> dict[str, Any]:
+    """This config's sections (without the per-stage lists) with one stage's overrides applied; an
+    override of a key the owner (pipeline, iterate loop) wires is an error."""
     raw = cfg.model_dump(mode="json")
-    del raw["pipeline"]
-    for item in getattr(cfg.pipeline, stage):
+    del raw["pipeline"], raw["iterate"]
+    for item in overrides:
         key, value = _parse_override(item)
-        wired = next((w for w in PIPELINE_WIRED[stage] if key == w or key.startswith(w + ".")), None)
-        if wired:
-            raise ConfigError(f"override {item!r} sets {wired}, which the pipeline wires itself; remove it "
+        hit = next((w for w in wired if key == w or key.startswith(w + ".")), None)
+        if hit:
+            raise ConfigError(f"override {item!r} sets {hit}, which the {owner} wires itself; remove it "
                               f"(or run the stage alone with stage={stage}).")
         _set_dotted(raw, key, value)
-    return _wire(raw, cfg, stage)
+    return raw
+
+
+def _pipeline_stage_raw(cfg: RunConfig, stage: str) -> dict[str, Any]:
+    return _wire(_stage_raw(cfg, stage, getattr(cfg.pipeline, stage), PIPELINE_WIRED[stage], "pipeline"), cfg, stage)
 
 
 def _wire(raw: dict[str, Any], cfg: RunConfig, stage: str) -> dict[str, Any]:
@@ -600,6 +677,96 @@ def _wire(raw: dict[str, Any], cfg: RunConfig, stage: str) -> dict[str, Any]:
         sources = raw["reward"]["sources"]
         weight = sources[0]["weight"] if sources else 1.0
         raw["reward"]["sources"] = [{"kind": "model", "path": exports["rm"], "name": "rm", "weight": weight}] + sources[1:]
+    return raw
+
+
+# ---------------------------------------------------------------------------------------------
+# Feedback, cai and label stages, and the iterate loop's per-round configs
+# ---------------------------------------------------------------------------------------------
+
+FEEDBACK_STAGES = ("feedback", "cai", "label")  # make datasets: the driver and rollout engines, no training ranks
+ITERATE_STAGES = ("label", "cai", "dpo", "rm", "ppo")
+_ROUND_WIRED = ("stage", "trainer.output_dir", "trainer.name", "model.policy", "data.train", "data.eval")
+ITERATE_WIRED = {"label": _ROUND_WIRED, "cai": _ROUND_WIRED, "dpo": _ROUND_WIRED, "rm": _ROUND_WIRED + ("rm.init",),
+                 "ppo": _ROUND_WIRED + ("model.critic", "reward.sources")}
+PAIRWISE = {"dpo": ("dpo", "ipo", "simpo", "orpo"), "rm": ("pairwise",)}  # losses that read preference pairs
+
+
+def _feedback_stage_rules(cfg: RunConfig) -> list[str]:
+    if cfg.stage == "feedback":
+        return []
+    out, r, d = [], cfg.rollout, cfg.data
+    if d.max_response_len <= r.max_new_tokens:
+        out.append(f"data.max_response_len={d.max_response_len} must exceed rollout.max_new_tokens={r.max_new_tokens}: "
+                   f"responses stage {cfg.stage} generates (up to {r.max_new_tokens} tokens + EOS) would be cut when "
+                   f"trained on; set data.max_response_len={r.max_new_tokens + 1} or more.")
+    labeler = cfg.label.labeler
+    if (cfg.stage == "label" or cfg.cai.pairs == "judge") and labeler.kind == "judge" and \
+            (labeler.judge is None or labeler.judge.mode != "compare"):
+        mode = labeler.judge.mode if labeler.judge else None
+        out.append(f"label.labeler.judge.mode={mode}: labelling asks the judge to compare two responses in both "
+                   f"orders; set label.labeler.judge.mode=compare.")
+    return out
+
+
+def _iterate_rules(cfg: RunConfig) -> list[str]:
+    try:
+        stages = iterate_stage_configs(cfg, 1, cfg.model.policy)
+    except ConfigError as err:
+        return _override_list_rules(cfg) + str(err).splitlines()
+    out = _override_list_rules(cfg)
+    for name in ("dpo", "rm"):
+        loss = getattr(stages[name], name).loss if name in stages else None
+        if loss is not None and loss not in PAIRWISE[name]:
+            out.append(f"iterate.{name}: {name}.loss={loss} does not read preference pairs, which is what each round "
+                       f"makes; use {name}.loss={'|'.join(PAIRWISE[name])}.")
+    return out
+
+
+def iterate_stages(cfg: RunConfig) -> tuple[str, ...]:
+    """The stages of one round, in order: the feedback stage, then dpo or rm → ppo."""
+    return (cfg.iterate.feedback,) + (("dpo",) if cfg.iterate.train == "dpo" else ("rm", "ppo"))
+
+
+def iterate_paths(cfg: RunConfig, round_: int) -> dict[str, str | None]:
+    """Round r's directory, the pairs its feedback stage writes, the policy it exports, its reward model."""
+    d = cfg.run_dir / f"round_{round_}"
+    trains = "dpo" if cfg.iterate.train == "dpo" else "ppo"
+    return {"dir": str(d), "pairs": str(d / cfg.iterate.feedback / "pairs.jsonl"),
+            "policy": str(d / trains / "export" / "policy"),
+            "reward": str(d / "rm" / "export" / "reward") if cfg.iterate.train == "rm_ppo" else None}
+
+
+def iterate_stage_configs(cfg: RunConfig, round_: int, policy: str, reward_model: str | None = None,
+                          prompts: tuple[str, str | None] | None = None) -> dict[str, RunConfig]:
+    """Round r's validated stage configs: this config's sections, then `iterate.<stage>` overrides, then the
+    wiring — each stage in <run_dir>/round_<r>/<stage> with trainer.seed + (r − 1); every stage starts
+    from `policy` and reads `prompts` (train, eval: resolved paths; default data.train/data.eval); the
+    trainers read the round's pairs (no held-out pairs); the RM starts from `reward_model` (the previous
+    round's; round 1: rm.init) and PPO is rewarded by this round's RM, reward.sources logged at weight 0."""
+    prompts = prompts or (cfg.data.train, cfg.data.eval)
+    return _build_each("iterate", iterate_stages(cfg), lambda stage: _wire_round(
+        _stage_raw(cfg, stage, getattr(cfg.iterate, stage), ITERATE_WIRED[stage], "iterate loop"),
+        cfg, stage, round_, policy, reward_model, prompts))
+
+
+def _wire_round(raw: dict[str, Any], cfg: RunConfig, stage: str, round_: int, policy: str,
+                reward_model: str | None, prompts: tuple[str, str | None]) -> dict[str, Any]:
+    paths = iterate_paths(cfg, round_)
+    raw["stage"] = stage
+    raw["trainer"] |= {"output_dir": paths["dir"], "name": stage, "seed": raw["trainer"]["seed"] + round_ - 1}
+    raw["model"]["policy"] = policy
+    raw["data"] |= {"train": prompts[0], "eval": prompts[1]}
+    if stage in ("dpo", "rm", "ppo"):
+        raw["checkpoint"]["export_hf"] = True  # the next stage or round loads the export
+    if stage in ("dpo", "rm"):
+        raw["data"] |= {"train": paths["pairs"], "eval": None}
+    if stage == "rm":
+        raw["rm"]["init"] = reward_model or cfg.rm.init
+    if stage == "ppo":
+        raw["model"]["critic"] = paths["reward"]
+        monitors = [source | {"weight": 0.0} for source in raw["reward"]["sources"]]
+        raw["reward"]["sources"] = [{"kind": "model", "path": paths["reward"], "name": "rm", "weight": 1.0}] + monitors
     return raw
 
 
@@ -653,12 +820,13 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     node: Any = raw
     for i, part in enumerate(parts[:-1]):
-        nxt = parts[i + 1]
         if isinstance(node, list):
             node = node[_list_index(node, part, key)]
             continue
         if part not in node or not isinstance(node[part], (dict, list)):
-            node[part] = _defaults_at(parts[: i + 1]) if nxt.isdigit() else {}
+            # start from the default there: a section's own defaults (critic_optim.lr, label.labeler) survive
+            default = _defaults_at(parts[: i + 1])
+            node[part] = default if isinstance(default, (dict, list)) else {}
         node = node[part]
     last = parts[-1]
     if isinstance(node, list):

@@ -9,6 +9,7 @@ Each worker holds one model (or the reward sources) and answers typed calls with
 - `ReferenceWorker`: frozen reference; log-probs.
 - `RewardWorker`: reward sources; one score per sample and per source.
 - `RolloutWorker`: a generation engine (HF on CPU) and the weight version it holds.
+- `LabelWorker`: the preference labeller (`label.labeler`: an LLM judge or a scorer), and reward.sources for evaluation.
 - `OfflineWorker`: a DeepSpeed rank of an offline stage (sft, rm, dpo); sequence outputs, update, export.
 """
 
@@ -467,6 +468,36 @@ class RolloutWorker(Worker):
             self.engine.load_weights({k: to_numpy(v) for k, v in bucket.items()})
         self.version = version
         return self.weight_state()
+
+
+class LabelWorker(Worker):
+    """The reward side of the data stages (label, cai): the preference labeller (`label.labeler`, a
+    `rlhf_ray.rewards.labeling.PairLabeler`) and, given `reward_paths`, reward.sources for evaluation
+    (a `RewardWorker` held as a plain object, so one actor serves both)."""
+
+    role = "reward"
+
+    def __init__(self, cfg: RunConfig, paths: ModelPaths, labeler_path: str | None,
+                 reward_paths: list[str | None] | None = None):
+        super().__init__()
+        from rlhf_ray.rewards import build_reward_source
+        from rlhf_ray.rewards.labeling import PairLabeler
+
+        source = build_reward_source(cfg.label.labeler, labeler_path, cfg.model.trust_remote_code, cfg.reward.batch_size)
+        self.labeler = PairLabeler(source)
+        self.scorer = RewardWorker(cfg, paths, reward_paths) if reward_paths is not None else None
+
+    @timed
+    def label(self, prompts: list[str], responses_a: list[str], responses_b: list[str],
+              metadata_a: list[dict], metadata_b: list[dict]) -> list:
+        """One `PairJudgement` per pair: the judge's verdict in both orders, or the scorer's two scores."""
+        return self.labeler.label(prompts, responses_a, responses_b, metadata_a, metadata_b)
+
+    def score(self, payload: dict[str, Any], metadata: list[dict]):
+        """`RewardWorker.score` with reward.sources (evaluation)."""
+        if self.scorer is None:
+            raise RuntimeError("LabelWorker was built without reward_paths: it has no reward.sources to score with")
+        return self.scorer.score(payload, metadata)
 
 
 # ---------------------------------------------------------------------------------------------

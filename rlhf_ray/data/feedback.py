@@ -86,6 +86,7 @@ class Critique:
 
 Feedback = Union[Comparison, Rating, Binary, Edit, Critique]
 KINDS = {"comparison": Comparison, "rating": Rating, "binary": Binary, "edit": Edit, "critique": Critique}
+OUTPUTS = ("pairs", "ranked", "kto", "sft", "critiques")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,6 +363,8 @@ def convert_feedback(path: str | Path, out_dir: str | Path, *, ratings_as: Liter
     outputs, reports = convert(records, ratings_as, min_gap)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUTS:  # never leave an earlier run's file behind
+        (out_dir / f"{name}.jsonl").unlink(missing_ok=True)
     files = {name: write_jsonl(out_dir / f"{name}.jsonl", rows) for name, rows in outputs.items() if rows}
     report = {"read": dataclasses.asdict(read), "conversions": [dataclasses.asdict(r) for r in reports], "files": files}
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -4,7 +4,7 @@
 hidden rule (more vowels is better): comparisons (every 8th a tie), 1–5 ratings of three responses
 per prompt, thumbs (up when at least half the letters are vowels), edits (consonants turned into
 vowels) and critiques. `TOY_CONSTITUTION` has principles short enough for the toy models' 256
-positions; `configs/constitution.yaml` is an example for real models.
+positions; `configs/constitutions/example.yaml` is an example for real models.
 """
 
 from __future__ import annotations

@@ -157,3 +157,11 @@ def test_derived_sizes():
     assert cfg.sequences_per_step == 16
     assert cfg.grad_accum_steps("policy") == 2
     assert not cfg.uses_critic
+
+
+def test_partial_sections_keep_their_own_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("critic_optim:\n  weight_decay: 0.1\n")
+    cfg = load_config(path, ["policy_optim.warmup_steps=2"])
+    assert cfg.critic_optim.lr == 5e-5 and cfg.critic_optim.weight_decay == 0.1
+    assert cfg.policy_optim.lr == 1e-5 and cfg.policy_optim.warmup_steps == 2
