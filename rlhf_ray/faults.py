@@ -39,7 +39,7 @@ DIR_ENV = "RLHF_RAY_FAULTS_DIR"
 CRASH_EXIT_CODE = 86
 KINDS = ("crash", "hang", "raise", "nan", "corrupt")
 _SPEC = re.compile(r"^(?P<kind>\w+)@(?P<role>\w+)(?:\[(?P<rank>\d+)\])?\.(?P<point>\w+)(?:#(?P<n>\d+))?$")
-_calls: dict[tuple[str, str], int] = {}
+_calls: dict[tuple[str, str, str, str], int] = {}
 
 
 class InjectedFault(RuntimeError):
@@ -81,7 +81,8 @@ def fire(role: str, point: str, rank: int = 0) -> str | None:
     faults = active()
     if not faults:
         return None
-    count = _calls[(role, point)] = _calls.get((role, point), 0) + 1
+    key = (os.environ.get(ENV, ""), os.environ.get(DIR_ENV, ""), role, point)  # a new spec or run counts afresh
+    count = _calls[key] = _calls.get(key, 0) + 1
     for fault in faults:
         if (fault.role, fault.point, fault.n) == (role, point, count) and fault.rank in (None, rank) and _claim(fault, rank):
             print(f"[faults] injecting {fault.key} (rank {rank})", file=sys.stderr, flush=True)

@@ -161,11 +161,12 @@ def actor_env(spec: RoleSpec) -> dict[str, str]:
     return env
 
 
-def rendezvous(groups: list[WorkerGroup]) -> None:
+def rendezvous(groups: list[WorkerGroup], timeout_s: float | None = None) -> None:
     """Each group's rank 0 reports its address and a free port; every rank then joins its group's
     torch.distributed group. All joins are submitted before any is awaited: a rank blocks until its
-    whole group has joined (STACK-NOTES: waiting rank by rank deadlocks)."""
-    addrs = [g.get([g.workers[0].node_address.remote()], "rendezvous", "init")[0] for g in groups]
+    whole group has joined (STACK-NOTES: waiting rank by rank deadlocks). `timeout_s`: the start-up
+    deadline (placement.timeout_s), which engine construction must meet."""
+    addrs = [g.get([g.workers[0].node_address.remote()], "rendezvous", "init", timeout_s)[0] for g in groups]
     pending = [(g, g.call(lambda w, a=addr: w.init_distributed.remote(*a))) for g, addr in zip(groups, addrs)]
     for group, refs in pending:
-        group.get(refs, "rendezvous", "init")
+        group.get(refs, "rendezvous", "init", timeout_s)

@@ -100,7 +100,7 @@ class RunCheckpoints:
                          override="checkpoint.allow_incompatible_resume=true")
         pending = [(g, g.call(lambda w, d=str(path / name): w.load_state.remote(d))) for name, g in self.groups.items()]
         for group, refs in pending:
-            group.get(refs, "resume", "init")
+            group.get(refs, "resume", "init", self.cfg.placement.timeout_s)
         restore_rng(load_rng(path, "driver_rng"))
         tensors = load_tensors(path, "driver_tensors") if (path / "driver_tensors.safetensors").exists() else {}
         print(f"resumed from {path}", flush=True)

@@ -151,8 +151,12 @@ class OfflineTrainer:
         self.train_ref: dict[int, np.ndarray] = {}
         self.first_eval: dict[str, float] = {}
         self.group, self._pg = start_ranks(cfg, stage)
-        self.checkpoints = RunCheckpoints(cfg, {OFFLINE_ROLE[cfg.stage]: self.group})
-        self.start_step = self._resume()
+        try:
+            self.checkpoints = RunCheckpoints(cfg, {OFFLINE_ROLE[cfg.stage]: self.group})
+            self.start_step = self._resume()
+        except BaseException:
+            self.close()  # a failed resume must not keep the cluster's resources
+            raise
         self.logger = MetricsLogger(cfg.run_dir, cfg.logging, t.total_steps, cfg.model_dump(mode="json"),
                                     resume_step=self.start_step - 1)
 
@@ -322,7 +326,7 @@ def start_ranks(cfg: RunConfig, stage: OfflineStage) -> tuple[WorkerGroup[Offlin
                         cfg.trainer.timeout_s)
     try:
         group.get(group.call(lambda w: w.ping.remote()), "start", "init", cfg.placement.timeout_s)
-        rendezvous([group])
+        rendezvous([group], cfg.placement.timeout_s)
     except BaseException:
         for worker in group.workers:
             ray.kill(worker)

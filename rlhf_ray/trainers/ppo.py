@@ -67,7 +67,11 @@ class Roles:
             retries = restarts if role in ("reference", "reward") else 0  # idempotent calls; rollout re-syncs first
             self.groups[role] = WorkerGroup(spec, cls, pg, share, args, cfg.trainer.timeout_s, restarts, retries)
         self._placement_groups = {id(pg): pg for pg, _ in pgs.values()}
-        self._start(timeout)
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.shutdown()  # a failed start must not keep the cluster's resources
+            raise
 
     @property
     def policy(self) -> WorkerGroup[PolicyWorker]:
@@ -82,18 +86,18 @@ class Roles:
         for group in self.groups.values():
             group.get(group.call(lambda w: w.ping.remote()), "start", "init", timeout)
         self.rollout_pids = self._rollout_pids("init")
-        rendezvous([g for g in (self.policy, self.critic) if g is not None])
+        rendezvous([g for g in (self.policy, self.critic) if g is not None], timeout)
         if self.cfg.rollout.weight_sync == "gloo":
             self._join_gloo()
 
     def _join_gloo(self) -> None:
         rollout = self.groups["rollout"]
-        host, port = self.policy.get([self.policy.workers[0].node_address.remote()], "sync-setup", "init")[0]
+        host, port = self.policy.get([self.policy.workers[0].node_address.remote()], "sync-setup", "init", self.cfg.placement.timeout_s)[0]
         world = 1 + len(rollout)
         refs = self.policy.call(lambda w: w.join_gloo.remote(port, world))
         refs_r = rollout.call_each(lambda w, i: w.join_gloo.remote(host, port, world), list(range(len(rollout))))
-        self.policy.get(refs, "sync-setup", "init")
-        rollout.get(refs_r, "sync-setup", "init")
+        self.policy.get(refs, "sync-setup", "init", self.cfg.placement.timeout_s)
+        rollout.get(refs_r, "sync-setup", "init", self.cfg.placement.timeout_s)
 
     # --- phases -----------------------------------------------------------------------------
 
@@ -241,15 +245,21 @@ def _spec(role: str, res, n: int, threads: int | None) -> RoleSpec:
 
 
 def _reserve_all(specs: dict[str, RoleSpec], colocate: list[list[str]], timeout: float) -> dict[str, tuple]:
-    out = {}
-    for group in colocate:
-        members = [specs[r] for r in group if r in specs]
-        if members:
-            pg = reserve(members, timeout)
-            out |= {s.role: (pg, 1.0 / len(members)) for s in members}
-    for role, spec in specs.items():
-        if role not in out:
-            out[role] = (reserve([spec], timeout), 1.0)
+    """A placement group per role or colocated group; on failure the ones already granted are released."""
+    out: dict[str, tuple] = {}
+    try:
+        for group in colocate:
+            members = [specs[r] for r in group if r in specs]
+            if members:
+                pg = reserve(members, timeout)
+                out |= {s.role: (pg, 1.0 / len(members)) for s in members}
+        for role, spec in specs.items():
+            if role not in out:
+                out[role] = (reserve([spec], timeout), 1.0)
+    except BaseException:
+        for pg in {id(pg): pg for pg, _ in out.values()}.values():
+            ray.util.remove_placement_group(pg)
+        raise
     return out
 
 
@@ -292,9 +302,13 @@ class PPOTrainer:
         self.violations: Counter = Counter()  # reward-contract violations by kind, over the run
         self.version, self.skipped_in_a_row, self.first_eval = 0, 0, {}
         self.roles = Roles(cfg, inputs.models, inputs.reward_paths)
-        trained = {"policy": self.roles.policy} | ({"critic": self.roles.critic} if self.roles.critic else {})
-        self.checkpoints = RunCheckpoints(cfg, trained)
-        self.start_step = self._resume()
+        try:
+            trained = {"policy": self.roles.policy} | ({"critic": self.roles.critic} if self.roles.critic else {})
+            self.checkpoints = RunCheckpoints(cfg, trained)
+            self.start_step = self._resume()
+        except BaseException:
+            self.roles.shutdown()
+            raise
         self.logger = MetricsLogger(cfg.run_dir, cfg.logging, cfg.trainer.total_steps, cfg.model_dump(mode="json"),
                                     resume_step=self.start_step - 1)
 

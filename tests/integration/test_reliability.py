@@ -23,7 +23,8 @@ from tests.integration.helpers import toy_overrides
 pytestmark = pytest.mark.integration
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 STEPS = 4
-VOLATILE = ("time/", "perf/")  # wall-clock metrics differ run to run; everything else must not
+VOLATILE = ("time/", "perf/")
+DEADLINE = 20  # seconds: well above a healthy phase on a loaded 2-core machine, far below a hang  # wall-clock metrics differ run to run; everything else must not
 
 
 def _cfg(tmp_path, *extra: str):
@@ -134,7 +135,7 @@ def test_a_hang_fails_within_its_deadline_naming_phase_role_and_step(ray_session
                                                                      fault, phase, role):
     monkeypatch.setenv("RLHF_RAY_FAULTS", fault)
     monkeypatch.setenv("RLHF_RAY_FAULTS_DIR", str(tmp_path / "faults"))
-    cfg = _cfg(tmp_path, "trainer.timeout_s=8")
+    cfg = _cfg(tmp_path, f"trainer.timeout_s={DEADLINE}")
     trainer = PPOTrainer(cfg, prepare_run(cfg))
     try:
         start = time.monotonic()
@@ -147,8 +148,8 @@ def test_a_hang_fails_within_its_deadline_naming_phase_role_and_step(ray_session
         trainer.close()
     assert (err.value.phase, err.value.role) == (phase, role)
     assert str(err.value).startswith(f"FAILED phase={phase} role={role} step=")
-    assert "no answer within 8s" in str(err.value)
-    assert elapsed < 8 + 15, elapsed  # the deadline, plus the rest of that step
+    assert f"no answer within {DEADLINE}s" in str(err.value)
+    assert elapsed < DEADLINE + 30, elapsed  # the deadline, plus the rest of that step
 
 
 def test_reward_contract_fail_names_source_and_sample(ray_session, tmp_path):
