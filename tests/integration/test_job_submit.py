@@ -33,10 +33,26 @@ def ray_head(tmp_path_factory):
                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--include-dashboard", "true",
                    "--disable-usage-stats")
     assert started.returncode == 0, started.stderr[-2000:]
+    address = f"http://127.0.0.1:{dashboard}"
     try:
-        yield f"http://127.0.0.1:{dashboard}"
+        _wait_for_job_agent(address)
+        yield address
     finally:
         _ray("stop", "--force", timeout=60)
+
+
+def _wait_for_job_agent(address: str, deadline_s: float = 120) -> None:
+    """A fresh head's job agent can answer "No available agent to submit job" for a while (longer on a
+    loaded machine): submit a no-op job until one is accepted."""
+    import time
+
+    deadline = time.monotonic() + deadline_s
+    while True:
+        probe = _ray("job", "submit", "--address", address, "--no-wait", "--", "true", timeout=60)
+        if probe.returncode == 0:
+            return
+        assert time.monotonic() < deadline, probe.stdout[-1000:] + probe.stderr[-1000:]
+        time.sleep(2)
 
 
 def test_toy_job_succeeds_through_ray_job_submit(ray_head, tmp_path):
