@@ -27,7 +27,7 @@ is entitled to, and on 2 cores with T = 2 an oversubscription it pays for.
 
 Contenders of one group (GRPO or PPO, one thread setting) start one after another (start-up, from
 launching the process to the first step, is measured alone), run their warm-up steps, then take
-turns in chunks of `--chunk` steps (a, b, c, b, c, a, ...) so machine noise hits all alike; each
+turns in chunks of `--chunk` steps (a b c, b c a, ...) so machine noise hits all alike; each
 chunk also records the share of the machine's CPU used by processes outside the benchmark.
 Memory: PSS of the driver and of every process of its Ray cluster (smaps_rollup), sampled after
 each step; peak RSS (VmHWM) for single-process contenders. Not a test: it prints figures.
@@ -860,7 +860,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="measured steps per contender and thread setting")
     parser.add_argument("--warmup", type=int, default=3, help="warm-up steps before measuring")
-    parser.add_argument("--chunk", type=int, default=5, help="steps a contender runs before the next takes its turn")
+    parser.add_argument("--chunk", type=int, default=2, help="steps a contender runs before the next takes its turn")
     parser.add_argument("--threads", default="1,2", help="torch thread settings to measure, comma-separated")
     parser.add_argument("--only", default="", help="comma-separated contenders (default: all): " +
                         ", ".join(n for _, names in GROUPS.values() for n in names))
