@@ -604,7 +604,7 @@ class Child:
             [sys.executable, __file__, "--child", name, "--threads", str(threads), "--reply-fd", str(write_fd),
              "--models", json.dumps(models), "--out-dir", str(out_dir), "--t-launch", str(self.t_launch)],
             stdin=subprocess.PIPE, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, pass_fds=(write_fd,),
-            cwd=ROOT, env=env, text=True)
+            cwd=ROOT, env=env, text=True, start_new_session=True)  # a signal to its process group spares us
         os.close(write_fd)
         self.replies = os.fdopen(read_fd)
 
