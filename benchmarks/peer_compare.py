@@ -1,10 +1,11 @@
 """rlhf_ray against TRL's GRPOTrainer and a single-process floor, on one fixed workload (issue 8).
 
     pip install -e .[bench]                            # TRL (only this benchmark needs it)
-    python benchmarks/peer_compare.py                  # GRPO + PPO, 1 and 2 torch threads, 20 measured steps (~8 min)
-    python benchmarks/peer_compare.py --quick          # the same, 6 measured steps each (~4 min): a smoke run
+    python benchmarks/peer_compare.py                  # GRPO + PPO, 1 and 2 torch threads, 20 measured steps (~6 min idle)
+    python benchmarks/peer_compare.py --quick          # the same, 6 measured steps each: a smoke run
     python benchmarks/peer_compare.py --steps 40 --threads 2 --only rlhf_ray,trl,floor
-    python benchmarks/peer_compare.py --scaling        # step time vs response length, batch and model size
+    python benchmarks/peer_compare.py --threads 1 --variant GRPO:zero0:deepspeed.zero_stage=0   # a config change, alongside
+    python benchmarks/peer_compare.py --scaling --threads 1   # step time vs response length, batch and model size (~6 min)
 
 The workload is `configs/bench_grpo.yaml` (PPO variant: `configs/bench_ppo.yaml`); every contender
 reads its hyper-parameters from that config, loads the same model files (built once, offline) and
@@ -21,16 +22,17 @@ the same prompts (`benchmarks/data/bench_prompts.jsonl`). Contenders, each in it
 
 Thread budget: a single-process contender gets T torch threads. rlhf_ray gets T threads per actor:
 its phases run one after another, so the critical path uses T threads at a time, as the single
-process does; only the score phase runs actors side by side (policy, reference, reward, critic),
-which can use up to 3T (4T with a critic) threads at once — the concurrency a distributed trainer
-is entitled to, and on 2 cores with T = 2 an oversubscription it pays for.
+process does; only the score phase (policy, reference, reward, critic) and PPO's update (policy,
+critic) run actors side by side, up to 4T threads at once — the concurrency a distributed trainer
+is entitled to, and on 2 cores with T = 2 an oversubscription it pays for (docs/performance.md).
 
 Contenders of one group (GRPO or PPO, one thread setting) start one after another (start-up, from
 launching the process to the first step, is measured alone), run their warm-up steps, then take
 turns in chunks of `--chunk` steps (a b c, b c a, ...) so machine noise hits all alike; each
 chunk also records the share of the machine's CPU used by processes outside the benchmark.
 Memory: PSS of the driver and of every process of its Ray cluster (smaps_rollup), sampled after
-each step; peak RSS (VmHWM) for single-process contenders. Not a test: it prints figures.
+each step; peak RSS (VmHWM) for single-process contenders. Not a test: it prints figures (and
+writes them all to --json). Figures and their analysis: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -130,8 +132,7 @@ def cpu_jiffies(pids: list[int]) -> int:
 
 def machine_busy_jiffies() -> int:
     """Non-idle CPU ticks of the whole machine, all cores (/proc/stat)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    user, nice, system, idle, iowait, irq, softirq, steal = fields[:8]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
     return user + nice + system + irq + softirq + steal
 
 
@@ -343,7 +344,7 @@ class Floor:
         after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
         response_mask = (~after_eos).long()
         with ph("reward"):
-            decoded = [self.tokenizer.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(response, response_mask)]
+            decoded = [self.tokenizer.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(response, response_mask, strict=True)]
             scores = torch.tensor(self.reward_fn(texts, decoded, [{} for _ in texts]), dtype=torch.float32)
         return sequences, torch.cat([prompt_mask, response_mask], 1), response_mask, P, scores
 
@@ -421,7 +422,7 @@ class Floor:
             loss.backward()
         with ph("optimizer"):
             models = [(self.policy, self.cfg.policy_optim), (self.critic, self.cfg.critic_optim)]
-            for (model, optim), opt in zip([m for m in models if m[0] is not None], self.optimizers):
+            for (model, optim), opt in zip([m for m in models if m[0] is not None], self.optimizers, strict=True):
                 if optim.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
                 opt.step()
@@ -434,7 +435,7 @@ class Floor:
         pass
 
 
-def serve_steps(chan: Channel, contender, models: dict[str, str], t_launch: float) -> None:
+def serve_steps(chan: Channel, contender, models: dict[str, str]) -> None:
     """The command loop of a step-by-step contender: setup / run k steps / close."""
     while True:
         cmd = chan.recv()
@@ -580,7 +581,7 @@ def child_main(args: argparse.Namespace) -> int:
         contender = RlhfRay(config, threads, args.out_dir)
     else:
         contender = Floor(config, recompute=args.child.endswith("recompute"))
-    serve_steps(chan, contender, models, args.t_launch)
+    serve_steps(chan, contender, models)
     return 0
 
 
@@ -600,11 +601,12 @@ class Child:
                 "RAY_AUTH_MODE": env.get("RAY_AUTH_MODE", "disabled"), "PYTHONPATH": str(ROOT), **extra_env}
         self.t_launch = time.time()
         out_dir = work / f"{name}_t{threads}"
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--child", name, "--threads", str(threads), "--reply-fd", str(write_fd),
-             "--models", json.dumps(models), "--out-dir", str(out_dir), "--t-launch", str(self.t_launch)],
-            stdin=subprocess.PIPE, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, pass_fds=(write_fd,),
-            cwd=ROOT, env=env, text=True, start_new_session=True)  # a signal to its process group spares us
+        with open(self.log, "w") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, __file__, "--child", name, "--threads", str(threads), "--reply-fd", str(write_fd),
+                 "--models", json.dumps(models), "--out-dir", str(out_dir)],
+                stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, pass_fds=(write_fd,),
+                cwd=ROOT, env=env, text=True, start_new_session=True)  # a signal to its process group spares us
         os.close(write_fd)
         self.replies = os.fdopen(read_fd)
 
@@ -653,7 +655,7 @@ def count_params(model_dir: str) -> int:
     total = 0
     for f in Path(model_dir).glob("*.safetensors"):
         with safe_open(str(f), "pt") as st:
-            for key in st.keys():
+            for key in st.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 n = 1
                 for d in st.get_slice(key).get_shape():
                     n *= d
@@ -763,7 +765,7 @@ def print_group(title: str, summary: dict[str, dict[str, Any]]) -> None:
             print(f"  {name} compute on the critical path (ms): {comp}; orchestration share {s['orchestration'] * 100:.0f}%")
             print(f"  {name} worker busy (ms): {busy}")
             print(f"  {name} start-up detail (s): " + ", ".join(f"{k} {v:.1f}" for k, v in s['startup_detail'].items())
-                  + f"; memory per role (PSS MiB): " + ", ".join(
+                  + "; memory per role (PSS MiB): " + ", ".join(
                       f"{k[4:-4]} {v:.0f}" for k, v in s["mem"].items() if k not in ("pss_mib", "pss_all_mib")))
 
 
@@ -853,6 +855,8 @@ def scaling(args, work: Path) -> dict[str, Any]:
         p = r["rlhf_ray_phases"]
         print(f"{r['label']:<28}{r['params']:>12,}{r['rlhf_ray']:>12.3f}{r['floor']:>10.3f}{r['rlhf_ray'] / r['floor']:>7.2f}×"
               f"{r['orchestration'] * 100:>14.0f}%{p['rollout']:>11.3f}{p['score']:>9.3f}{p['update']:>10.3f}{p['sync']:>8.3f}")
+    for r in rows:
+        print(f"  floor at {r['label']} (ms): " + ", ".join(f"{k} {v * 1e3:.0f}" for k, v in r["floor_phases"].items()))
     return {"scaling": rows}
 
 
@@ -873,10 +877,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a smoke run: 6 measured steps, 2 warm-up, chunks of 3")
     parser.add_argument("--scaling", action="store_true", help="step time vs response length, batch and model size "
                         "(rlhf_ray and the floor, GRPO; the last --threads setting; --steps/2 measured steps per point, "
-                        "--steps/6 for the 10M and 50M models; ~10 min)")
+                        "--steps/6 for the 10M and 50M models; ~6 min on an idle 2-core machine)")
     parser.add_argument("--json", default=str(ROOT / "runs" / "peer_compare.json"), help="where to write all figures")
     # child-process arguments (internal)
-    for name, kind in (("--child", str), ("--reply-fd", int), ("--models", str), ("--out-dir", str), ("--t-launch", float)):
+    for name, kind in (("--child", str), ("--reply-fd", int), ("--models", str), ("--out-dir", str)):
         parser.add_argument(name, type=kind, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.threads = [int(t) for t in str(args.threads).split(",")]
@@ -896,6 +900,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
         return child_main(args)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Writing model shards" bars in the tables
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if not PROMPTS.exists():
         write_prompts()
     t0, load0 = time.perf_counter(), os.getloadavg()
