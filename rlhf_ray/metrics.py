@@ -186,6 +186,12 @@ def _rows_up_to(path: Path, step: int) -> list[dict[str, Any]]:
     return [row for row in rows if row.get("step", 0) <= step]
 
 
+def mean_over_ranks(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Per key, the mean over the ranks that reported it (ranks' metrics → one row)."""
+    keys = set().union(*rows)
+    return {k: sum(r[k] for r in rows if k in r) / sum(k in r for r in rows) for k in keys}
+
+
 def summary_table(rows: list[tuple[str, Any]], title: str = "") -> str:
     """A plain two-column table for the end of a run."""
     width = max((len(k) for k, _ in rows), default=0)

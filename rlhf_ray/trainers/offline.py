@@ -37,7 +37,7 @@ from rlhf_ray.algorithms.losses import LossScale
 from rlhf_ray.batch import OfflineBatch
 from rlhf_ray.config import OFFLINE_ROLE, RunConfig
 from rlhf_ray.data import BatchIterator, DataError, LoadReport, PreferenceExample, RankedExample
-from rlhf_ray.metrics import MetricsLogger, Timer, summary_table
+from rlhf_ray.metrics import MetricsLogger, Timer, mean_over_ranks, summary_table
 from rlhf_ray.placement import RoleSpec, WorkerGroup, rendezvous, reserve
 from rlhf_ray.trainers.checkpointing import RunCheckpoints, StopRequested, stop_requested, with_restarts
 from rlhf_ray.trainers.common import RunInputs, data_keys, prepare_run
@@ -268,7 +268,7 @@ class OfflineTrainer:
         shards = [batch.select(slice(r * per, (r + 1) * per)).to_numpy() for r in range(len(self.group))]
         scale = batch_scale(batch, self.cfg.data.max_response_len)
         refs = self.group.call_each(lambda w, shard: w.train.remote(shard, scale), shards)
-        return _mean_over_ranks(self.group.get(refs, "update", step))
+        return mean_over_ranks(self.group.get(refs, "update", step))
 
     def _outputs(self, batch: OfflineBatch, step: int | str) -> torch.Tensor:
         return torch.from_numpy(self._fan_out(batch, _outputs_call, "outputs", step))
@@ -309,10 +309,6 @@ def _outputs_call(worker, shard):
 def _reference_call(worker, shard):
     return worker.reference_logprobs.remote(shard)
 
-
-def _mean_over_ranks(rows: list[dict[str, float]]) -> dict[str, float]:
-    keys = set().union(*rows)
-    return {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
 
 
 def start_ranks(cfg: RunConfig, stage: OfflineStage) -> tuple[WorkerGroup[OfflineWorker], Any]:

@@ -19,7 +19,7 @@ from rlhf_ray.algorithms.kl import AdaptiveKLController, FixedKLController
 from rlhf_ray.batch import Experience, Samples, concat_samples
 from rlhf_ray.config import RunConfig
 from rlhf_ray.data import BatchIterator, PromptExample, load_prompts
-from rlhf_ray.metrics import MetricsLogger, Timer, summary_table
+from rlhf_ray.metrics import MetricsLogger, Timer, mean_over_ranks, summary_table
 from rlhf_ray.placement import PhaseError, RoleSpec, WorkerGroup, rendezvous, reserve
 from rlhf_ray.rollout.base import SamplingParams
 from rlhf_ray.trainers.checkpointing import RunCheckpoints, StopRequested, stop_requested, with_restarts
@@ -201,7 +201,7 @@ class Roles:
                 jobs.append((role, group, refs))
             for role, group, refs in jobs:
                 ranks = group.get(refs, "update", step)
-                metrics |= {f"{role}/{k}": v for k, v in _mean_dicts(ranks).items()}
+                metrics |= {f"{role}/{k}": v for k, v in mean_over_ranks(ranks).items()}
         return metrics
 
     def sync(self, version: int, step: int | str) -> None:
@@ -274,10 +274,6 @@ def _shard_refs(samples: Samples, n: int) -> list[ray.ObjectRef]:
 def _cat(parts: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(parts))
 
-
-def _mean_dicts(rows: list[dict[str, float]]) -> dict[str, float]:
-    keys = set().union(*rows)
-    return {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
 
 
 # ---------------------------------------------------------------------------------------------
