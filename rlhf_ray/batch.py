@@ -62,6 +62,7 @@ class Samples(TensorRecord):
     response_mask: Tensor  # (B, T) long, 1 on real response tokens incl. the EOS
     stopped: Tensor  # (B,) bool, True when the response ended with EOS (finish reason "stop" vs "length")
     weight_version: int = 0  # policy version the engine held while generating
+    logprobs: Tensor | None = None  # (B, T) float32 behaviour log-probs from the engine's own logits, 0 on padding
 
     @property
     def input_ids(self) -> Tensor:  # (B, P + T)
@@ -112,6 +113,8 @@ def concat_samples(parts: list[Samples], pad_token_id: int) -> Samples:
         response_mask=torch.cat([pad_to(s.response_mask, t, 0, left=False) for s in parts]),
         stopped=torch.cat([s.stopped for s in parts]),
         weight_version=min(s.weight_version for s in parts),
+        logprobs=(torch.cat([pad_to(s.logprobs, t, 0.0, left=False) for s in parts])
+                  if all(s.logprobs is not None for s in parts) else None),
     )
 
 

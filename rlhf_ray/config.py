@@ -234,6 +234,8 @@ class AlgoConfig(Section):
     dynamic_sampling: bool = Field(False, description="DAPO dynamic sampling: drop prompt groups whose scores are all equal and refill the batch with new prompts.")
     max_refills: int = Field(3, ge=0, description="Extra generation rounds per step for dynamic sampling; groups still missing are filled from dropped ones.")
     mask_truncated: bool = Field(False, description="Leave responses that hit max_new_tokens without EOS out of the loss (DAPO overlong filtering).")
+    one_step_off_policy: bool = Field(False, description="Opt-in: generate batch t+1 while batch t is scored and updated; π_old is then the engine's behaviour log-probs (one policy version behind) and the clipped PPO ratio is the importance-sampling correction.")
+    recompute_old_logprobs: bool = Field(False, description="Always recompute π_old with a policy forward; by default it is skipped when the update is the rollout policy's only one (one epoch, one mini-batch, KL not in the reward), where the training forward's detached log-probs are the same values.")
 
 
 class OptimConfig(Section):
@@ -271,7 +273,8 @@ class PlacementConfig(Section):
     reward: RoleResources = Field(default_factory=RoleResources, description="Reward workers; in stage rm, the reward model's data-parallel ranks.")
     rollout: RoleResources = Field(default_factory=RoleResources, description="Resources per rollout engine (count is rollout.num_engines).")
     colocate: list[list[str]] = Field(default_factory=list, description="Groups of roles sharing one placement group's bundles, e.g. [[policy, reference, rollout]].")
-    torch_threads: int | None = Field(None, gt=0, description="torch threads per actor; default: its CPU count rounded up.")
+    torch_threads: int | None = Field(None, gt=0, description="Fixed torch threads per actor; null: per phase, the node's thread budget divided among the actors busy in that phase on that node.")
+    threads_per_node: int | None = Field(None, gt=0, description="Thread budget per node that the per-phase plan divides (torch_threads=null); null: the node's CPU count.")
     timeout_s: float = Field(120.0, gt=0, description="Deadline for actors to start and placement to be granted.")
     max_restarts: int = Field(3, ge=0, description="Restarts of a dead stateless actor (reference, reward, rollout); its calls are retried and an engine's weights re-synced.")
 
@@ -426,6 +429,14 @@ class RunConfig(Section):
         return self.algo.advantage == "gae"
 
     @property
+    def reuses_training_logprobs(self) -> bool:
+        """π_old = the training forward's log-probs, detached: the update is the rollout policy's only
+        one (on-policy, one epoch, one mini-batch) and no KL-shaped reward needs π_old before it."""
+        a = self.algo
+        return (not a.recompute_old_logprobs and not a.one_step_off_policy and a.epochs == 1
+                and self.trainer.mini_batch_size == self.sequences_per_step and a.kl.placement == "loss")
+
+    @property
     def sequences_per_step(self) -> int:
         return self.trainer.prompts_per_step * self.rollout.samples_per_prompt
 
@@ -534,6 +545,12 @@ def _placement_rules(cfg: RunConfig) -> list[str]:
 
 def _dapo_rules(cfg: RunConfig) -> list[str]:
     out = []
+    if cfg.algo.one_step_off_policy and cfg.algo.dynamic_sampling:
+        out.append("algo.one_step_off_policy=true generates the next batch before this one is scored, which "
+                   "dynamic sampling's refills need; set algo.dynamic_sampling=false or algo.one_step_off_policy=false.")
+    if cfg.algo.one_step_off_policy and cfg.rollout.backend == "vllm":
+        out.append(f"algo.one_step_off_policy=true needs the engine's behaviour log-probs, which rollout.backend="
+                   f"{cfg.rollout.backend} does not return yet; use rollout.backend=hf or algo.one_step_off_policy=false.")
     if cfg.algo.dynamic_sampling and cfg.rollout.samples_per_prompt < 2:
         out.append(f"algo.dynamic_sampling=true drops groups of equal scores and needs rollout.samples_per_prompt >= 2 "
                    f"(got {cfg.rollout.samples_per_prompt}).")

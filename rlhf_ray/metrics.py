@@ -63,6 +63,10 @@ METRICS: dict[str, str] = {
     "reward/masked_frac": "share of samples masked out of the loss by the reward contract (reward.on_error=mask)",
     "reward/violations/<kind>": "cumulative reward-contract violations by kind: exception, timeout, wrong_count, wrong_type, non_finite",
     "sync/version": "policy weight version held by every rollout engine after the sync",
+    "policy/kl_ref": "the update's own k1 KL(π_θ‖π_ref) per sequence before its step (kl/ref when π_old comes from the update)",
+    "rollout/version_lag": "policy versions between the weights that generated the batch and the ones updated (1: one-step off-policy)",
+    "rollout/logprob_diff_mean": "mean |behaviour log-prob (engine) − π_old recomputed by the trainer| over response tokens, same weights",
+    "rollout/logprob_diff_max": "max of that difference",
     # offline stages (sft, rm, dpo): <stage>/<name> per optimizer step (mini-batch means), eval/<name> on
     # the whole held-out set (trainer.eval_every and the last step); time/batch, time/update, time/eval
     "sft/loss": "SFT loss: response-token NLL aggregated as algo.loss_agg (ALGORITHMS.md §8)",

@@ -16,6 +16,7 @@ Each worker holds one model (or the reward sources) and answers typed calls with
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import resource
 import time
@@ -55,10 +56,14 @@ def node_address() -> tuple[str, int]:
 
 def timed(method):
     """An entry point of a role: adds its wall time to `self.busy[name]` (benchmarks split compute
-    from orchestration) and is a fault-injection point `<role>.<method>` (`rlhf_ray.faults`)."""
+    from orchestration), is a fault-injection point `<role>.<method>` (`rlhf_ray.faults`), and
+    takes `threads=n`: the torch threads for this call, which the driver sets from how many actors
+    share the node in this phase (`rlhf_ray.threads`)."""
 
     @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
+    def wrapper(self, *args, threads: int | None = None, **kwargs):
+        if threads:
+            torch.set_num_threads(threads)
         fault = faults.fire(self.role, method.__name__, self.rank)
         start = time.perf_counter()
         try:
@@ -67,6 +72,14 @@ def timed(method):
             self.busy[method.__name__] = self.busy.get(method.__name__, 0.0) + time.perf_counter() - start
         return faults.poison(result) if fault == "nan" else result
 
+    # Ray checks call arguments against the innermost function's signature (inspect.unwrap): end the
+    # chain here and declare `threads`.
+    sig = inspect.signature(method)
+    params = [p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD]
+    params += [inspect.Parameter("threads", inspect.Parameter.KEYWORD_ONLY, default=None)]
+    params += [p for p in sig.parameters.values() if p.kind == p.VAR_KEYWORD]
+    del wrapper.__wrapped__
+    wrapper.__signature__ = sig.replace(parameters=params)
     return wrapper
 
 
@@ -86,6 +99,12 @@ class Worker:
 
     def node_address(self) -> tuple[str, int]:
         return node_address()
+
+    def where(self) -> tuple[str, int]:
+        """(Ray node id, CPUs this process may run on): the driver's thread plan is per node."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id(), len(os.sched_getaffinity(0))
 
     def usage(self) -> tuple[dict[str, float], float]:
         """(seconds busy per method since the last call, peak resident memory in MiB); resets the former."""
@@ -254,9 +273,12 @@ class PolicyWorker(_TrainedRole):
             logits = _forward_logits(self.engine.forward, mb)
             logprobs = logprobs_from_logits(logits, mb.response_ids, temperature)
             mask = mb.response_mask
-            loss, metrics = policy_loss(logprobs, mb.old_logprobs, mb.advantages, mask, clip_low=algo.clip_low,
+            # π_old = π_θ here when the driver sent none: this update is the rollout policy's only one
+            old = mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach()
+            loss, metrics = policy_loss(logprobs, old, mb.advantages, mask, clip_low=algo.clip_low,
                                         clip_high=algo.clip_high, dual_clip=algo.dual_clip, agg=algo.loss_agg, scale=scale)
-            shares = {}
+            k1 = ((logprobs.detach() - mb.ref_logprobs) * mask).sum() / scale.num_seqs  # Σ_t k1 per sequence
+            shares = {"kl_ref": k1.item()}
             if algo.kl.placement == "loss" and kl_coef > 0:
                 kl, _ = kl_loss(logprobs, mb.ref_logprobs, mask, kind="k3", agg=algo.loss_agg, scale=scale)
                 loss = loss + kl_coef * kl

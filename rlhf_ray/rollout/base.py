@@ -2,7 +2,10 @@
 
 Engines are token-in/token-out: prompt token ids in, a `Samples` batch out, so no text is
 re-tokenised between generation and training. Engines never produce the log-probs used for the
-PPO ratio: old log-probs come from a policy forward pass (ARCHITECTURE.md §3).
+PPO ratio on-policy: old log-probs come from a policy forward pass (ARCHITECTURE.md §3). With
+`SamplingParams.logprobs` an engine also returns its behaviour log-probs (log-softmax of its own
+logits at temperature T, before any suppression or top-k/top-p): π_old of the one-step
+off-policy mode, and the engine-vs-trainer mismatch metric.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ class SamplingParams:
     n: int = 1  # samples per prompt, contiguous in the output
     greedy: bool = False  # evaluation decoding; ignores temperature/top-p/top-k
     suppress_special_tokens: bool = False  # never sample special tokens (EOS included)
+    logprobs: bool = False  # also return the behaviour log-probs of the sampled tokens (Samples.logprobs)
 
 
 class RolloutEngine(Protocol):

@@ -9,6 +9,10 @@ Token ids in, a `Samples` batch out (layout in rlhf_ray/batch.py). Decisions:
 - A response ends at its FIRST EOS (kept, mask 1); later positions are pad id with mask 0.
   The mask never comes from `!= pad_token_id`: a random tiny model samples the pad id as
   an ordinary token (STACK-NOTES "HF generate as the CPU rollout engine").
+- Behaviour log-probs (`params.logprobs`) are recorded by a logits processor from the model's raw
+  float32 logits at temperature T, the trainer's formula, before special tokens are suppressed
+  (the processor suppresses them itself, after recording, exactly as HF's own processor would):
+  asking for them never changes the samples. Only one step's (B, V) log-softmax is held at a time.
 - Weights arrive as numpy arrays by parameter name. numpy has no bfloat16, so an int16
   array is always a bfloat16 payload viewed as int16 (`t.view(torch.int16).numpy()`); no
   model parameter is int16, so this is unambiguous.
@@ -21,7 +25,7 @@ import warnings
 import numpy as np
 import torch
 from torch import Tensor
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_ray.batch import Samples, pad_to
 from rlhf_ray.rollout.base import SamplingParams
@@ -52,11 +56,15 @@ class HFRolloutEngine:
             generated = [
                 self._generate_rows(prompt_ids[i : i + rows], prompt_mask[i : i + rows], params)
                 for i in range(0, prompt_ids.shape[0], rows)
-            ]  # (rows, L_chunk) each
-        width = max(g.shape[1] for g in generated)
-        tokens = torch.cat([pad_to(g, width, self.pad_token_id, left=False) for g in generated])  # (B, L)
+            ]  # ((rows, L_chunk) tokens, (rows, L_chunk) log-probs or None) each
+        width = max(g.shape[1] for g, _ in generated)
+        tokens = torch.cat([pad_to(g, width, self.pad_token_id, left=False) for g, _ in generated])  # (B, L)
         response_ids, response_mask, stopped = self._cut_at_first_eos(tokens)
-        return Samples(prompt_ids, prompt_mask, response_ids, response_mask, stopped)
+        logprobs = None
+        if params.logprobs and not params.greedy:
+            logprobs = torch.cat([pad_to(lp, width, 0.0, left=False) for _, lp in generated])[:, : response_ids.shape[1]]
+            logprobs = torch.where(response_mask.bool(), logprobs, 0.0)
+        return Samples(prompt_ids, prompt_mask, response_ids, response_mask, stopped, logprobs=logprobs)
 
     def _left_pad(self, prompts: list[list[int]]) -> tuple[Tensor, Tensor]:
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -69,9 +77,15 @@ class HFRolloutEngine:
             mask[row, width - len(p) :] = 1
         return ids, mask
 
-    def _generate_rows(self, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingParams) -> Tensor:
-        """New tokens of one chunk, (rows, L) with L <= max_new_tokens; rows that stopped early are pad-filled."""
+    def _generate_rows(self, prompt_ids: Tensor, prompt_mask: Tensor,
+                       params: SamplingParams) -> tuple[Tensor, Tensor | None]:
+        """New tokens of one chunk, (rows, L) with L <= max_new_tokens (rows that stopped early are
+        pad-filled), and their behaviour log-probs (rows, L) when asked for."""
         device = self.model.device
+        suppress = self.special_token_ids if params.suppress_special_tokens else None
+        recorder = None
+        if params.logprobs and not params.greedy:
+            recorder, suppress = BehaviourLogprobs(params.temperature, suppress), None
         sequences = self.model.generate(
             input_ids=prompt_ids.to(device),
             attention_mask=prompt_mask.to(device),
@@ -79,10 +93,12 @@ class HFRolloutEngine:
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,
             use_cache=True,
-            suppress_tokens=self.special_token_ids if params.suppress_special_tokens else None,
+            suppress_tokens=suppress,
+            logits_processor=LogitsProcessorList([recorder]) if recorder else None,
             **_decoding_kwargs(params),
         )
-        return sequences[:, prompt_ids.shape[1] :].cpu()
+        new = sequences[:, prompt_ids.shape[1] :]
+        return new.cpu(), recorder.finish(new).cpu() if recorder else None
 
     def _cut_at_first_eos(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, L) generated tokens → response ids and mask right-padded to the longest response, stopped (B,)."""
@@ -124,6 +140,35 @@ class HFRolloutEngine:
 
     def wake(self) -> None:
         """See `sleep`."""
+
+
+class BehaviourLogprobs(LogitsProcessor):
+    """Records log-softmax(raw logits / T) at each step's sampled token, then suppresses `suppress`
+    ids (HF runs custom processors after its own suppression and before temperature/top-k/top-p,
+    so suppressing here instead keeps the sampling distribution, and the samples, unchanged).
+
+    Step k's token is only known at step k+1 (the last column of `input_ids`), so the (B, V)
+    log-probs of one step are held until then; `finish` gathers the last step's."""
+
+    def __init__(self, temperature: float, suppress: list[int] | None):
+        self.temperature, self.suppress = temperature, suppress
+        self.taken: list[Tensor] = []  # (B,) per finished step
+        self.pending: Tensor | None = None  # (B, V) log-probs of the step in progress
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.pending is not None:
+            self.taken.append(self.pending.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        if self.suppress:
+            scores = scores.index_fill(1, torch.tensor(self.suppress, device=scores.device), float("-inf"))
+        return scores
+
+    def finish(self, new_tokens: Tensor) -> Tensor:
+        """(B, L) log-probs of the L new tokens."""
+        if self.pending is not None and len(self.taken) < new_tokens.shape[1]:
+            self.taken.append(self.pending.gather(1, new_tokens[:, len(self.taken) : len(self.taken) + 1]).squeeze(1))
+        self.pending = None
+        return torch.stack(self.taken, dim=1) if self.taken else new_tokens.new_zeros(new_tokens.shape, dtype=torch.float32)
 
 
 def _decoding_kwargs(params: SamplingParams) -> dict:

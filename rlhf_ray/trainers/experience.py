@@ -25,7 +25,7 @@ from rlhf_ray.config import RunConfig
 class Scored(TensorRecord):
     """Everything the score phase returns for a batch of samples."""
 
-    old_logprobs: torch.Tensor  # (B, T) log π_old
+    old_logprobs: torch.Tensor | None  # (B, T) log π_old; None when the update's forward provides it
     ref_logprobs: torch.Tensor  # (B, T) log π_ref
     values: torch.Tensor | None  # (B, T) critic values, or None without a critic
     scores: torch.Tensor  # (B,) weighted sum of reward sources (NaN where a source violated the contract)
@@ -62,9 +62,10 @@ def fill_invalid(scores: torch.Tensor, valid: torch.Tensor, n: int) -> torch.Ten
 
 def concat_scored(parts: list[Scored]) -> Scored:
     """Stack score-phase outputs of several rounds; (B, T) tensors right-padded to a common T."""
-    t = max(p.old_logprobs.shape[1] for p in parts)
+    t = max(p.ref_logprobs.shape[1] for p in parts)
     tokens = lambda name: torch.cat([pad_to(getattr(p, name), t, 0.0, left=False) for p in parts])  # noqa: E731
-    return Scored(old_logprobs=tokens("old_logprobs"), ref_logprobs=tokens("ref_logprobs"),
+    return Scored(old_logprobs=tokens("old_logprobs") if parts[0].old_logprobs is not None else None,
+                  ref_logprobs=tokens("ref_logprobs"),
                   values=tokens("values") if parts[0].values is not None else None,
                   scores=torch.cat([p.scores for p in parts]),
                   per_source={k: torch.cat([p.per_source[k] for p in parts]) for k in parts[0].per_source},
@@ -135,8 +136,10 @@ def make_experience(samples: Samples, scored: Scored, scores: torch.Tensor, cfg:
     """Advantages (and returns for the critic) for one batch (ALGORITHMS.md §4)."""
     algo = cfg.algo
     mask = samples.response_mask.float()
-    kl = kl_penalty(scored.old_logprobs, scored.ref_logprobs, algo.kl.estimator) * mask  # (B, T)
     beta = kl_coef if algo.kl.placement == "reward" else 0.0
+    kl = torch.zeros_like(mask)  # (B, T); π_old is None only when the KL is in the loss (§2)
+    if scored.old_logprobs is not None:
+        kl = kl_penalty(scored.old_logprobs, scored.ref_logprobs, algo.kl.estimator) * mask
     returns = None
     if algo.advantage == "gae":
         advantages, returns = compute_gae(token_rewards(scores, kl, beta, mask), scored.values, mask, algo.gamma, algo.lam)
@@ -160,19 +163,20 @@ def make_experience(samples: Samples, scored: Scored, scores: torch.Tensor, cfg:
 
 
 def _experience_metrics(exp: Experience, scored: Scored, scores: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-    k1 = ((scored.old_logprobs - scored.ref_logprobs) * mask).sum(-1)
+    """kl/ref is here when π_old is known before the update, else the policy's update reports it."""
     adv = exp.advantages[mask.bool()]
     out = {
         "reward/score_mean": scored.scores.mean().item(),
         "reward/score_std": scored.scores.std(unbiased=False).item(),
         "reward/shaped_mean": scores.mean().item(),
-        "kl/ref": k1.mean().item(),
         "response/length_mean": mask.sum(-1).mean().item(),
         "response/truncated_frac": (~exp.stopped).float().mean().item(),
         "adv/mean": adv.mean().item(),
         "adv/std": adv.std(unbiased=False).item(),
     }
     out |= {f"reward/{k}_mean": v.mean().item() for k, v in scored.per_source.items()}
+    if scored.old_logprobs is not None:
+        out["kl/ref"] = ((scored.old_logprobs - scored.ref_logprobs) * mask).sum(-1).mean().item()
     if exp.returns is not None:
         ret, val = exp.returns[mask.bool()], exp.values[mask.bool()]
         out["critic/explained_var"] = (1 - (ret - val).var() / (ret.var() + 1e-8)).item()

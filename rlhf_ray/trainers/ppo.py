@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
+
 import numpy as np
 import ray
 import torch
@@ -22,6 +24,7 @@ from rlhf_ray.data import BatchIterator, PromptExample, load_prompts
 from rlhf_ray.metrics import MetricsLogger, Timer, mean_over_ranks, summary_table
 from rlhf_ray.placement import PhaseError, RoleSpec, WorkerGroup, rendezvous, reserve
 from rlhf_ray.rollout.base import SamplingParams
+from rlhf_ray.threads import split_budget
 from rlhf_ray.trainers.checkpointing import RunCheckpoints, StopRequested, stop_requested, with_restarts
 from rlhf_ray.trainers.common import RunInputs, data_keys, prepare_run
 from rlhf_ray.trainers.evaluation import mean_pass_at_k, win_rate
@@ -85,10 +88,36 @@ class Roles:
         """Wait for every actor, then rendezvous the trained roles (all inits submitted before any wait)."""
         for group in self.groups.values():
             group.get(group.call(lambda w: w.ping.remote()), "start", "init", timeout)
+        self._locate(timeout)
         self.rollout_pids = self._rollout_pids("init")
         rendezvous([g for g in (self.policy, self.critic) if g is not None], timeout)
         if self.cfg.rollout.weight_sync == "gloo":
             self._join_gloo()
+
+    def _locate(self, timeout: float) -> None:
+        """Each worker's node, and each node's thread budget (placement.threads_per_node or its CPUs)."""
+        self.node_of: dict[tuple[str, int], str] = {}
+        self.budget: dict[str, int] = {}
+        for role, group in self.groups.items():
+            for rank, (node, cpus) in enumerate(group.get(group.call(lambda w: w.where.remote()), "start", "init", timeout)):
+                self.node_of[(role, rank)] = node
+                self.budget[node] = self.cfg.placement.threads_per_node or cpus
+        self.generating = False  # a one-step off-policy rollout is in flight beside the other phases
+
+    def workers(self, *roles: str) -> list[tuple[str, int]]:
+        return [(r, i) for r in roles if r in self.groups for i in range(len(self.groups[r]))]
+
+    def threads(self, busy: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """Torch threads of each worker busy at once: placement.torch_threads, or its node's share."""
+        if self.generating:
+            busy = busy + self.workers("rollout")
+        if self.cfg.placement.torch_threads:
+            return {w: self.cfg.placement.torch_threads for w in busy}
+        return split_budget(busy, self.node_of, self.budget)
+
+    def _light_reward(self) -> bool:
+        """Rule functions and HTTP endpoints take no torch threads from the actors beside them."""
+        return all(s.kind in ("function", "http") for s in self.cfg.reward.sources)
 
     def _join_gloo(self) -> None:
         rollout = self.groups["rollout"]
@@ -103,16 +132,38 @@ class Roles:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int, step: int | str,
                  pad_token_id: int) -> Samples:
+        return self.submit_generate(prompts, params, seed, step, pad_token_id)()
+
+    def submit_generate(self, prompts: list[list[int]], params: SamplingParams, seed: int, step: int | str,
+                        pad_token_id: int, overlapped: bool = False) -> Callable[[], Samples]:
+        """Start generating; → a function that waits for the samples. `overlapped`: the other phases
+        run meanwhile (one-step off-policy), so the engines get their share of the threads only."""
         rollout = self.groups["rollout"]
         chunks = np.array_split(np.arange(len(prompts)), len(rollout))
+        engines = self.workers("rollout")
+        busy = engines + (self.workers("policy", "reference", "critic") if overlapped else [])
+        plan = self.threads(busy)
+
+        def submit() -> list[ray.ObjectRef]:
+            return rollout.call_each(lambda w, job: w.generate.remote(
+                [prompts[i] for i in job[0]], params, seed + 7919 * int(job[0][0]), threads=plan[job[1]]),
+                list(zip(chunks, engines)))
+
+        first = [submit()]
+        self.generating = overlapped
 
         def call() -> list:
-            refs = rollout.call_each(lambda w, c: w.generate.remote([prompts[i] for i in c], params,
-                                                                    seed + 7919 * int(c[0])), chunks)
+            refs = first.pop() if first else submit()  # a retry after an engine restart submits again
             return rollout.get(refs, "rollout", step)
 
-        parts = [Samples.from_numpy(p) for p in self._recovering_rollout(call, step)]
-        return concat_samples(parts, pad_token_id)
+        def result() -> Samples:
+            try:
+                parts = [Samples.from_numpy(p) for p in self._recovering_rollout(call, step)]
+            finally:
+                self.generating = False
+            return concat_samples(parts, pad_token_id)
+
+        return result
 
     def _recovering_rollout(self, call, step: int | str):
         """Run `call`; if it failed because a rollout engine died and Ray restarted it, put the engine back
@@ -146,19 +197,31 @@ class Roles:
                     raise
                 time.sleep(0.5)  # Ray is restarting it
 
-    def score(self, samples: Samples, metadata: list[dict], step: int | str, with_values: bool = True) -> Scored:
-        """Old log-probs, reference log-probs, values and rewards, all in flight at once."""
-        old = self.policy.call_each(lambda w, s: w.compute_logprobs.remote(s), _shard_refs(samples, len(self.policy)))
+    def score(self, samples: Samples, metadata: list[dict], step: int | str, with_values: bool = True,
+              old: str = "recompute") -> Scored:
+        """Reference log-probs, values, rewards and, with old="recompute", old log-probs, all in flight
+        at once. old="engine": π_old is the engine's behaviour log-probs (one-step off-policy);
+        old="update": none, the update's own forward gives them (`RunConfig.reuses_training_logprobs`)."""
         ref_group = self.groups["reference"]
-        ref = ref_group.call_each(lambda w, s: w.compute_logprobs.remote(s), _shard_refs(samples, len(ref_group)))
-        crit = None
-        if self.critic is not None and with_values:
-            crit = self.critic.call_each(lambda w, s: w.compute_values.remote(s), _shard_refs(samples, len(self.critic)))
-        rew = self._reward_call(samples, metadata)
+        critic = self.critic if self.critic is not None and with_values else None
+        roles = ["reference"] + (["policy"] if old == "recompute" else []) + (["critic"] if critic else [])
+        plan = self.threads(self.workers(*roles, *([] if self._light_reward() else ["reward"])))
+        fan = lambda group, role, method: group.call_each(  # noqa: E731
+            lambda w, job: getattr(w, method).remote(job[0], threads=plan[job[1]]),
+            list(zip(_shard_refs(samples, len(group)), self.workers(role))))
+        ref = fan(ref_group, "reference", "compute_logprobs")
+        old_refs = fan(self.policy, "policy", "compute_logprobs") if old == "recompute" else None
+        crit = fan(critic, "critic", "compute_values") if critic else None
+        rew = self._reward_call(samples, metadata, plan.get(("reward", 0)))
         n = samples.batch_size
-        old_lp = _cat(self.policy.get(old, "score", step))[:n]
+        old_lp = _cat(self.policy.get(old_refs, "score", step))[:n] if old_refs else None
+        if old == "engine":
+            if samples.logprobs is None:
+                raise PhaseError("score", "rollout", step, "one-step off-policy needs the engine's behaviour "
+                                 "log-probs, and the engine returned none")
+            old_lp = samples.logprobs
         ref_lp = _cat(ref_group.get(ref, "score", step))[:n]
-        values = _cat(self.critic.get(crit, "score", step))[:n] if crit else None
+        values = _cat(critic.get(crit, "score", step))[:n] if crit else None
         r = self._reward_result(rew, step)
         return Scored(old_lp, ref_lp, values, r.scores, r.per_source, r.valid, r.violations)
 
@@ -166,8 +229,8 @@ class Roles:
         """Reward scores only."""
         return self._reward_result(self._reward_call(samples, metadata), step)
 
-    def _reward_call(self, samples: Samples, metadata: list[dict]) -> list[ray.ObjectRef]:
-        return [self.groups["reward"].workers[0].score.remote(ray.put(samples.to_numpy()), metadata)]
+    def _reward_call(self, samples: Samples, metadata: list[dict], threads: int | None = None) -> list[ray.ObjectRef]:
+        return [self.groups["reward"].workers[0].score.remote(ray.put(samples.to_numpy()), metadata, threads=threads)]
 
     def _reward_result(self, refs: list[ray.ObjectRef], step: int | str) -> Rewards:
         total, per_source, valid, violations = self.groups["reward"].get(refs, "score", step)[0]
@@ -187,6 +250,7 @@ class Roles:
     def update(self, exp: Experience, step: int, epoch_seed: int, kl_coef: float) -> dict[str, float]:
         """E epochs; each a seeded shuffle into mini-batches, sharded over ranks; policy and critic in parallel."""
         cfg, metrics = self.cfg, {}
+        plan = self.threads(self.workers("policy", "critic"))
         for epoch in range(cfg.algo.epochs):
             order = torch.from_numpy(np.random.default_rng([epoch_seed, step, epoch]).permutation(exp.batch_size))
             jobs = []
@@ -194,10 +258,11 @@ class Roles:
                 if group is None:
                     continue
                 shards, scales = plan_update(exp.select(order), cfg.trainer.mini_batch_size, len(group))
+                work = list(zip(shards, self.workers(role)))
                 if role == "policy":
-                    refs = group.call_each(lambda w, s: w.train.remote(ray.put(s), scales, kl_coef), shards)
+                    refs = group.call_each(lambda w, j: w.train.remote(ray.put(j[0]), scales, kl_coef, threads=plan[j[1]]), work)
                 else:
-                    refs = group.call_each(lambda w, s: w.train.remote(ray.put(s), scales), shards)
+                    refs = group.call_each(lambda w, j: w.train.remote(ray.put(j[0]), scales, threads=plan[j[1]]), work)
                 jobs.append((role, group, refs))
             for role, group, refs in jobs:
                 ranks = group.get(refs, "update", step)
@@ -297,6 +362,7 @@ class PPOTrainer:
         self.moments = RunningMoments()
         self.violations: Counter = Counter()  # reward-contract violations by kind, over the run
         self.version, self.skipped_in_a_row, self.first_eval = 0, 0, {}
+        self.pending, self.pending_indices = None, None  # one-step off-policy: the next batch, generating
         self.roles = Roles(cfg, inputs.models, inputs.reward_paths)
         try:
             trained = {"policy": self.roles.policy} | ({"critic": self.roles.critic} if self.roles.critic else {})
@@ -316,14 +382,23 @@ class PPOTrainer:
             print(report, flush=True)
         return examples
 
-    def sampling(self, greedy: bool = False, n: int | None = None) -> SamplingParams:
+    def sampling(self, greedy: bool = False, n: int | None = None, logprobs: bool = False) -> SamplingParams:
         r = self.cfg.rollout
         return SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                              n=n or r.samples_per_prompt, greedy=greedy, suppress_special_tokens=r.suppress_special_tokens)
+                              n=n or r.samples_per_prompt, greedy=greedy, suppress_special_tokens=r.suppress_special_tokens,
+                              logprobs=logprobs)
+
+    @property
+    def old_logprobs(self) -> str:
+        """Where π_old comes from (`Roles.score`'s `old`)."""
+        if self.cfg.algo.one_step_off_policy:
+            return "engine"
+        return "update" if self.cfg.reuses_training_logprobs else "recompute"
 
     def train_step(self, step: int) -> dict[str, float]:
         timer, t0 = Timer(), time.perf_counter()
         samples, scored, metrics = self.collect(step, timer)
+        metrics["rollout/version_lag"] = self.version - samples.weight_version  # 1 when one-step off-policy
         with timer.phase("advantages"):
             scores = shape_scores(scored.scores, samples.stopped, samples.response_lengths, self.cfg, self.moments)
             exp, exp_metrics = make_experience(samples, scored, scores, self.cfg, self.kl_ctl.value)
@@ -340,6 +415,8 @@ class PPOTrainer:
         skipped = bool(bad) or metrics.get("policy/skipped", 0) > 0 or metrics.get("critic/skipped", 0) > 0
         metrics["numerics/skipped_step"] = float(skipped)
         self._count_skip(step, skipped)
+        if "kl/ref" not in metrics and "policy/kl_ref" in metrics:  # π_old came from the update's forward
+            metrics["kl/ref"] = metrics["policy/kl_ref"]
         with timer.phase("sync"):
             if not bad:
                 self.version += 1
@@ -367,15 +444,17 @@ class PPOTrainer:
         algo, n, want = self.cfg.algo, self.cfg.rollout.samples_per_prompt, self.cfg.trainer.prompts_per_step
         kept, dropped, metrics = [], [], {}
         for round_ in range(1 + (algo.max_refills if algo.dynamic_sampling else 0)):
-            with timer.phase("prompts"):
-                batch = [self.train_prompts[i] for i in self.iterator.next_indices()]
-                metadata = [e.metadata for e in batch for _ in range(n)]
-            with timer.phase("rollout"):
-                samples = self.roles.generate([e.prompt_ids for e in batch], self.sampling(),
-                                              self._seed(step) + 7_777_777 * round_, step, self.tokenizer.pad_token_id)
+            if algo.one_step_off_policy:
+                with timer.phase("rollout"):
+                    samples, metadata = self._overlapped_rollout(step)
+            else:
+                with timer.phase("prompts"):
+                    pending = self._submit_rollout(step, round_)
+                with timer.phase("rollout"):
+                    samples, metadata = pending()
             with timer.phase("score"):
-                scored = self.roles.score(samples, metadata, step)
-                metrics |= self._reward_contract(scored, step)
+                scored = self.roles.score(samples, metadata, step, old=self.old_logprobs)
+                metrics |= self._reward_contract(scored, step) | _mismatch(samples, scored)
             if round_ == 0:
                 metrics |= group_stats(scored.scores, n) if n > 1 else {}
             if not algo.dynamic_sampling:
@@ -391,6 +470,33 @@ class PPOTrainer:
         parts = [p for p in kept + dropped if p[0].batch_size]
         samples = concat_samples([s for s, _ in parts], self.tokenizer.pad_token_id).select(slice(0, want * n))
         return samples, concat_scored([c for _, c in parts]).select(torch.arange(want * n)), metrics
+
+    def _submit_rollout(self, step: int, round_: int = 0, overlapped: bool = False,
+                        indices: list[int] | None = None):
+        """Draw the next prompts (or take `indices`) and start generating them; → a function that
+        waits for (samples, per-sample metadata)."""
+        n = self.cfg.rollout.samples_per_prompt
+        indices = self.iterator.next_indices() if indices is None else indices
+        batch = [self.train_prompts[i] for i in indices]
+        metadata = [e.metadata for e in batch for _ in range(n)]
+        wait = self.roles.submit_generate([e.prompt_ids for e in batch], self.sampling(logprobs=True),
+                                          self._seed(step) + 7_777_777 * round_, step, self.tokenizer.pad_token_id,
+                                          overlapped)
+        return lambda: (wait(), metadata)
+
+    def _overlapped_rollout(self, step: int) -> tuple[Samples, list[dict]]:
+        """One-step off-policy: this step's batch was started during the previous step (with the
+        weights before its update); start the next one now, to run beside this step's score and update.
+        A resumed run regenerates the batch that was in flight (same prompts and seed, current weights)."""
+        if self.pending is None:
+            self.pending = (self.pending_indices, self._submit_rollout(step, indices=self.pending_indices))
+        _, wait = self.pending
+        self.pending, self.pending_indices = None, None
+        if step < self.cfg.trainer.total_steps:
+            self.pending_indices = list(self.iterator.next_indices())
+            self.pending = (self.pending_indices,
+                            self._submit_rollout(step + 1, overlapped=True, indices=self.pending_indices))
+        return wait()
 
     def _reward_contract(self, scored: Scored, step: int) -> dict[str, float]:
         """Count violations; fail the step past reward.max_masked_frac; give masked samples their group's
@@ -460,7 +566,8 @@ class PPOTrainer:
         """Everything of the driver a resumed run needs to continue exactly (models are saved by their ranks)."""
         return {"step": step, "version": self.version, "iterator": self.iterator.state_dict(),
                 "kl_ctl": self.kl_ctl.state_dict(), "moments": vars(self.moments), "violations": dict(self.violations),
-                "skipped_in_a_row": self.skipped_in_a_row, "first_eval": self.first_eval}
+                "skipped_in_a_row": self.skipped_in_a_row, "first_eval": self.first_eval,
+                "pending_indices": self.pending_indices}
 
     def _resume(self) -> int:
         """Load the checkpoint `checkpoint.resume` selects and put the engines in sync; → the first step to run."""
@@ -474,6 +581,7 @@ class PPOTrainer:
         self.violations = Counter(state["violations"])
         self.skipped_in_a_row, self.first_eval = state["skipped_in_a_row"], state["first_eval"]
         self.version = state["version"]
+        self.pending_indices = state.get("pending_indices")
         self.roles.sync(self.version, "resume")
         return state["step"] + 1
 
@@ -500,6 +608,15 @@ class PPOTrainer:
 
     def close(self) -> None:
         self.roles.shutdown()
+
+
+def _mismatch(samples: Samples, scored: Scored) -> dict[str, float]:
+    """How far the engine's behaviour log-probs are from π_old recomputed by the trainer with the
+    same weights (numerics only: kernels, batch shapes, KV cache); only when both exist."""
+    if samples.logprobs is None or scored.old_logprobs is None or scored.old_logprobs is samples.logprobs:
+        return {}
+    diff = (samples.logprobs - scored.old_logprobs).abs()[samples.response_mask.bool()]
+    return {"rollout/logprob_diff_mean": diff.mean().item(), "rollout/logprob_diff_max": diff.max().item()}
 
 
 def _throughput(samples: Samples, timer: Timer, step_s: float) -> dict[str, float]:

@@ -1,6 +1,8 @@
 """HF rollout engine: sample layout, first-EOS cutting, seeding, weight loading, and agreement of
 the recomputed log-probs / values (rlhf_ray.models) with what generation saw."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -223,3 +225,36 @@ def test_load_weights_rejects_bad_names_and_shapes_before_copying(tokenizer):
     with pytest.raises(ValueError, match=name):
         engine.load_weights({name: np.zeros((3, 3), np.float32)})
     assert engine.weights_checksum() == before
+
+
+@pytest.mark.parametrize("suppress", [False, True])
+def test_behaviour_logprobs_are_the_raw_logits_at_temperature_and_leave_samples_unchanged(tokenizer, prompt_ids, suppress):
+    engine = engine_over(tokenizer, special_bias=1.5, max_batch=4)  # early stops and two chunks
+    captured = spy_on_generate(engine.model)
+    params = SamplingParams(max_new_tokens=14, n=3, temperature=0.7, top_p=0.95, suppress_special_tokens=suppress)
+    plain = engine.generate(prompt_ids, params, seed=5)
+    recorded = engine.generate(prompt_ids, replace(params, logprobs=True), seed=5)
+    assert plain.logprobs is None
+    torch.testing.assert_close(recorded.response_ids, plain.response_ids, rtol=0, atol=0)  # same samples
+    torch.testing.assert_close(recorded.response_mask, plain.response_mask, rtol=0, atol=0)
+    T, real = recorded.response_ids.shape[1], recorded.response_mask.bool()
+    raw = torch.cat([pad_to3(logits, T) for _, logits in captured[len(captured) // 2:]])  # the recorded call's chunks
+    expected = torch.log_softmax(raw[:, :T].float() / 0.7, -1).gather(-1, recorded.response_ids.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(recorded.logprobs[real], expected[real], atol=1e-6, rtol=0)
+    assert recorded.logprobs[~real].eq(0).all() and (recorded.logprobs[real] < 0).all()
+    # and they agree with the trainer's recomputation (the engine-vs-trainer mismatch is numerical only)
+    with torch.no_grad():
+        trainer = response_logprobs(engine.model, recorded.input_ids, recorded.attention_mask,
+                                    recorded.prompt_ids.shape[1], 0.7)
+    torch.testing.assert_close(trainer[real], recorded.logprobs[real], atol=1e-5, rtol=0)
+
+
+def pad_to3(logits: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, L, V) right-padded with zeros to (B, max(L, width), V)."""
+    extra = width - logits.shape[1]
+    return logits if extra <= 0 else torch.cat([logits, logits.new_zeros(logits.shape[0], extra, logits.shape[2])], 1)
+
+
+def test_greedy_returns_no_behaviour_logprobs(tokenizer, prompt_ids):
+    s = engine_over(tokenizer).generate(prompt_ids, SamplingParams(max_new_tokens=4, greedy=True, logprobs=True), seed=0)
+    assert s.logprobs is None
