@@ -64,6 +64,7 @@ def timed(method):
     def wrapper(self, *args, threads: int | None = None, **kwargs):
         if threads:
             torch.set_num_threads(threads)
+        self.threads_used[method.__name__] = torch.get_num_threads()
         fault = faults.fire(self.role, method.__name__, self.rank)
         start = time.perf_counter()
         try:
@@ -92,6 +93,7 @@ class Worker:
     def __init__(self) -> None:
         set_threads()
         self.busy: dict[str, float] = {}
+        self.threads_used: dict[str, int] = {}  # torch threads of the last call of each method
 
     def ping(self) -> int:
         """The process id: liveness, and a changed id tells the driver the actor was restarted."""
@@ -105,6 +107,10 @@ class Worker:
         import ray
 
         return ray.get_runtime_context().get_node_id(), len(os.sched_getaffinity(0))
+
+    def last_threads(self) -> dict[str, int]:
+        """Torch threads each method ran with on its last call (the driver's per-phase plan)."""
+        return self.threads_used
 
     def usage(self) -> tuple[dict[str, float], float]:
         """(seconds busy per method since the last call, peak resident memory in MiB); resets the former."""

@@ -102,14 +102,14 @@ class Roles:
             for rank, (node, cpus) in enumerate(group.get(group.call(lambda w: w.where.remote()), "start", "init", timeout)):
                 self.node_of[(role, rank)] = node
                 self.budget[node] = self.cfg.placement.threads_per_node or cpus
-        self.generating = False  # a one-step off-policy rollout is in flight beside the other phases
+        self.overlapped: set[int] = set()  # one-step off-policy rollouts in flight beside the other phases
 
     def workers(self, *roles: str) -> list[tuple[str, int]]:
         return [(r, i) for r in roles if r in self.groups for i in range(len(self.groups[r]))]
 
     def threads(self, busy: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
         """Torch threads of each worker busy at once: placement.torch_threads, or its node's share."""
-        if self.generating:
+        if self.overlapped:
             busy = busy + self.workers("rollout")
         if self.cfg.placement.torch_threads:
             return {w: self.cfg.placement.torch_threads for w in busy}
@@ -149,8 +149,9 @@ class Roles:
                 [prompts[i] for i in job[0]], params, seed + 7919 * int(job[0][0]), threads=plan[job[1]]),
                 list(zip(chunks, engines)))
 
-        first = [submit()]
-        self.generating = overlapped
+        first, ticket = [submit()], object()
+        if overlapped:
+            self.overlapped.add(id(ticket))
 
         def call() -> list:
             refs = first.pop() if first else submit()  # a retry after an engine restart submits again
@@ -160,7 +161,7 @@ class Roles:
             try:
                 parts = [Samples.from_numpy(p) for p in self._recovering_rollout(call, step)]
             finally:
-                self.generating = False
+                self.overlapped.discard(id(ticket))
             return concat_samples(parts, pad_token_id)
 
         return result
