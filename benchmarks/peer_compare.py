@@ -12,7 +12,9 @@ reads its hyper-parameters from that config, loads the same model files (built o
 the same prompts (`benchmarks/data/bench_prompts.jsonl`). Contenders, each in its own subprocess:
 
 - `rlhf_ray`: GRPO through launch.py's code path (`init_ray` + `PPOTrainer` on local Ray, every
-  role an actor, as in production); `placement.torch_threads` = the thread setting, per actor.
+  role an actor, as in production); `placement.threads_per_node` = the thread setting.
+- `rlhf_ray+offpolicy`: the same with `algo.one_step_off_policy=true` (opt-in: the rollout of
+  batch t+1 runs beside the score and update of batch t; π_old = the engine's log-probs).
 - `trl`: TRL `GRPOTrainer` on CPU (`use_cpu`, `num_generations`, batch 32, 32 completion tokens,
   β, special tokens suppressed through `generation_kwargs` so every completion has 32 tokens).
 - `floor`: one process, plain PyTorch + HF generate, the same math as few passes as it needs: the
@@ -20,11 +22,11 @@ the same prompts (`benchmarks/data/bench_prompts.jsonl`). Contenders, each in it
 - `floor_recompute`: the floor with a separate no-grad old-log-prob forward (the pass rlhf_ray runs).
 - `rlhf_ray_ppo`, `floor_ppo`, `floor_ppo_recompute`: PPO with a critic and GAE, the same way.
 
-Thread budget: a single-process contender gets T torch threads. rlhf_ray gets T threads per actor:
-its phases run one after another, so the critical path uses T threads at a time, as the single
-process does; only the score phase (policy, reference, reward, critic) and PPO's update (policy,
-critic) run actors side by side, up to 4T threads at once — the concurrency a distributed trainer
-is entitled to, and on 2 cores with T = 2 an oversubscription it pays for (docs/performance.md).
+Thread budget: a single-process contender gets T torch threads. rlhf_ray gets a budget of T threads
+for the node (`placement.threads_per_node=T`), which the driver splits per call among the actors
+busy at the same time (`rlhf_ray.threads`): a lone rollout or update gets T, two concurrent forwards
+T/2 each, at least 1 — so with T = 1 actors running side by side still use one core each (the
+concurrency a distributed trainer is entitled to), and with T = 2 no phase oversubscribes 2 cores.
 
 Contenders of one group (GRPO or PPO, one thread setting) start one after another (start-up, from
 launching the process to the first step, is measured alone), run their warm-up steps, then take
@@ -58,10 +60,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 GRPO_CONFIG = ROOT / "configs" / "bench_grpo.yaml"
 PPO_CONFIG = ROOT / "configs" / "bench_ppo.yaml"
 PROMPTS = ROOT / "benchmarks" / "data" / "bench_prompts.jsonl"
-GROUPS = {  # group → (config, contenders; the first is rlhf_ray's, the ratios' numerator)
-    "GRPO": (GRPO_CONFIG, ["rlhf_ray", "trl", "floor", "floor_recompute"]),
+GROUPS = {  # group → (config, contenders; those named rlhf_ray* are the ratios' numerators)
+    "GRPO": (GRPO_CONFIG, ["rlhf_ray", "rlhf_ray+offpolicy", "trl", "floor", "floor_recompute"]),
     "PPO": (PPO_CONFIG, ["rlhf_ray_ppo", "floor_ppo", "floor_ppo_recompute"]),
 }
+BUILTIN_VARIANTS = {"rlhf_ray+offpolicy": ["algo.one_step_off_policy=true"]}  # contender → config overrides
 MODEL_SIZES = {  # name → toy Llama sizes (hidden, intermediate, layers, heads); ~params with the char vocab
     "1M": (128, 512, 4, 4),
     "10M": (256, 1024, 10, 4),
@@ -212,7 +215,7 @@ class RlhfRay:
         if self.trainer is not None:
             self.trainer.close()
         cfg = load_run_config(self.config, [f"trainer.output_dir={self.out_dir}", f"trainer.total_steps={total_steps}",
-                                            f"placement.torch_threads={self.threads}", *overrides])
+                                            f"placement.threads_per_node={self.threads}", *overrides])
         t0 = time.perf_counter()
         if not self.ray_up:
             init_ray(cfg)
@@ -220,7 +223,9 @@ class RlhfRay:
         t1 = time.perf_counter()
         self.trainer = PPOTrainer(cfg, prepare_run(cfg))
         self.cfg, self.step_index = cfg, 0
-        self.actor_pids = {role: ray.get([w.ping.remote() for w in g.workers]) for role, g in self.trainer.roles.groups.items()}
+        self.actor_pids = {role: g.get(g.call(lambda w: w.ping.remote()), "benchmark", "pids", 60)
+                           for role, g in self.trainer.roles.groups.items()}
+        self.actor_pids = {role: [p for p in pids if p != os.getpid()] for role, pids in self.actor_pids.items()}
         return {"ray_init_s": t1 - t0, "trainer_s": time.perf_counter() - t1}
 
     def step(self) -> dict[str, Any]:
@@ -232,7 +237,7 @@ class RlhfRay:
         m = self.trainer.train_step(self.step_index)
         seconds = time.perf_counter() - t
         busy, _ = _usage(self.trainer)
-        phases = {p: m[f"time/{p}"] for p in ("prompts", "rollout", "score", "advantages", "update", "sync")}
+        phases = {p: m.get(f"time/{p}", 0.0) for p in ("prompts", "rollout", "score", "advantages", "update", "sync")}
         compute = {p: _compute(busy, p) for p in PHASE_METHODS} | {p: phases[p] for p in ("prompts", "advantages")}
         detail = {f"{role}.{name}": s for role, methods in busy.items() for name, s in methods.items()}
         return {"s": seconds, "tokens": m["response/length_mean"] * self.cfg.sequences_per_step, "phases": phases,
@@ -773,10 +778,9 @@ def print_ratios(all_summaries: dict[tuple[str, int], dict[str, dict[str, Any]]]
     print("\n== ratios of median step time (< 1: rlhf_ray faster) ==")
     print(f"{'group':<6}{'threads':>8}  ratios")
     for (group, threads), summary in all_summaries.items():
-        names = list(summary)
-        head = names[0]
+        ours = [n for n in summary if n.startswith("rlhf_ray")]
         cells = [f"{head}/{other} {summary[head]['median_s'] / summary[other]['median_s']:.2f}×"
-                 for other in names[1:] if head.startswith("rlhf_ray")]
+                 for head in ours for other in summary if other not in ours]
         if "trl" in summary and "floor" in summary:
             cells.append(f"trl/floor {summary['trl']['median_s'] / summary['floor']['median_s']:.2f}×")
         print(f"{group:<6}{threads:>8}  " + ", ".join(cells))
@@ -791,13 +795,14 @@ def compare(args, work: Path) -> dict[str, Any]:
         chosen = [n for n in names if not args.only or n in args.only]
         variants = {f"{names[0]}+{label}": overrides for label, overrides in args.variant.get(group, {}).items()}
         chosen[1:1] = list(variants)
+        variants |= {n: o for n, o in BUILTIN_VARIANTS.items() if n in chosen}
         if not chosen:
             continue
         for threads in args.threads:
             print(f"[{group}, {threads} thread(s)] load average before: {os.getloadavg()[0]:.2f}", flush=True)
             raw = run_group(chosen, threads, args, models, work, variants)
             summaries[(group, threads)] = {n: summarise(r) for n, r in raw.items()}
-            print_group(f"{group}, {threads} torch thread(s) per process / per actor", summaries[(group, threads)])
+            print_group(f"{group}, {threads} torch thread(s) per process / per node", summaries[(group, threads)])
     print_ratios(summaries)
     return {f"{g}/t{t}": s for (g, t), s in summaries.items()}
 
@@ -848,7 +853,7 @@ def scaling(args, work: Path) -> dict[str, Any]:
     finally:
         for child in children.values():
             child.close()
-    print(f"\n== scaling: GRPO step time, {threads} torch thread(s) per process / per actor ==")
+    print(f"\n== scaling: GRPO step time, {threads} torch thread(s) per process / per node ==")
     print(f"{'point':<28}{'params':>12}{'rlhf_ray s':>12}{'floor s':>10}{'ratio':>8}{'orchestration':>15}"
           f"{'rollout s':>11}{'score s':>9}{'update s':>10}{'sync s':>8}")
     for r in rows:

@@ -78,7 +78,7 @@ def _usage(trainer) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
 
     busy, peak = {}, {}
     for role, group in trainer.roles.groups.items():
-        results = ray.get([w.usage.remote() for w in group.workers], timeout=60)
+        results = group.get(group.call(lambda w: w.usage.remote()), "benchmark", "usage", 60)
         busy[role] = {}
         for methods, _ in results:
             for name, secs in methods.items():

@@ -273,6 +273,7 @@ class PlacementConfig(Section):
     reward: RoleResources = Field(default_factory=RoleResources, description="Reward workers; in stage rm, the reward model's data-parallel ranks.")
     rollout: RoleResources = Field(default_factory=RoleResources, description="Resources per rollout engine (count is rollout.num_engines).")
     colocate: list[list[str]] = Field(default_factory=list, description="Groups of roles sharing one placement group's bundles, e.g. [[policy, reference, rollout]].")
+    reward_in_driver: bool | None = Field(None, description="Score in the driver's process instead of a reward actor; null: when every reward source is a rule function or an HTTP endpoint (no model to hold).")
     torch_threads: int | None = Field(None, gt=0, description="Fixed torch threads per actor; null: per phase, the node's thread budget divided among the actors busy in that phase on that node.")
     threads_per_node: int | None = Field(None, gt=0, description="Thread budget per node that the per-phase plan divides (torch_threads=null); null: the node's CPU count.")
     timeout_s: float = Field(120.0, gt=0, description="Deadline for actors to start and placement to be granted.")
@@ -437,6 +438,11 @@ class RunConfig(Section):
                 and self.trainer.mini_batch_size == self.sequences_per_step and a.kl.placement == "loss")
 
     @property
+    def reward_in_driver(self) -> bool:
+        light = all(s.kind in LIGHT_REWARD_KINDS for s in self.reward.sources)
+        return light if self.placement.reward_in_driver is None else self.placement.reward_in_driver
+
+    @property
     def sequences_per_step(self) -> int:
         return self.trainer.prompts_per_step * self.rollout.samples_per_prompt
 
@@ -528,8 +534,15 @@ def _deepspeed_rules(cfg: RunConfig) -> list[str]:
     return out
 
 
+LIGHT_REWARD_KINDS = ("function", "http")  # reward sources that hold no model
+
+
 def _placement_rules(cfg: RunConfig) -> list[str]:
     out, seen = [], set()
+    heavy = [s.name or s.kind for s in cfg.reward.sources if s.kind not in LIGHT_REWARD_KINDS]
+    if cfg.placement.reward_in_driver and heavy:
+        out.append(f"placement.reward_in_driver=true, but reward source(s) {heavy} hold a model, which the driver "
+                   f"never does; set placement.reward_in_driver=null (or false).")
     if cfg.placement.rollout.num_workers != 1:
         out.append(f"placement.rollout.num_workers={cfg.placement.rollout.num_workers} is not used: the number of "
                    f"engines is rollout.num_engines; set that instead (placement.rollout sizes each engine).")

@@ -170,3 +170,88 @@ def rendezvous(groups: list[WorkerGroup], timeout_s: float | None = None) -> Non
     pending = [(g, g.call(lambda w, a=addr: w.init_distributed.remote(*a))) for g, addr in zip(groups, addrs)]
     for group, refs in pending:
         group.get(refs, "rendezvous", "init", timeout_s)
+
+
+class LocalGroup(Generic[W]):
+    """One worker run inside the driver's process, with a `WorkerGroup`'s calls: for light roles (a
+    rule-function reward) that would otherwise cost a process, its torch import and ~330 MiB.
+
+    `w.method.remote(*args)` starts the call on a background thread (ObjectRef arguments are
+    fetched first, as Ray does for actor calls) and `get` waits for it with the same deadline and
+    the same one-line `PhaseError` as a remote role. A call that hangs fails the phase at its
+    deadline; its thread is abandoned (a daemon), and later calls queue behind it, as on an actor."""
+
+    def __init__(self, spec: RoleSpec, worker_cls: type[W], make_args: Callable[[int], tuple], timeout_s: float):
+        self.spec, self.timeout_s = spec, timeout_s
+        self._pool = _SerialThread(f"rlhf_ray-{spec.role}")
+        self.instance = worker_cls(*make_args(0))
+        self.workers = [_Direct(self.instance, self._pool)]
+
+    role = WorkerGroup.role
+    __len__ = WorkerGroup.__len__
+    call = WorkerGroup.call
+    call_each = WorkerGroup.call_each
+
+    def get(self, refs: list, phase: str, step: int | str, timeout_s: float | None = None) -> list[Any]:
+        from concurrent.futures import TimeoutError as FutureTimeout
+
+        deadline, out = timeout_s or self.timeout_s, []
+        for future in refs:
+            try:
+                out.append(future.result(timeout=deadline))
+            except FutureTimeout:
+                raise PhaseError(phase, self.role, step, f"no answer within {deadline:g}s") from None
+            except Exception as err:  # noqa: BLE001 - the remote path reports any failure the same way
+                raise PhaseError(phase, self.role, step, f"{type(err).__name__}: {_first_line(err)}") from err
+        return out
+
+    def shutdown(self) -> None:
+        self._pool.stop()
+
+
+class _SerialThread:
+    """Runs submitted calls one after another on a daemon thread (a hung call never blocks exit)."""
+
+    def __init__(self, name: str):
+        import queue
+        import threading
+
+        self._queue: queue.Queue = queue.Queue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, fn: Callable, *args, **kwargs):
+        from concurrent.futures import Future
+
+        future: Future = Future()
+        self._queue.put((future, fn, args, kwargs))
+        return future
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            future, fn, args, kwargs = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as err:  # noqa: BLE001 - handed to the caller's get
+                    future.set_exception(err)
+
+
+class _Direct:
+    """`worker.method.remote(...)` → a Future of `worker.method(...)` on the group's thread."""
+
+    def __init__(self, instance: Any, pool):
+        self._instance, self._pool = instance, pool
+
+    def __getattr__(self, name: str):
+        method = getattr(self._instance, name)
+
+        class _Call:
+            @staticmethod
+            def remote(*args, **kwargs):
+                args = [ray.get(a, timeout=60) if isinstance(a, ray.ObjectRef) else a for a in args]
+                return self._pool.submit(method, *args, **kwargs)
+
+        return _Call

@@ -19,10 +19,10 @@ import torch
 
 from rlhf_ray.algorithms.kl import AdaptiveKLController, FixedKLController
 from rlhf_ray.batch import Experience, Samples, concat_samples
-from rlhf_ray.config import RunConfig
+from rlhf_ray.config import LIGHT_REWARD_KINDS, RunConfig
 from rlhf_ray.data import BatchIterator, PromptExample, load_prompts
 from rlhf_ray.metrics import MetricsLogger, Timer, mean_over_ranks, summary_table
-from rlhf_ray.placement import PhaseError, RoleSpec, WorkerGroup, rendezvous, reserve
+from rlhf_ray.placement import LocalGroup, PhaseError, RoleSpec, WorkerGroup, rendezvous, reserve
 from rlhf_ray.rollout.base import SamplingParams
 from rlhf_ray.threads import split_budget
 from rlhf_ray.trainers.checkpointing import RunCheckpoints, StopRequested, stop_requested, with_restarts
@@ -53,6 +53,7 @@ class Roles:
         }
         if cfg.uses_critic:
             specs["critic"] = _spec("critic", p.critic, p.critic.num_workers, p.torch_threads)
+        in_driver = {"reward": specs.pop("reward")} if cfg.reward_in_driver else {}
         pgs = _reserve_all(specs, p.colocate, timeout)
         np_, ncr = specs["policy"].num_workers, specs.get("critic", specs["policy"]).num_workers
         make = {
@@ -62,7 +63,9 @@ class Roles:
             "reward": (RewardWorker, lambda r: (cfg, models, reward_paths)),
             "rollout": (RolloutWorker, lambda r: (cfg, models, r)),
         }
-        self.groups: dict[str, WorkerGroup] = {}
+        self.groups: dict[str, WorkerGroup | LocalGroup] = {}
+        for role, spec in in_driver.items():  # light roles: no process of their own
+            self.groups[role] = LocalGroup(spec, make[role][0], make[role][1], cfg.trainer.timeout_s)
         for role, spec in specs.items():
             cls, args = make[role]
             pg, share = pgs[role]
@@ -117,7 +120,7 @@ class Roles:
 
     def _light_reward(self) -> bool:
         """Rule functions and HTTP endpoints take no torch threads from the actors beside them."""
-        return all(s.kind in ("function", "http") for s in self.cfg.reward.sources)
+        return all(s.kind in LIGHT_REWARD_KINDS for s in self.cfg.reward.sources)
 
     def _join_gloo(self) -> None:
         rollout = self.groups["rollout"]
@@ -300,6 +303,9 @@ class Roles:
 
     def shutdown(self) -> None:
         for group in self.groups.values():
+            if isinstance(group, LocalGroup):
+                group.shutdown()
+                continue
             for w in group.workers:
                 ray.kill(w)
         for pg in self._placement_groups.values():

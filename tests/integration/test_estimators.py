@@ -71,7 +71,7 @@ def _threads(trainer: PPOTrainer) -> dict[str, int]:
     """`role.method` → torch threads of its last call, over the run's workers."""
     out = {}
     for role, group in trainer.roles.groups.items():
-        for used in ray.get([w.last_threads.remote() for w in group.workers], timeout=60):
+        for used in group.get(group.call(lambda w: w.last_threads.remote()), "test", "threads", 60):
             out |= {f"{role}.{method}": n for method, n in used.items()}
     return out
 
