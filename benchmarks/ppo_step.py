@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 # the worker methods behind each phase's compute, per role
 PHASE_METHODS = {
     "rollout": {"rollout": ["generate"]},
-    "score": {"policy": ["compute_logprobs"], "reference": ["compute_logprobs"], "critic": ["compute_values"],
+    "score": {"policy": ["compute_logprobs", "reference_logprobs"], "reference": ["compute_logprobs"], "critic": ["compute_values"],
               "reward": ["score"]},
     "update": {"policy": ["train"], "critic": ["train"]},
     "sync": {"policy": ["send_to_object_store", "send_to_gloo"],
@@ -88,7 +88,8 @@ def _usage(trainer) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
 
 
 def _compute(busy: dict[str, dict[str, float]], phase: str) -> float:
-    return max((busy.get(role, {}).get(m, 0.0) for role, ms in PHASE_METHODS[phase].items() for m in ms), default=0.0)
+    # a role's methods of one phase run one after another in its process; roles run side by side
+    return max((sum(busy.get(role, {}).get(m, 0.0) for m in ms) for role, ms in PHASE_METHODS[phase].items()), default=0.0)
 
 
 def _report(cfg, rows, startup: float) -> None:

@@ -273,6 +273,7 @@ class PlacementConfig(Section):
     reward: RoleResources = Field(default_factory=RoleResources, description="Reward workers; in stage rm, the reward model's data-parallel ranks.")
     rollout: RoleResources = Field(default_factory=RoleResources, description="Resources per rollout engine (count is rollout.num_engines).")
     colocate: list[list[str]] = Field(default_factory=list, description="Groups of roles sharing one placement group's bundles, e.g. [[policy, reference, rollout]].")
+    reference_in_policy: bool = Field(True, description="Host the frozen reference in each policy rank's process (it scores that rank's shard), sparing a process and its memory; false: reference actors of their own (placement.reference).")
     reward_in_driver: bool | None = Field(None, description="Score in the driver's process instead of a reward actor; null: when every reward source is a rule function or an HTTP endpoint (no model to hold).")
     torch_threads: int | None = Field(None, gt=0, description="Fixed torch threads per actor; null: per phase, the node's thread budget divided among the actors busy in that phase on that node.")
     threads_per_node: int | None = Field(None, gt=0, description="Thread budget per node that the per-phase plan divides (torch_threads=null); null: the node's CPU count.")

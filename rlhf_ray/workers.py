@@ -252,7 +252,23 @@ def _mean(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 class PolicyWorker(_TrainedRole):
+    """A policy rank; with placement.reference_in_policy it also hosts the frozen reference
+    (a `ReferenceWorker` held as a plain object) for its shard of each batch."""
+
     role = "policy"
+
+    def __init__(self, cfg: RunConfig, paths: ModelPaths, rank: int, world_size: int):
+        super().__init__(cfg, paths, rank, world_size)
+        self.reference = ReferenceWorker(cfg, paths) if cfg.placement.reference_in_policy else None
+
+    @timed
+    def reference_logprobs(self, payload: dict[str, Any]) -> np.ndarray:
+        """log π_ref of the response tokens (B, T), from the hosted reference."""
+        return self.reference.compute_logprobs(payload)
+
+    def reference_generate(self, prompts: list[list[int]], params, seed: int) -> dict[str, Any]:
+        """The hosted reference's responses (win-rate baseline)."""
+        return self.reference.generate(prompts, params, seed)
 
     def load_model(self) -> torch.nn.Module:
         from rlhf_ray.models import load_causal_lm

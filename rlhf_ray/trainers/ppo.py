@@ -47,7 +47,8 @@ class Roles:
         p, timeout = cfg.placement, cfg.placement.timeout_s
         specs = {
             "policy": _spec("policy", p.policy, p.policy.num_workers, p.torch_threads),
-            "reference": _spec("reference", p.reference, p.reference.num_workers, p.torch_threads),
+            **({} if p.reference_in_policy else
+               {"reference": _spec("reference", p.reference, p.reference.num_workers, p.torch_threads)}),
             "reward": _spec("reward", p.reward, p.reward.num_workers, p.torch_threads),
             "rollout": _spec("rollout", p.rollout, cfg.rollout.num_engines, p.torch_threads),
         }
@@ -86,6 +87,13 @@ class Roles:
     @property
     def critic(self) -> WorkerGroup[CriticWorker] | None:
         return self.groups.get("critic")
+
+    @property
+    def reference(self) -> tuple[WorkerGroup, str, str]:
+        """(group, role, log-prob method) of the reference: its own actors, or hosted by the policy ranks."""
+        if "reference" in self.groups:
+            return self.groups["reference"], "reference", "compute_logprobs"
+        return self.policy, "policy", "reference_logprobs"
 
     def _start(self, timeout: float) -> None:
         """Wait for every actor, then rendezvous the trained roles (all inits submitted before any wait)."""
@@ -206,14 +214,14 @@ class Roles:
         """Reference log-probs, values, rewards and, with old="recompute", old log-probs, all in flight
         at once. old="engine": π_old is the engine's behaviour log-probs (one-step off-policy);
         old="update": none, the update's own forward gives them (`RunConfig.reuses_training_logprobs`)."""
-        ref_group = self.groups["reference"]
+        ref_group, ref_role, ref_method = self.reference
         critic = self.critic if self.critic is not None and with_values else None
-        roles = ["reference"] + (["policy"] if old == "recompute" else []) + (["critic"] if critic else [])
+        roles = [ref_role] + (["policy"] if old == "recompute" else []) + (["critic"] if critic else [])
         plan = self.threads(self.workers(*roles, *([] if self._light_reward() else ["reward"])))
         fan = lambda group, role, method: group.call_each(  # noqa: E731
             lambda w, job: getattr(w, method).remote(job[0], threads=plan[job[1]]),
             list(zip(_shard_refs(samples, len(group)), self.workers(role))))
-        ref = fan(ref_group, "reference", "compute_logprobs")
+        ref = fan(ref_group, ref_role, ref_method)
         old_refs = fan(self.policy, "policy", "compute_logprobs") if old == "recompute" else None
         crit = fan(critic, "critic", "compute_values") if critic else None
         rew = self._reward_call(samples, metadata, plan.get(("reward", 0)))
@@ -248,8 +256,10 @@ class Roles:
     def reference_generate(self, prompts: list[list[int]], params: SamplingParams, seed: int, step: int | str,
                            pad_token_id: int) -> Samples:
         """The reference policy's responses (baseline for win-rate)."""
-        ref = self.groups["reference"]
-        return Samples.from_numpy(ref.get([ref.workers[0].generate.remote(prompts, params, seed)], "eval", step)[0])
+        ref, role, _ = self.reference
+        method = "generate" if role == "reference" else "reference_generate"
+        call = getattr(ref.workers[0], method).remote(prompts, params, seed)
+        return Samples.from_numpy(ref.get([call], "eval", step)[0])
 
     def update(self, exp: Experience, step: int, epoch_seed: int, kl_coef: float) -> dict[str, float]:
         """E epochs; each a seeded shuffle into mini-batches, sharded over ranks; policy and critic in parallel."""

@@ -69,7 +69,7 @@ def test_dynamic_sampling_refills_to_the_batch_size(ray_session, tmp_path):
 
 def _threads(trainer: PPOTrainer) -> dict[str, int]:
     """`role.method` → torch threads of its last call, over the run's workers."""
-    out = {}
+    out = {"reference": 1} if "reference" in trainer.roles.groups else {}
     for role, group in trainer.roles.groups.items():
         for used in group.get(group.call(lambda w: w.last_threads.remote()), "test", "threads", 60):
             out |= {f"{role}.{method}": n for method, n in used.items()}
@@ -83,12 +83,14 @@ def _policy_weights(trainer: PPOTrainer) -> dict[str, np.ndarray]:
 
 def test_reusing_the_update_forward_for_old_logprobs_equals_recomputing_them(ray_session, tmp_path):
     """On-policy, one epoch, one mini-batch, KL in the loss: π_old from the update's own forward
-    (no policy pass in the score phase) trains exactly as a separate recomputation does; the node's
-    thread budget goes to whoever is busy in each phase."""
+    (no policy pass in the score phase; reference hosted by the policy rank) trains exactly as a
+    separate recomputation beside a reference actor does; the node's thread budget goes to whoever
+    is busy in each phase."""
     runs = {}
     for recompute in (False, True):
         trainer = _trainer(tmp_path / str(recompute), "toy_grpo.yaml", "trainer.total_steps=3",
-                           f"algo.recompute_old_logprobs={str(recompute).lower()}", "placement.threads_per_node=2")
+                           f"algo.recompute_old_logprobs={str(recompute).lower()}", "placement.threads_per_node=2",
+                           f"placement.reference_in_policy={str(not recompute).lower()}")
         try:
             history = [trainer.train_step(step) for step in range(1, 4)]
             busy = {f"policy.{k}" for k in ray.get(trainer.roles.policy.workers[0].usage.remote(), timeout=60)[0]}
@@ -105,7 +107,8 @@ def test_reusing_the_update_forward_for_old_logprobs_equals_recomputing_them(ray
     for name in w_reused:
         np.testing.assert_allclose(w_reused[name], w_recomputed[name], atol=1e-6, rtol=1e-5, err_msg=name)
     # threads: alone in its phase a worker gets the node's 2; two forwards at once get 1 each
-    assert t_reused["reference.compute_logprobs"] == t_reused["policy.train"] == t_reused["rollout.generate"] == 2
+    assert "reference" not in t_reused and "reference" in t_recomputed
+    assert t_reused["policy.reference_logprobs"] == t_reused["policy.train"] == t_reused["rollout.generate"] == 2
     assert t_recomputed["reference.compute_logprobs"] == t_recomputed["policy.compute_logprobs"] == 1
 
 
@@ -123,7 +126,7 @@ def test_one_step_off_policy_overlaps_rollout_with_the_update_and_raises_reward(
         trainer.close()
     assert [h["rollout/version_lag"] for h in history] == [0] + [1] * 29
     assert all(0.5 < h["policy/ratio_mean"] < 1.5 for h in history[1:])  # stale by one step, not more
-    assert threads["rollout.generate"] == threads["policy.train"] == threads["reference.compute_logprobs"] == 1
+    assert threads["rollout.generate"] == threads["policy.train"] == threads["policy.reference_logprobs"] == 1
     rewards = [h["reward/score_mean"] for h in history]
     assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.15, rewards
 

@@ -74,7 +74,7 @@ def _fit_from(trainer: PPOTrainer, start: int) -> dict:
 
 def test_one_step_touches_every_role_and_phase(toy_run):
     m = toy_run["first"]
-    assert toy_run["groups"] == ["critic", "policy", "reference", "reward", "rollout"]  # reward: in the driver
+    assert toy_run["groups"] == ["critic", "policy", "reward", "rollout"]  # reference: in the policy; reward: in the driver
     for phase in PHASES:
         assert m[f"time/{phase}"] > 0, phase
     # policy, critic (values + update), reference (KL), reward (per source), rollout (lengths)

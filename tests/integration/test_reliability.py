@@ -102,12 +102,12 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(uninterrupted, tmp
 
 
 def test_killed_stateless_roles_recover_with_identical_results(uninterrupted, tmp_path, monkeypatch):
-    """A rollout engine, the reference and the reward worker (as an actor, not in the driver, where
-    the uninterrupted run scored) each die mid-step; the run goes on."""
+    """A rollout engine, the reference and the reward worker (as actors of their own, not hosted by
+    the policy and the driver as in the uninterrupted run) each die mid-step; the run goes on."""
     monkeypatch.setenv("RLHF_RAY_FAULTS", "crash@rollout.generate#2,crash@reference.compute_logprobs#3,"
                                           "crash@reward.score#3,crash@rollout.receive_from_object_store#3")
     monkeypatch.setenv("RLHF_RAY_FAULTS_DIR", str(tmp_path / "faults"))
-    rows, weights = _train(_cfg(tmp_path, "placement.reward_in_driver=false"))
+    rows, weights = _train(_cfg(tmp_path, "placement.reward_in_driver=false", "placement.reference_in_policy=false"))
     assert len(list((tmp_path / "faults").iterdir())) == 4  # every fault fired once
     _assert_same_run(uninterrupted["rows"], rows, uninterrupted["weights"], weights)
 
