@@ -17,15 +17,14 @@ positions P-1 … P+T-2.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+if TYPE_CHECKING:  # importing them loads transformers' modeling stack (~3 s CPU): only roles that hold a model pay it
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_ray.algorithms.logprobs import logprobs_from_logits
 from rlhf_ray.batch import position_ids
