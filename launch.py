@@ -14,10 +14,12 @@ local Ray bound to 127.0.0.1 (Ray's job API has no authentication by default).
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 import signal
 import sys
+import threading
 import time
 
 from pathlib import Path
@@ -71,6 +73,11 @@ def check_ray_address(address: str) -> None:
                          f"auth. Use an SSH tunnel to 127.0.0.1, set RAY_AUTH_MODE=token, or ALLOW_INSECURE_RAY=1.")
 
 
+# Ray prestarts idle Python workers at init; our actors start their own anyway, so on a small
+# machine the prestarted ones only take CPU from the start-up path (measured: docs/performance.md).
+NO_PRESTART = {"enable_worker_prestart": False, "prestart_worker_first_driver": False}
+
+
 def init_ray(cfg: RunConfig) -> None:
     """Join RAY_ADDRESS when set; else a local Ray on 127.0.0.1, sized so the config's actors fit.
 
@@ -78,7 +85,7 @@ def init_ray(cfg: RunConfig) -> None:
     """
     import ray
 
-    from rlhf_ray.placement import QUIET_ENV
+    from rlhf_ray.placement import QUIET_ENV, RoleSpec, export_worker_env
 
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
@@ -87,7 +94,26 @@ def init_ray(cfg: RunConfig) -> None:
         ray.init(log_to_driver=True)
         return
     cpus = max(os.cpu_count() or 1, math.ceil(required_cpus(cfg)))
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
+    export_worker_env(RoleSpec("worker", 1, 1.0, 0.0, cfg.placement.torch_threads))  # what CPU actors need
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True,
+             _system_config=NO_PRESTART)
+
+
+def preload(stage: str) -> threading.Thread:
+    """Import the stage's modules (torch, transformers, datasets: seconds of CPU) on a thread while
+    Ray starts: both are on the path to the first step, and ray.init mostly waits on its daemons.
+    A failing import is left for `run` to raise."""
+    module = f"rlhf_ray.trainers.{stage}"
+    thread = threading.Thread(target=lambda: _try_import(module), name="preload", daemon=True)
+    thread.start()
+    return thread
+
+
+def _try_import(module: str) -> None:
+    try:
+        importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - run() imports it again and reports the error
+        pass
 
 
 def run(cfg: RunConfig) -> dict:
@@ -116,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
+    loading = preload(cfg.stage)
     from rlhf_ray.placement import PhaseError
     from rlhf_ray.trainers.checkpointing import StopRequested, install_stop_handler
 
@@ -124,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     if cfg.stage != "feedback":  # feedback ingestion runs on the driver alone
         init_ray(cfg)
+    loading.join()
     install_stop_handler()  # after ray.init, which installs a SIGTERM handler of its own
     try:
         run(cfg)

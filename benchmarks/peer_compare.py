@@ -208,18 +208,21 @@ class RlhfRay:
     def setup(self, overrides: list[str], total_steps: int) -> dict[str, float]:
         import ray
 
-        from launch import init_ray
-        from rlhf_ray.trainers.common import prepare_run
-        from rlhf_ray.trainers.ppo import PPOTrainer
+        from launch import init_ray, preload
 
         if self.trainer is not None:
             self.trainer.close()
         cfg = load_run_config(self.config, [f"trainer.output_dir={self.out_dir}", f"trainer.total_steps={total_steps}",
                                             f"placement.threads_per_node={self.threads}", *overrides])
         t0 = time.perf_counter()
-        if not self.ray_up:
+        if not self.ray_up:  # as launch.main: the stage's imports load while Ray starts
+            loading = preload("ppo")
             init_ray(cfg)
+            loading.join()
             self.ray_up = True
+        from rlhf_ray.trainers.common import prepare_run
+        from rlhf_ray.trainers.ppo import PPOTrainer
+
         t1 = time.perf_counter()
         self.trainer = PPOTrainer(cfg, prepare_run(cfg))
         self.cfg, self.step_index = cfg, 0

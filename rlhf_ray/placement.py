@@ -10,6 +10,7 @@ was asked and what the cluster has.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -109,7 +110,7 @@ class WorkerGroup(Generic[W]):
                 num_cpus=spec.cpus,
                 num_gpus=spec.gpus * gpu_share,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
-                runtime_env={"env_vars": actor_env(spec)},
+                **_runtime_env(spec),
                 max_restarts=max_restarts,
                 max_task_retries=max_task_retries,
                 name=None,
@@ -159,6 +160,24 @@ def actor_env(spec: RoleSpec) -> dict[str, str]:
         if key in os.environ:
             env[key] = os.environ[key]
     return env
+
+
+INHERITED_ENV = "RLHF_RAY_INHERITED_ENV"  # the worker environment a local Ray was started with (JSON)
+
+
+def export_worker_env(spec: RoleSpec) -> None:
+    """Before starting a local Ray: put `spec`'s actor environment in this process's environment,
+    which the raylet and every worker inherit. Actors whose environment is exactly that then need
+    no per-actor runtime_env, so Ray can hand them its prestarted workers (~0.5 s each at start-up)."""
+    env = actor_env(spec)
+    os.environ.update(env)
+    os.environ[INHERITED_ENV] = json.dumps(env, sort_keys=True)
+
+
+def _runtime_env(spec: RoleSpec) -> dict[str, Any]:
+    env = actor_env(spec)
+    inherited = json.loads(os.environ.get(INHERITED_ENV, "null"))
+    return {} if env == inherited else {"runtime_env": {"env_vars": env}}
 
 
 def rendezvous(groups: list[WorkerGroup], timeout_s: float | None = None) -> None:

@@ -30,10 +30,12 @@ from __future__ import annotations
 import re
 import string
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # transformers' modeling stack costs ~3 s CPU to import: only processes that hold a model pay it
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_ray.config import JudgeSourceConfig
 from rlhf_ray.rewards.base import RewardError

@@ -12,11 +12,15 @@ attention-mask position (not HF's pad-id pooling, which breaks when pad = EOS).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from rlhf_ray.models import load_sequence_classifier, load_tokenizer, token_scores
 from rlhf_ray.rewards.base import check_scores
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class ModelReward:

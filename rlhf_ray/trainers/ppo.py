@@ -65,8 +65,6 @@ class Roles:
             "rollout": (RolloutWorker, lambda r: (cfg, models, r)),
         }
         self.groups: dict[str, WorkerGroup | LocalGroup] = {}
-        for role, spec in in_driver.items():  # light roles: no process of their own
-            self.groups[role] = LocalGroup(spec, make[role][0], make[role][1], cfg.trainer.timeout_s)
         for role, spec in specs.items():
             cls, args = make[role]
             pg, share = pgs[role]
@@ -75,6 +73,8 @@ class Roles:
             self.groups[role] = WorkerGroup(spec, cls, pg, share, args, cfg.trainer.timeout_s, restarts, retries)
         self._placement_groups = {id(pg): pg for pg, _ in pgs.values()}
         try:
+            for role, spec in in_driver.items():  # light roles, no process of their own (built while the actors boot)
+                self.groups[role] = LocalGroup(spec, make[role][0], make[role][1], cfg.trainer.timeout_s)
             self._start(timeout)
         except BaseException:
             self.shutdown()  # a failed start must not keep the cluster's resources
@@ -96,12 +96,13 @@ class Roles:
         return self.policy, "policy", "reference_logprobs"
 
     def _start(self, timeout: float) -> None:
-        """Wait for every actor, then rendezvous the trained roles (all inits submitted before any wait)."""
+        """Rendezvous the trained roles first (their DeepSpeed set-up is the longest path; the other
+        actors finish booting meanwhile), then wait for every other actor."""
+        rendezvous([g for g in (self.policy, self.critic) if g is not None], timeout)
         for group in self.groups.values():
             group.get(group.call(lambda w: w.ping.remote()), "start", "init", timeout)
         self._locate(timeout)
         self.rollout_pids = self._rollout_pids("init")
-        rendezvous([g for g in (self.policy, self.critic) if g is not None], timeout)
         if self.cfg.rollout.weight_sync == "gloo":
             self._join_gloo()
 
