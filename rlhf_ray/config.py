@@ -253,7 +253,7 @@ class CriticOptimConfig(OptimConfig):
 
 
 class DeepSpeedConfig(Section):
-    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage for trained roles.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage for trained roles; a role with one rank (fp32, no offload) runs stage 0, since there is nothing to partition.")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="Training precision (bf16 on GPU; fp32 on CPU).")
     offload_optimizer: bool = Field(False, description="Keep optimizer states on CPU (ZeRO >= 1).")
     offload_params: bool = Field(False, description="Keep parameters on CPU (ZeRO 3 only).")
@@ -473,7 +473,7 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
         return [msg for check in checks for msg in check(cfg)] + _override_list_rules(cfg)
     checks = [_batch_divisibility, _deepspeed_rules, _placement_rules, _toy_rules, _checkpoint_rules]
     if cfg.stage == "ppo":  # RL-only rules: offline stages ignore these sections
-        checks += [_estimator_rules, _kl_rules, _dapo_rules]
+        checks += [_estimator_rules, _kl_rules, _dapo_rules, _hosting_rules]
     return [msg for check in checks for msg in check(cfg)] + _stage_rules(cfg)
 
 
@@ -538,12 +538,22 @@ def _deepspeed_rules(cfg: RunConfig) -> list[str]:
 LIGHT_REWARD_KINDS = ("function", "http")  # reward sources that hold no model
 
 
-def _placement_rules(cfg: RunConfig) -> list[str]:
-    out, seen = [], set()
+def _hosting_rules(cfg: RunConfig) -> list[str]:
+    """Roles the RL stage hosts in another process (the reference in the policy, light rewards in the driver)."""
+    out = []
+    if cfg.placement.reference_in_policy and cfg.placement.reference != RoleResources():
+        out.append(f"placement.reference={cfg.placement.reference.model_dump()} is unused: with "
+                   f"placement.reference_in_policy=true (the default) each policy rank hosts the reference; set "
+                   f"placement.reference_in_policy=false to give it actors of its own, or drop placement.reference.")
     heavy = [s.name or s.kind for s in cfg.reward.sources if s.kind not in LIGHT_REWARD_KINDS]
     if cfg.placement.reward_in_driver and heavy:
         out.append(f"placement.reward_in_driver=true, but reward source(s) {heavy} hold a model, which the driver "
                    f"never does; set placement.reward_in_driver=null (or false).")
+    return out
+
+
+def _placement_rules(cfg: RunConfig) -> list[str]:
+    out, seen = [], set()
     if cfg.placement.rollout.num_workers != 1:
         out.append(f"placement.rollout.num_workers={cfg.placement.rollout.num_workers} is not used: the number of "
                    f"engines is rollout.num_engines; set that instead (placement.rollout sizes each engine).")

@@ -168,14 +168,14 @@ class _TrainedRole(Worker):
         self.engine = None
 
     def init_distributed(self, master_addr: str, master_port: int) -> bool:
-        from rlhf_ray.engine import TrainEngine, init_distributed, setup_deepspeed_env
+        from rlhf_ray.engine import TrainEngine, effective_zero, init_distributed, setup_deepspeed_env
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         setup_deepspeed_env(device)
         init_distributed(self.rank, self.world_size, master_addr, master_port,
                          "nccl" if device == "cuda" else "gloo", self.cfg.deepspeed.timeout_s)
         torch.manual_seed(self.cfg.trainer.seed)
-        self.engine = TrainEngine(self.load_model(), self.optim_config(), self.cfg.deepspeed,
+        self.engine = TrainEngine(self.load_model(), self.optim_config(), effective_zero(self.cfg.deepspeed, self.world_size),
                                   micro_batch_size=self.cfg.trainer.micro_batch_size,
                                   grad_accum=self.cfg.grad_accum_steps(self.role),
                                   total_optimizer_steps=self.total_optimizer_steps())

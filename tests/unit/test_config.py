@@ -100,6 +100,10 @@ def test_dump_round_trips(tmp_path):
     (["reward.sources.0.kind=judge", "reward.sources.0.judge.grade_template='{response'"], "grade_template is not a valid format string"),
     (["reward.sources.0.kind=judge", "reward.sources.0.judge.max_new_tokens=0"], "reward.sources.0.judge.max_new_tokens=0"),
     (["trainer.total_steps"], "is not of the form section.field=value"),
+    (["placement.reference.gpus=1"], "is unused: with placement.reference_in_policy=true (the default)"),
+    (["placement.reward_in_driver=true", "reward.sources.0.kind=model", "reward.sources.0.path=toy"],
+     "placement.reward_in_driver=true, but reward source(s) ['vowel'] hold a model"),
+    (["algo.one_step_off_policy=true", "algo.dynamic_sampling=true"], "set algo.dynamic_sampling=false or algo.one_step_off_policy=false"),
 ])
 def test_broken_configs_name_field_value_and_fix(overrides, expected):
     with pytest.raises(ConfigError) as err:
@@ -165,3 +169,16 @@ def test_partial_sections_keep_their_own_defaults(tmp_path):
     cfg = load_config(path, ["policy_optim.warmup_steps=2"])
     assert cfg.critic_optim.lr == 5e-5 and cfg.critic_optim.weight_decay == 0.1
     assert cfg.policy_optim.lr == 1e-5 and cfg.policy_optim.warmup_steps == 2
+
+
+def test_which_updates_reuse_their_forward_for_old_logprobs_and_where_light_roles_run():
+    grpo = ["algo.advantage=grpo", "rollout.samples_per_prompt=4", "trainer.prompts_per_step=4",
+            "trainer.mini_batch_size=16", "algo.kl.placement=loss", "algo.kl.estimator=k3"]
+    assert load_config(None, grpo).reuses_training_logprobs
+    for extra in (["algo.epochs=2"], ["trainer.mini_batch_size=8"], ["algo.kl.placement=reward"],
+                  ["algo.recompute_old_logprobs=true"], ["algo.one_step_off_policy=true"]):
+        assert not load_config(None, grpo + extra).reuses_training_logprobs, extra
+    assert load_config(None, []).reward_in_driver  # the default rule-function source
+    model_rm = ["reward.sources.0.kind=model", "reward.sources.0.path=toy"]
+    assert not load_config(None, model_rm).reward_in_driver
+    assert not load_config(None, ["placement.reward_in_driver=false"]).reward_in_driver
