@@ -54,7 +54,8 @@ def required_cpus(cfg: RunConfig) -> float:
         ranks = getattr(cfg.placement, OFFLINE_ROLE[cfg.stage])
         return ranks.cpus * ranks.num_workers
     p = cfg.placement
-    roles = [p.policy, p.reference, p.reward] + ([p.critic] if cfg.uses_critic else [])
+    roles = ([p.policy] + ([] if p.reference_in_policy else [p.reference]) + ([] if cfg.reward_in_driver else [p.reward])
+             + ([p.critic] if cfg.uses_critic else []))  # hosted roles take no Ray CPUs
     return sum(r.cpus * r.num_workers for r in roles) + p.rollout.cpus * cfg.rollout.num_engines
 
 

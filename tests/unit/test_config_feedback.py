@@ -97,7 +97,7 @@ def test_launch_sizes_ray_for_the_new_stages():
     assert launch.required_cpus(load_config(ROOT / "configs" / "toy_cai.yaml")) == 1  # engines only: no eval, no judge
     assert launch.required_cpus(load_config(ROOT / "configs" / "toy_cai.yaml", ["cai.pairs=judge"])) == 2
     assert launch.required_cpus(load_config(TOY_ITERATE)) == 2
-    assert launch.required_cpus(load_config(TOY_ITERATE, ["iterate.train=rm_ppo"])) == 5  # the PPO stage
+    assert launch.required_cpus(load_config(TOY_ITERATE, ["iterate.train=rm_ppo"])) == 4  # PPO: policy (+ reference), critic, RM, engine
 
 
 def test_a_dotted_override_keeps_the_rest_of_a_non_default_section():

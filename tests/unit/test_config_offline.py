@@ -81,6 +81,6 @@ def test_launch_defaults_to_the_pipeline_and_sizes_ray_for_its_largest_stage():
     args = launch.parse_args([])
     cfg = load_config(args.config)
     assert Path(args.config) == TOY_PIPELINE and cfg.stage == "pipeline"
-    assert launch.required_cpus(cfg) == 5  # the PPO stage: policy, critic, reference, reward, one engine
+    assert launch.required_cpus(cfg) == 4  # the PPO stage: policy (hosting the reference), critic, reward model, one engine
     sft = load_config(None, ["stage=sft", "placement.policy.num_workers=2", "placement.policy.cpus=0.5"])
     assert launch.required_cpus(sft) == 1.0
