@@ -439,9 +439,13 @@ class RunConfig(Section):
                 and self.trainer.mini_batch_size == self.sequences_per_step and a.kl.placement == "loss")
 
     @property
+    def light_rewards(self) -> bool:
+        """Every reward source is a rule function or an HTTP endpoint: none holds a model."""
+        return all(s.kind in LIGHT_REWARD_KINDS for s in self.reward.sources)
+
+    @property
     def reward_in_driver(self) -> bool:
-        light = all(s.kind in LIGHT_REWARD_KINDS for s in self.reward.sources)
-        return light if self.placement.reward_in_driver is None else self.placement.reward_in_driver
+        return self.light_rewards if self.placement.reward_in_driver is None else self.placement.reward_in_driver
 
     @property
     def sequences_per_step(self) -> int:

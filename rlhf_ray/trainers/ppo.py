@@ -19,7 +19,7 @@ import torch
 
 from rlhf_ray.algorithms.kl import AdaptiveKLController, FixedKLController
 from rlhf_ray.batch import Experience, Samples, concat_samples
-from rlhf_ray.config import LIGHT_REWARD_KINDS, RunConfig
+from rlhf_ray.config import RunConfig
 from rlhf_ray.data import BatchIterator, PromptExample, load_prompts
 from rlhf_ray.metrics import MetricsLogger, Timer, mean_over_ranks, summary_table
 from rlhf_ray.placement import LocalGroup, PhaseError, RoleSpec, WorkerGroup, rendezvous, reserve
@@ -44,6 +44,7 @@ class Roles:
 
     def __init__(self, cfg: RunConfig, models: ModelPaths, reward_paths: list[str]):
         self.cfg, self.version = cfg, 0
+        self.overlapped = 0  # one-step off-policy rollouts in flight beside the other phases
         p, timeout = cfg.placement, cfg.placement.timeout_s
         specs = {
             "policy": _spec("policy", p.policy, p.policy.num_workers, p.torch_threads),
@@ -114,7 +115,6 @@ class Roles:
             for rank, (node, cpus) in enumerate(group.get(group.call(lambda w: w.where.remote()), "start", "init", timeout)):
                 self.node_of[(role, rank)] = node
                 self.budget[node] = self.cfg.placement.threads_per_node or cpus
-        self.overlapped: set[int] = set()  # one-step off-policy rollouts in flight beside the other phases
 
     def workers(self, *roles: str) -> list[tuple[str, int]]:
         return [(r, i) for r in roles if r in self.groups for i in range(len(self.groups[r]))]
@@ -126,10 +126,6 @@ class Roles:
         if self.cfg.placement.torch_threads:
             return {w: self.cfg.placement.torch_threads for w in busy}
         return split_budget(busy, self.node_of, self.budget)
-
-    def _light_reward(self) -> bool:
-        """Rule functions and HTTP endpoints take no torch threads from the actors beside them."""
-        return all(s.kind in LIGHT_REWARD_KINDS for s in self.cfg.reward.sources)
 
     def _join_gloo(self) -> None:
         rollout = self.groups["rollout"]
@@ -161,9 +157,8 @@ class Roles:
                 [prompts[i] for i in job[0]], params, seed + 7919 * int(job[0][0]), threads=plan[job[1]]),
                 list(zip(chunks, engines)))
 
-        first, ticket = [submit()], object()
-        if overlapped:
-            self.overlapped.add(id(ticket))
+        first = [submit()]
+        self.overlapped += overlapped
 
         def call() -> list:
             refs = first.pop() if first else submit()  # a retry after an engine restart submits again
@@ -173,7 +168,7 @@ class Roles:
             try:
                 parts = [Samples.from_numpy(p) for p in self._recovering_rollout(call, step)]
             finally:
-                self.overlapped.discard(id(ticket))
+                self.overlapped -= overlapped
             return concat_samples(parts, pad_token_id)
 
         return result
@@ -218,7 +213,7 @@ class Roles:
         ref_group, ref_role, ref_method = self.reference
         critic = self.critic if self.critic is not None and with_values else None
         roles = [ref_role] + (["policy"] if old == "recompute" else []) + (["critic"] if critic else [])
-        plan = self.threads(self.workers(*roles, *([] if self._light_reward() else ["reward"])))
+        plan = self.threads(self.workers(*roles, *([] if self.cfg.light_rewards else ["reward"])))  # light: no torch
         fan = lambda group, role, method: group.call_each(  # noqa: E731
             lambda w, job: getattr(w, method).remote(job[0], threads=plan[job[1]]),
             list(zip(_shard_refs(samples, len(group)), self.workers(role))))
