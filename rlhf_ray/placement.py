@@ -14,6 +14,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Callable, Generic, TypeVar
 
 import ray
@@ -261,16 +262,14 @@ class _SerialThread:
 class _Direct:
     """`worker.method.remote(...)` → a Future of `worker.method(...)` on the group's thread."""
 
-    def __init__(self, instance: Any, pool):
+    def __init__(self, instance: Any, pool: _SerialThread):
         self._instance, self._pool = instance, pool
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> SimpleNamespace:
         method = getattr(self._instance, name)
 
-        class _Call:
-            @staticmethod
-            def remote(*args, **kwargs):
-                args = [ray.get(a, timeout=60) if isinstance(a, ray.ObjectRef) else a for a in args]
-                return self._pool.submit(method, *args, **kwargs)
+        def remote(*args, **kwargs):
+            args = [ray.get(a, timeout=60) if isinstance(a, ray.ObjectRef) else a for a in args]
+            return self._pool.submit(method, *args, **kwargs)
 
-        return _Call
+        return SimpleNamespace(remote=remote)

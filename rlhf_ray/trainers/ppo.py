@@ -268,11 +268,9 @@ class Roles:
                 if group is None:
                     continue
                 shards, scales = plan_update(exp.select(order), cfg.trainer.mini_batch_size, len(group))
-                work = list(zip(shards, self.workers(role)))
-                if role == "policy":
-                    refs = group.call_each(lambda w, j: w.train.remote(ray.put(j[0]), scales, kl_coef, threads=plan[j[1]]), work)
-                else:
-                    refs = group.call_each(lambda w, j: w.train.remote(ray.put(j[0]), scales, threads=plan[j[1]]), work)
+                extra = (kl_coef,) if role == "policy" else ()  # the critic's loss has no KL term
+                refs = group.call_each(lambda w, j: w.train.remote(ray.put(j[0]), scales, *extra, threads=plan[j[1]]),
+                                       list(zip(shards, self.workers(role))))
                 jobs.append((role, group, refs))
             for role, group, refs in jobs:
                 ranks = group.get(refs, "update", step)
@@ -375,7 +373,8 @@ class PPOTrainer:
         self.moments = RunningMoments()
         self.violations: Counter = Counter()  # reward-contract violations by kind, over the run
         self.version, self.skipped_in_a_row, self.first_eval = 0, 0, {}
-        self.pending, self.pending_indices = None, None  # one-step off-policy: the next batch, generating
+        self.pending = None  # one-step off-policy: waits for the next batch, generating (its prompts: pending_indices)
+        self.pending_indices: list[int] | None = None
         self.roles = Roles(cfg, inputs.models, inputs.reward_paths)
         try:
             trained = {"policy": self.roles.policy} | ({"critic": self.roles.critic} if self.roles.critic else {})
@@ -492,7 +491,8 @@ class PPOTrainer:
         indices = self.iterator.next_indices() if indices is None else indices
         batch = [self.train_prompts[i] for i in indices]
         metadata = [e.metadata for e in batch for _ in range(n)]
-        wait = self.roles.submit_generate([e.prompt_ids for e in batch], self.sampling(logprobs=True),
+        wait = self.roles.submit_generate([e.prompt_ids for e in batch],
+                                          self.sampling(logprobs=self.old_logprobs != "update"),  # else unused
                                           self._seed(step) + 7_777_777 * round_, step, self.tokenizer.pad_token_id,
                                           overlapped)
         return lambda: (wait(), metadata)
@@ -501,14 +501,11 @@ class PPOTrainer:
         """One-step off-policy: this step's batch was started during the previous step (with the
         weights before its update); start the next one now, to run beside this step's score and update.
         A resumed run regenerates the batch that was in flight (same prompts and seed, current weights)."""
-        if self.pending is None:
-            self.pending = (self.pending_indices, self._submit_rollout(step, indices=self.pending_indices))
-        _, wait = self.pending
+        wait = self.pending or self._submit_rollout(step, indices=self.pending_indices)
         self.pending, self.pending_indices = None, None
         if step < self.cfg.trainer.total_steps:
             self.pending_indices = list(self.iterator.next_indices())
-            self.pending = (self.pending_indices,
-                            self._submit_rollout(step + 1, overlapped=True, indices=self.pending_indices))
+            self.pending = self._submit_rollout(step + 1, overlapped=True, indices=self.pending_indices)
         return wait()
 
     def _reward_contract(self, scored: Scored, step: int) -> dict[str, float]:
