@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     except PhaseError as err:  # the one line naming phase, role, step and cause
         print(err, file=sys.stderr, flush=True)
         return 1
+    except ConfigError as err:  # found while preparing inputs (e.g. a model's head size), before any actor
+        print(f"config error: {err}", file=sys.stderr, flush=True)
+        return 2
     except Exception as err:
         print(f"FAILED {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         raise

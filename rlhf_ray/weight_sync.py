@@ -6,12 +6,13 @@ in the same order and rank 0 sends. Transports:
 
 - `object_store`: rank 0 puts each bucket in Ray's object store as a dict of numpy arrays
   (zero-copy on get; torch tensors would be pickled, ~4× slower — STACK-NOTES); engines get them.
-- `gloo`: a stateless process group (TCPStore + ProcessGroupGloo, no global state) of policy
-  rank 0 and the engines; per bucket one small header (names, shapes, dtypes as JSON) and one
-  byte-flat broadcast. An empty header ends the sync.
+- `gloo` (CPU) / `nccl` (GPU): a stateless process group (TCPStore + ProcessGroupGloo or
+  ProcessGroupNCCL, no global state) of policy rank 0 and the engines' receivers; per bucket one
+  small header (names, shapes, dtypes as JSON) and one byte-flat broadcast. An empty header ends
+  the sync. A tensor-parallel vLLM engine joins with one receiver per shard.
 
-Both sides compute a float64 checksum of the weights; the driver compares them before the next
-rollout, and the engine reports the version it holds.
+Every engine then reports the version it holds and its log-probs of a fixed probe sequence
+(`rollout.base.probe_tokens`); the driver compares them with the policy's before the next rollout.
 """
 
 from __future__ import annotations
@@ -25,11 +26,9 @@ import ray
 import torch
 from torch import Tensor
 
+from rlhf_ray.rollout.base import array_to_tensor  # noqa: F401  (the inverse of to_numpy, for receivers)
+
 Bucket = list[tuple[str, Tensor]]
-
-
-def checksum(tensors: Iterable[Tensor]) -> float:
-    return float(sum(t.detach().double().sum().item() for t in tensors))
 
 
 def to_numpy(t: Tensor) -> np.ndarray:
@@ -38,83 +37,81 @@ def to_numpy(t: Tensor) -> np.ndarray:
     return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
-def from_numpy_like(a: np.ndarray, like: Tensor) -> Tensor:
-    t = torch.from_numpy(a)
-    if like.dtype == torch.bfloat16 and t.dtype == torch.int16:
-        return t.view(torch.bfloat16)
-    return t.to(like.dtype)
-
-
 # --- object store -----------------------------------------------------------------------------
 
 
-def put_buckets(buckets: Iterator[Bucket], is_source: bool) -> tuple[list[ray.ObjectRef], float]:
-    """Walk every bucket (collective under ZeRO-3); on the source rank put each one. → (refs, checksum)"""
-    refs, total = [], 0.0
+def put_buckets(buckets: Iterator[Bucket], is_source: bool) -> list[ray.ObjectRef]:
+    """Walk every bucket (collective under ZeRO-3); on the source rank put each one."""
+    refs = []
     for bucket in buckets:
         if is_source:
-            total += checksum(t for _, t in bucket)
             refs.append(ray.put({name: to_numpy(t) for name, t in bucket}))
-    return refs, total
+    return refs
 
 
-def get_buckets(refs: list[ray.ObjectRef], timeout_s: float) -> Iterator[dict[str, np.ndarray]]:
+def get_weights(refs: list[ray.ObjectRef], timeout_s: float) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) over every bucket, fetched one bucket at a time."""
     for ref in refs:
-        yield ray.get(ref, timeout=timeout_s)
+        yield from ray.get(ref, timeout=timeout_s).items()
 
 
-# --- stateless gloo group -------------------------------------------------------------------
+# --- stateless collective channel -----------------------------------------------------------
 
 
-class GlooChannel:
-    """A process group of policy rank 0 (rank 0) and the rollout engines (ranks 1…M)."""
+class CollectiveChannel:
+    """A process group of policy rank 0 (rank 0) and the engines' receivers (ranks 1…M): gloo for
+    CPU tensors, NCCL when `device` is a GPU."""
 
-    def __init__(self, host: str, port: int, rank: int, world_size: int, timeout_s: float):
+    def __init__(self, host: str, port: int, rank: int, world_size: int, timeout_s: float,
+                 device: torch.device | str = "cpu"):
         timeout = timedelta(seconds=timeout_s)
+        self.device = torch.device(device)
         self.store = torch.distributed.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
-        self.group = torch.distributed.ProcessGroupGloo(self.store, rank, world_size, timeout)
+        if self.device.type == "cuda":
+            options = torch.distributed.ProcessGroupNCCL.Options()
+            options._timeout = timeout
+            self.group = torch.distributed.ProcessGroupNCCL(self.store, rank, world_size, options)
+        else:
+            self.group = torch.distributed.ProcessGroupGloo(self.store, rank, world_size, timeout)
         self.rank = rank
 
     def _broadcast(self, t: Tensor) -> None:
         self.group.broadcast(t, 0).wait()
 
-    def send(self, buckets: Iterator[Bucket], is_source: bool) -> float:
-        total = 0.0
+    def send(self, buckets: Iterator[Bucket], is_source: bool) -> None:
         for bucket in buckets:
             if is_source:
-                total += checksum(t for _, t in bucket)
                 self._send_bucket(bucket)
         if is_source:
             self._send_header([])
-        return total
 
     def _send_header(self, layout: list[list[Any]]) -> None:
         header = torch.frombuffer(bytearray(json.dumps(layout).encode()), dtype=torch.uint8) if layout else torch.zeros(0, dtype=torch.uint8)
-        self._broadcast(torch.tensor([header.numel()], dtype=torch.int64))
+        self._broadcast(torch.tensor([header.numel()], dtype=torch.int64, device=self.device))
         if header.numel():
-            self._broadcast(header)
+            self._broadcast(header.to(self.device))
 
     def _send_bucket(self, bucket: Bucket) -> None:
-        tensors = [t.detach().cpu().contiguous() for _, t in bucket]
+        tensors = [t.detach().to(self.device).contiguous() for _, t in bucket]
         self._send_header([[name, list(t.shape), str(t.dtype).removeprefix("torch.")] for (name, _), t in zip(bucket, tensors)])
         self._broadcast(torch.cat([t.view(-1).view(torch.uint8) for t in tensors]))
 
     def receive(self) -> Iterator[dict[str, Tensor]]:
         """Yield buckets {name: tensor} until the sender's empty header."""
         while True:
-            size = torch.zeros(1, dtype=torch.int64)
+            size = torch.zeros(1, dtype=torch.int64, device=self.device)
             self._broadcast(size)
             if size.item() == 0:
                 return
-            header = torch.zeros(int(size.item()), dtype=torch.uint8)
+            header = torch.zeros(int(size.item()), dtype=torch.uint8, device=self.device)
             self._broadcast(header)
-            layout = json.loads(bytes(header.numpy()).decode())
+            layout = json.loads(bytes(header.cpu().numpy()).decode())
             yield self._receive_bucket(layout)
 
     def _receive_bucket(self, layout: list[list[Any]]) -> dict[str, Tensor]:
         specs = [(name, shape, getattr(torch, dtype)) for name, shape, dtype in layout]
         sizes = [int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size() for _, shape, dtype in specs]
-        flat = torch.empty(sum(sizes), dtype=torch.uint8)
+        flat = torch.empty(sum(sizes), dtype=torch.uint8, device=self.device)
         self._broadcast(flat)
         out, offset = {}, 0
         for (name, shape, dtype), size in zip(specs, sizes):

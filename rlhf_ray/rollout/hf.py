@@ -20,7 +20,7 @@ Token ids in, a `Samples` batch out (layout in rlhf_ray/batch.py). Decisions:
 
 from __future__ import annotations
 
-import warnings
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from torch import Tensor
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_ray.batch import Samples, pad_to
-from rlhf_ray.rollout.base import SamplingParams
+from rlhf_ray.rollout.base import SamplingParams, array_to_tensor, cut_at_first_eos, left_pad
 
 
 class HFRolloutEngine:
@@ -49,7 +49,7 @@ class HFRolloutEngine:
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Samples:
         """`params.n` samples per prompt, rows [i·n, (i+1)·n) from prompt i."""
-        prompt_ids, prompt_mask = self._left_pad([p for p in prompts for _ in range(params.n)])  # (B, P)
+        prompt_ids, prompt_mask = left_pad([p for p in prompts for _ in range(params.n)], self.pad_token_id)  # (B, P)
         rows = self.max_batch or prompt_ids.shape[0]
         with torch.random.fork_rng(devices=self._rng_devices()):
             torch.manual_seed(seed)
@@ -59,23 +59,12 @@ class HFRolloutEngine:
             ]  # ((rows, L_chunk) tokens, (rows, L_chunk) log-probs or None) each
         width = max(g.shape[1] for g, _ in generated)
         tokens = torch.cat([pad_to(g, width, self.pad_token_id, left=False) for g, _ in generated])  # (B, L)
-        response_ids, response_mask, stopped = self._cut_at_first_eos(tokens)
+        response_ids, response_mask, stopped = cut_at_first_eos(tokens, self.eos_token_id, self.pad_token_id)
         logprobs = None
         if params.logprobs and not params.greedy:
             logprobs = torch.cat([pad_to(lp, width, 0.0, left=False) for _, lp in generated])[:, : response_ids.shape[1]]
             logprobs = torch.where(response_mask.bool(), logprobs, 0.0)
         return Samples(prompt_ids, prompt_mask, response_ids, response_mask, stopped, logprobs=logprobs)
-
-    def _left_pad(self, prompts: list[list[int]]) -> tuple[Tensor, Tensor]:
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("generate needs a non-empty list of non-empty prompts (token id lists).")
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, p in enumerate(prompts):
-            ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[row, width - len(p) :] = 1
-        return ids, mask
 
     def _generate_rows(self, prompt_ids: Tensor, prompt_mask: Tensor,
                        params: SamplingParams) -> tuple[Tensor, Tensor | None]:
@@ -100,40 +89,33 @@ class HFRolloutEngine:
         new = sequences[:, prompt_ids.shape[1] :]
         return new.cpu(), recorder.finish(new).cpu() if recorder else None
 
-    def _cut_at_first_eos(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(B, L) generated tokens → response ids and mask right-padded to the longest response, stopped (B,)."""
-        is_eos = tokens == self.eos_token_id  # (B, L)
-        stopped = is_eos.any(-1)  # (B,)
-        first_eos = is_eos.long().argmax(-1)  # (B,) 0 where no EOS, masked by `stopped`
-        lengths = torch.where(stopped, first_eos + 1, tokens.shape[1])  # (B,)
-        width = int(lengths.max())
-        response_mask = (torch.arange(width) < lengths.unsqueeze(-1)).long()  # (B, T)
-        response_ids = torch.where(response_mask.bool(), tokens[:, :width], self.pad_token_id)
-        return response_ids, response_mask, stopped
-
     def _rng_devices(self) -> list[torch.device]:
         return [self.model.device] if self.model.device.type == "cuda" else []
 
     @torch.no_grad()
-    def load_weights(self, named_arrays: dict[str, np.ndarray]) -> None:
-        """Copy arrays into parameters by name; checks every name and shape before copying any."""
+    def load_weights(self, weights: Iterable[tuple[str, Tensor | np.ndarray]]) -> None:
+        """Copy each (name, tensor or array) into the parameter of that name; every name and shape is
+        checked before any is copied, so a mismatched sender leaves the engine as it was."""
         params = dict(self.model.named_parameters())
-        unknown = sorted(set(named_arrays) - set(params))
+        named = [(name, array_to_tensor(v) if isinstance(v, np.ndarray) else v) for name, v in weights]
+        unknown = sorted({name for name, _ in named} - set(params))
         if unknown:
             more = " …" if len(unknown) > 5 else ""
             raise KeyError(f"load_weights: unknown parameter names {unknown[:5]}{more} (the model has e.g. "
                            f"{sorted(params)[:3]}); sender and engine must hold the same architecture.")
-        for name, array in named_arrays.items():
-            if tuple(array.shape) != tuple(params[name].shape):
-                raise ValueError(f"load_weights: '{name}' has shape {tuple(array.shape)}, "
+        for name, tensor in named:
+            if tuple(tensor.shape) != tuple(params[name].shape):
+                raise ValueError(f"load_weights: '{name}' has shape {tuple(tensor.shape)}, "
                                  f"the model's is {tuple(params[name].shape)}.")
-        for name, array in named_arrays.items():
-            params[name].data.copy_(_to_tensor(array))  # copy_ converts dtype and device
+        for name, tensor in named:
+            params[name].data.copy_(tensor)  # copy_ converts dtype and device
 
-    def weights_checksum(self) -> float:
-        """Σ over parameters (sorted by name) of the float64 sum: compared with the sender's after a sync."""
-        params = dict(self.model.named_parameters())
-        return float(sum(params[name].detach().double().sum().item() for name in sorted(params)))
+    @torch.inference_mode()
+    def probe_logprobs(self, token_ids: list[int]) -> np.ndarray:
+        """log π(token_ids[t] | token_ids[:t]), t = 1 … L-1, at temperature 1, float64 (L-1,)."""
+        ids = torch.tensor([token_ids], device=self.model.device)
+        logits = self.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+        return torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None]).squeeze(1).double().cpu().numpy()
 
     def sleep(self) -> None:
         """Nothing to free: HF generate holds no KV cache between calls."""
@@ -176,10 +158,3 @@ def _decoding_kwargs(params: SamplingParams) -> dict:
         return {"do_sample": False}
     # top_k must be passed explicitly: HF's default when unset is 50.
     return {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k}
-
-
-def _to_tensor(array: np.ndarray) -> Tensor:
-    with warnings.catch_warnings():  # Ray's zero-copy arrays are read-only; the tensor is only read
-        warnings.simplefilter("ignore", UserWarning)
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
-    return tensor.view(torch.bfloat16) if tensor.dtype == torch.int16 else tensor

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rlhf_ray.config import TOY, RunConfig, dump_config
 from rlhf_ray.data import Keys
+from rlhf_ray.rollout import check_rollout_model
 from rlhf_ray.workers import ModelPaths
 
 
@@ -41,6 +42,7 @@ def prepare_run(cfg: RunConfig) -> RunInputs:
         critic=critic,
         tokenizer=m.tokenizer or policy,
     )
+    check_rollout_model(cfg, policy)
     train = toy.data("train") if cfg.data.train == TOY else cfg.data.train
     eval_ = toy.data("eval") if cfg.data.eval == TOY else cfg.data.eval
     return RunInputs(models=models, reward_paths=reward_paths, train=train, eval=eval_)

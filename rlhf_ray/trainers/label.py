@@ -30,6 +30,7 @@ from rlhf_ray.data import PromptExample
 from rlhf_ray.data.feedback import write_jsonl
 from rlhf_ray.metrics import summary_table
 from rlhf_ray.models import load_tokenizer
+from rlhf_ray.rollout.base import probe_tokens
 from rlhf_ray.rewards.labeling import Decision, LabelRules, PairJudgement, decide, summarise
 from rlhf_ray.trainers.common import prepare_run
 from rlhf_ray.trainers.sampling import (
@@ -109,14 +110,14 @@ def run_label(cfg: RunConfig) -> dict[str, Any]:
         judgements, decisions = label_pairs(session, cfg, [c.prompt.prompt_text for c in candidates],
                                             [c.response_a for c in candidates], [c.response_b for c in candidates],
                                             [c.stopped_a for c in candidates], [c.stopped_b for c in candidates])
-        checksums = session.weight_checksums()
+        probe = session.probe_logprobs(probe_tokens(len(tokenizer)))
     finally:
         session.close()
     rows = [pair_row(c.prompt.prompt, c.response_a, c.response_b, d, "label")
             for c, d in zip(candidates, decisions) if d.choice is not None]
     report = {"prompts": len(prompts), "samples": samples.batch_size, "skipped_before_labelling": skipped,
               **summarise(judgements, decisions), "eval": evaluation,
-              "policy": inputs.models.policy, "policy_checksum": checksums[0], "seconds": time.perf_counter() - start}
+              "policy": inputs.models.policy, "policy_probe_logprob": probe[0], "seconds": time.perf_counter() - start}
     return _write(cfg, rows, [judgement_row(c, j, d) for c, j, d in zip(candidates, judgements, decisions)], report)
 
 

@@ -23,7 +23,7 @@ from rlhf_ray.config import RunConfig
 from rlhf_ray.data import BatchIterator, PromptExample, load_prompts
 from rlhf_ray.metrics import MetricsLogger, Timer, mean_over_ranks, summary_table
 from rlhf_ray.placement import LocalGroup, PhaseError, RoleSpec, WorkerGroup, rendezvous, reserve
-from rlhf_ray.rollout.base import SamplingParams
+from rlhf_ray.rollout.base import SamplingParams, probe_tokens
 from rlhf_ray.threads import split_budget
 from rlhf_ray.trainers.checkpointing import RunCheckpoints, StopRequested, stop_requested, with_restarts
 from rlhf_ray.trainers.common import RunInputs, data_keys, prepare_run
@@ -42,8 +42,8 @@ from rlhf_ray.workers import (
 class Roles:
     """The worker groups of an RL run, created in placement groups, with typed fan-out calls."""
 
-    def __init__(self, cfg: RunConfig, models: ModelPaths, reward_paths: list[str]):
-        self.cfg, self.version = cfg, 0
+    def __init__(self, cfg: RunConfig, models: ModelPaths, reward_paths: list[str], probe_ids: list[int]):
+        self.cfg, self.version, self.probe_ids = cfg, 0, probe_ids
         self.overlapped = 0  # one-step off-policy rollouts in flight beside the other phases
         p, timeout = cfg.placement, cfg.placement.timeout_s
         specs = {
@@ -104,8 +104,8 @@ class Roles:
             group.get(group.call(lambda w: w.ping.remote()), "start", "init", timeout)
         self._locate(timeout)
         self.rollout_pids = self._rollout_pids("init")
-        if self.cfg.rollout.weight_sync == "gloo":
-            self._join_gloo()
+        if self.cfg.rollout.weight_sync != "object_store":
+            self._join_channel()
 
     def _locate(self, timeout: float) -> None:
         """Each worker's node, and each node's thread budget (placement.threads_per_node or its CPUs)."""
@@ -127,12 +127,14 @@ class Roles:
             return {w: self.cfg.placement.torch_threads for w in busy}
         return split_budget(busy, self.node_of, self.budget)
 
-    def _join_gloo(self) -> None:
+    def _join_channel(self) -> None:
+        """The stateless sync channel: policy rank 0 and one receiver per engine (per shard when tensor parallel)."""
         rollout = self.groups["rollout"]
         host, port = self.policy.get([self.policy.workers[0].node_address.remote()], "sync-setup", "init", self.cfg.placement.timeout_s)[0]
-        world = 1 + len(rollout)
-        refs = self.policy.call(lambda w: w.join_gloo.remote(port, world))
-        refs_r = rollout.call_each(lambda w, i: w.join_gloo.remote(host, port, world), list(range(len(rollout))))
+        shards = self.cfg.rollout.vllm.tensor_parallel_size if self.cfg.rollout_backend == "vllm" else 1
+        world = 1 + len(rollout) * shards
+        refs = self.policy.call(lambda w: w.join_channel.remote(port, world))
+        refs_r = rollout.call_each(lambda w, i: w.join_channel.remote(host, port, world), list(range(len(rollout))))
         self.policy.get(refs, "sync-setup", "init", self.cfg.placement.timeout_s)
         rollout.get(refs_r, "sync-setup", "init", self.cfg.placement.timeout_s)
 
@@ -188,8 +190,8 @@ class Roles:
             print(f"{err}\nrollout engine restarted; re-syncing weights (version {self.version}) and retrying",
                   flush=True)
             self.rollout_pids = pids
-            if self.cfg.rollout.weight_sync == "gloo":
-                self._join_gloo()
+            if self.cfg.rollout.weight_sync != "object_store":
+                self._join_channel()
             self._sync_once(self.version, step)
             return call()
 
@@ -277,24 +279,37 @@ class Roles:
                 metrics |= {f"{role}/{k}": v for k, v in mean_over_ranks(ranks).items()}
         return metrics
 
-    def sync(self, version: int, step: int | str) -> None:
-        """New policy weights → every engine; verified by version and checksum before the next rollout."""
-        self._recovering_rollout(lambda: self._sync_once(version, step), step)
+    def sync(self, version: int, step: int | str) -> float:
+        """New policy weights → every engine; verified before the next rollout: each engine holds `version`
+        and its log-probs of the probe sequence equal the policy's within rollout.sync_probe_tol.
+        → the largest probe gap."""
+        gap = self._recovering_rollout(lambda: self._sync_once(version, step), step)
         self.version = version
+        return gap
 
-    def _sync_once(self, version: int, step: int | str) -> None:
-        rollout = self.groups["rollout"]
-        if self.cfg.rollout.weight_sync == "gloo":
-            sent = self.policy.call(lambda w: w.send_to_gloo.remote())
-            got = rollout.call(lambda w: w.receive_from_gloo.remote(version))
+    def _sync_once(self, version: int, step: int | str) -> float:
+        rollout, probe = self.groups["rollout"], self.probe_ids
+        if self.cfg.rollout.weight_sync != "object_store":
+            sent = self.policy.call(lambda w: w.send_to_channel.remote(probe))
+            got = rollout.call(lambda w: w.receive_from_channel.remote(version, probe))
             expected = self.policy.get(sent, "sync", step)[0]
         else:
-            refs, expected = self.policy.get(self.policy.call(lambda w: w.send_to_object_store.remote()), "sync", step)[0]
-            got = rollout.call(lambda w: w.receive_from_object_store.remote(refs, version))
-        for i, (held, check) in enumerate(rollout.get(got, "sync", step)):
-            if held != version or not np.isclose(check, expected, rtol=1e-9, atol=1e-6):
+            refs, expected = self.policy.get(self.policy.call(lambda w: w.send_to_object_store.remote(probe)), "sync", step)[0]
+            got = rollout.call(lambda w: w.receive_from_object_store.remote(refs, version, probe))
+        gaps = []
+        for i, (held, engine_probe) in enumerate(rollout.get(got, "sync", step)):
+            gaps.append(float(np.abs(engine_probe - expected).max()))
+            if held != version or gaps[-1] > self.cfg.probe_tolerance:
                 raise PhaseError("sync", f"rollout[{i}]", step,
-                                 f"engine holds version {held} checksum {check!r}, expected {version} / {expected!r}")
+                                 f"engine holds version {held} (expected {version}); its probe log-probs differ from "
+                                 f"the policy's by up to {gaps[-1]:.3g} (rollout.sync_probe_tol={self.cfg.probe_tolerance:g})")
+        return max(gaps)
+
+    def sleep_engines(self, step: int | str) -> None:
+        """GPU vLLM with rollout.vllm.enable_sleep: free the engines' memory for the update (woken by the sync)."""
+        if self.cfg.rollout.vllm.enable_sleep and self.cfg.rollout_backend == "vllm":
+            rollout = self.groups["rollout"]
+            rollout.get(rollout.call(lambda w: w.sleep.remote()), "update", step)
 
     def export(self, out_dir: str) -> dict[str, str]:
         out = {"policy": f"{out_dir}/policy"}
@@ -375,7 +390,8 @@ class PPOTrainer:
         self.version, self.skipped_in_a_row, self.first_eval = 0, 0, {}
         self.pending = None  # one-step off-policy: waits for the next batch, generating (its prompts: pending_indices)
         self.pending_indices: list[int] | None = None
-        self.roles = Roles(cfg, inputs.models, inputs.reward_paths)
+        self.reference_samples: Samples | None = None  # win-rate baseline, computed at the first evaluation
+        self.roles = Roles(cfg, inputs.models, inputs.reward_paths, probe_tokens(len(self.tokenizer)))
         try:
             trained = {"policy": self.roles.policy} | ({"critic": self.roles.critic} if self.roles.critic else {})
             self.checkpoints = RunCheckpoints(cfg, trained)
@@ -423,6 +439,7 @@ class PPOTrainer:
             metrics |= {f"numerics/nonfinite_{k}": v for k, v in bad.items()}
         else:
             with timer.phase("update"):
+                self.roles.sleep_engines(step)
                 metrics |= self.roles.update(exp, step, self.cfg.trainer.seed, self.kl_ctl.value)
         skipped = bool(bad) or metrics.get("policy/skipped", 0) > 0 or metrics.get("critic/skipped", 0) > 0
         metrics["numerics/skipped_step"] = float(skipped)
@@ -432,7 +449,7 @@ class PPOTrainer:
         with timer.phase("sync"):
             if not bad:
                 self.version += 1
-                self.roles.sync(self.version, step)
+                metrics["sync/probe_gap"] = self.roles.sync(self.version, step)
         metrics |= {f"reward/{k}": v for k, v in self.roles.reward_counters(step).items()}
         metrics["kl/coef"] = self.kl_ctl.value
         if not bad:
@@ -492,7 +509,7 @@ class PPOTrainer:
         batch = [self.train_prompts[i] for i in indices]
         metadata = [e.metadata for e in batch for _ in range(n)]
         wait = self.roles.submit_generate([e.prompt_ids for e in batch],
-                                          self.sampling(logprobs=self.old_logprobs != "update"),  # else unused
+                                          self.sampling(logprobs=self.old_logprobs != "update" or self.cfg.algo.rollout_correction != "none"),
                                           self._seed(step) + 7_777_777 * round_, step, self.tokenizer.pad_token_id,
                                           overlapped)
         return lambda: (wait(), metadata)
@@ -545,10 +562,22 @@ class PPOTrainer:
                 for k in t.eval_pass_k}
         if t.eval_win_rate:
             first = torch.arange(0, samples.batch_size, t.eval_samples)  # one policy response per prompt
-            reference = self.roles.reference_generate(prompts, replace(params, n=1), seed, tag, self.tokenizer.pad_token_id)
+            reference = self._reference_responses(prompts, replace(params, n=1), seed, tag)
             ref_scores = self.roles.rewards(reference, metadata[:: t.eval_samples], tag).scores
             out["eval/win_rate"] = win_rate(scored.scores[first], ref_scores)
         return out
+
+    def _reference_responses(self, prompts: list[list[int]], params: SamplingParams, seed: int, tag: str) -> Samples:
+        """The reference policy's responses to the eval prompts, the win-rate baseline. Prompts and seed are
+        fixed, so they are computed once: by the rollout engines while they still hold the initial policy
+        (version 0) when that is the reference, else by the reference's own generator."""
+        if self.reference_samples is None:
+            pad, m = self.tokenizer.pad_token_id, self.inputs.models
+            if self.version == 0 and m.reference == m.policy:
+                self.reference_samples = self.roles.generate(prompts, params, seed, tag, pad)
+            else:
+                self.reference_samples = self.roles.reference_generate(prompts, params, seed, tag, pad)
+        return self.reference_samples
 
     def _seed(self, step: int) -> int:
         return self.cfg.rollout.seed * 1_000_003 + step

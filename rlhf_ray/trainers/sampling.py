@@ -3,7 +3,7 @@
 (the preference labeller, plus reward.sources when evaluating) or a `RewardWorker` (evaluation
 only) — each a `WorkerGroup` with deadlines, started together and released together.
 
-Generation is token-in/token-out (`RolloutWorker` → `HFRolloutEngine`): prompts go in as token
+Generation is token-in/token-out (`RolloutWorker` → the configured `RolloutEngine`): prompts go in as token
 ids, split over the engines, each part seeded from the call's seed and its first row, so a call's
 result does not depend on how many engines there are or whether a restarted engine re-ran it.
 The driver decodes responses (special tokens skipped) only to write text datasets and to label.
@@ -77,10 +77,11 @@ class SamplingSession:
                 for e, c in enumerate(chunks)]
         return concat_samples([Samples.from_numpy(p) for p in engines.get(refs, phase, phase)], pad_token_id)
 
-    def weight_checksums(self) -> list[float]:
-        """Each engine's float64 sum of the weights it holds (which policy the samples came from)."""
+    def probe_logprobs(self, probe_ids: list[int]) -> list[float]:
+        """Each engine's summed log-probs of the probe sequence: which policy the samples came from."""
         engines = self.groups["rollout"]
-        return [check for _, check in engines.get(engines.call(lambda w: w.weight_state.remote()), "start", "init")]
+        states = engines.get(engines.call(lambda w: w.weight_state.remote(probe_ids)), "start", "init")
+        return [float(np.sum(probe)) for _, probe in states]
 
     def label(self, prompts: list[str], responses_a: list[str], responses_b: list[str],
               metadata_a: list[dict], metadata_b: list[dict]) -> list[PairJudgement]:

@@ -23,6 +23,8 @@ from rlhf_ray.data import load_preferences, load_sft, render_messages
 from rlhf_ray.data.constitution import critique_messages, load_constitution, revision_messages, sample_principles
 from rlhf_ray.models import load_tokenizer
 from rlhf_ray.rewards import parse_choice
+from rlhf_ray.rollout.base import probe_tokens
+from rlhf_ray.rollout.hf import HFRolloutEngine
 from rlhf_ray.trainers.cai import run_cai
 from rlhf_ray.trainers.iterate import run_iterate, weights_sha256
 from rlhf_ray.trainers.label import run_label
@@ -44,10 +46,11 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _weights_sum(model_dir: str) -> float:
-    """What `RolloutWorker.weight_state` reports: Σ over parameters (sorted by name) of the float64 sum."""
-    params = dict(AutoModelForCausalLM.from_pretrained(model_dir).named_parameters())
-    return float(sum(params[n].detach().double().sum().item() for n in sorted(params)))
+def _probe_sum(model_dir: str) -> float:
+    """What `RolloutWorker.weight_state` reports for a model: its summed log-probs of the probe sequence."""
+    tokenizer = load_tokenizer(model_dir)
+    engine = HFRolloutEngine(AutoModelForCausalLM.from_pretrained(model_dir), tokenizer)
+    return float(engine.probe_logprobs(probe_tokens(len(tokenizer))).sum())
 
 
 # ---- Constitutional AI ---------------------------------------------------------------------------
@@ -151,7 +154,7 @@ def test_label_asks_the_judge_both_orders_and_reports_the_counts(label_run):
     # on_unparseable=tie and on_disagreement=tie: a pair is kept only when its mean verdict is not ½
     means = [sum(0.5 if w is None else w for w in o) / 2 for o in orders]
     assert report["kept"] == sum(m != 0.5 for m in means)
-    assert report["policy_checksum"] == pytest.approx(_weights_sum(report["policy"]), rel=1e-9)
+    assert report["policy_probe_logprob"] == pytest.approx(_probe_sum(report["policy"]), rel=1e-5)
 
 
 # ---- Iterative rounds ---------------------------------------------------------------------------------
@@ -184,8 +187,8 @@ def test_the_second_round_starts_from_the_first_rounds_model(iterate_runs):
     assert dpo_cfg["data"]["train"] == two.pairs == str(run_dir / "round_2" / "label" / "pairs.jsonl")
     # the engines that sampled round 2's pairs held round 1's exported weights
     label_reports = [json.loads((run_dir / f"round_{r}" / "label" / "report.json").read_text()) for r in (1, 2)]
-    assert label_reports[0]["policy_checksum"] == pytest.approx(_weights_sum(one.policy_in), rel=1e-9)
-    assert label_reports[1]["policy_checksum"] == pytest.approx(_weights_sum(one.policy_out), rel=1e-9)
+    assert label_reports[0]["policy_probe_logprob"] == pytest.approx(_probe_sum(one.policy_in), rel=1e-5)
+    assert label_reports[1]["policy_probe_logprob"] == pytest.approx(_probe_sum(one.policy_out), rel=1e-5)
     assert two.policy_in_sha256 == weights_sha256(one.policy_out) != weights_sha256(two.policy_out)
     assert one.train["dpo/last_loss"] < one.train["dpo/first_loss"]
 

@@ -67,7 +67,13 @@ def test_dump_round_trips(tmp_path):
     (["deepspeed.offload_optimizer=true", "deepspeed.zero_stage=0"], "deepspeed.offload_optimizer=true needs deepspeed.zero_stage >= 1"),
     (["algo.kl.placement=loss"], "algo.kl.placement=loss needs algo.kl.estimator=k3"),
     (["algo.clip_high=0.1"], "algo.clip_high=0.1 is below algo.clip_low=0.2"),
-    (["rollout.backend=vllm"], "rollout.backend=vllm needs GPUs"),
+    (["rollout.backend=vllm", "model.toy.num_heads=4"], "model.toy.num_heads=4 gives head size 16"),
+    (["rollout.backend=vllm", "model.toy.hidden_size=96", "model.toy.num_heads=6"], "use model.toy.num_heads=3"),
+    (["rollout.vllm.enable_sleep=true"], "rollout.vllm.enable_sleep=true: vLLM's sleep mode needs GPUs"),
+    (["rollout.vllm.tensor_parallel_size=2", "placement.rollout.gpus=1", "rollout.weight_sync=nccl",
+      "placement.policy.gpus=1"], "rollout.vllm.tensor_parallel_size=2 needs that many GPUs per engine"),
+    (["rollout.vllm.tensor_parallel_size=2", "placement.rollout.gpus=2"], "set rollout.weight_sync=nccl"),
+    (["rollout.weight_sync=nccl"], "rollout.weight_sync=nccl needs GPUs on the policy and the engines"),
     (["rollout.num_engines=9"], "rollout.num_engines=9 exceeds trainer.prompts_per_step=8"),
     (["placement.colocate=[[policy, judge]]"], "placement.colocate names unknown role 'judge'"),
     (["placement.colocate=[[policy], [policy, reference]]"], "lists role 'policy' in more than one group"),
@@ -182,3 +188,23 @@ def test_which_updates_reuse_their_forward_for_old_logprobs_and_where_light_role
     model_rm = ["reward.sources.0.kind=model", "reward.sources.0.path=toy"]
     assert not load_config(None, model_rm).reward_in_driver
     assert not load_config(None, ["placement.reward_in_driver=false"]).reward_in_driver
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["algo.rollout_correction=is"], "algo.rollout_correction='is'"),
+    (["algo.tis_cap=0"], "algo.tis_cap=0: Input should be greater than 0"),
+    (["algo.correction_low=0"], "algo.correction_low=0.0 must be > 0"),
+    (["algo.correction_low=2", "algo.correction_high=1.5"], "algo.correction_low=2.0 must be below algo.correction_high=1.5"),
+    (["algo.rollout_correction=tis", "algo.one_step_off_policy=true"], "algo.rollout_correction=tis does nothing with"),
+])
+def test_rollout_correction_configs_name_the_field(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert expected in str(err.value)
+
+
+def test_rollout_correction_defaults_and_choices():
+    assert load_config(None, []).algo.rollout_correction == "none"
+    cfg = load_config(None, ["algo.rollout_correction=sequence_mask", "algo.correction_low=0.8",
+                             "algo.correction_high=1.25"])
+    assert (cfg.algo.rollout_correction, cfg.algo.correction_low, cfg.algo.correction_high) == ("sequence_mask", 0.8, 1.25)

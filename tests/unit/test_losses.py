@@ -12,7 +12,10 @@ from rlhf_ray.algorithms.losses import (
     entropy_bonus,
     kl_loss,
     policy_loss,
+    sequence_mask_weights,
     sft_loss,
+    tis_weights,
+    token_mask_weights,
     value_loss,
 )
 
@@ -266,3 +269,95 @@ def test_entropy_bonus_hand_example():
     torch.testing.assert_close(metrics["entropy"], torch.tensor(7 / 3))
     value, _ = entropy_bonus(entropy, mask, agg="seq-mean-token-mean")
     torch.testing.assert_close(value, torch.tensor(2.75))
+
+
+# ---- rollout-vs-trainer corrections (§10) ----------------------------------------------------
+
+
+def _rho_case():
+    """§10's case: two real tokens with ρ = π_old/μ = (0.5, 3.0), then a padding token whose
+    log-probs would give ρ = 100 if it leaked."""
+    old_logprobs = torch.tensor([[math.log(0.5), math.log(3.0), math.log(100.0)]], dtype=torch.float64)
+    return old_logprobs, torch.zeros_like(old_logprobs), torch.tensor([[1, 1, 0]])
+
+
+def test_tis_weights_truncate_at_cap():
+    old, behaviour, mask = _rho_case()
+    weights, metrics = tis_weights(old.requires_grad_(), behaviour, mask, cap=2.0)
+    torch.testing.assert_close(weights, torch.tensor([[0.5, 2.0, 0.0]], dtype=torch.float64))
+    assert not weights.requires_grad
+    torch.testing.assert_close(metrics["is_weight_mean"], torch.tensor(1.25, dtype=torch.float64))
+    assert metrics["is_truncated_frac"] == 0.5
+    # mismatch: |log ρ| = (ln 2, ln 3); k3 of r = log μ − log π_old = −log ρ is ρ − 1 − ln ρ
+    torch.testing.assert_close(metrics["logprob_diff_mean"],
+                               torch.tensor((LN2 + math.log(3.0)) / 2, dtype=torch.float64))
+    expected_kl = ((0.5 - 1 + LN2) + (3.0 - 1 - math.log(3.0))) / 2
+    torch.testing.assert_close(metrics["mismatch_kl"], torch.tensor(expected_kl, dtype=torch.float64))
+
+
+def test_token_mask_keeps_token_one_only():
+    old, behaviour, mask = _rho_case()
+    weights, metrics = token_mask_weights(old, behaviour, mask, low=0.5, high=2.0)
+    # 0.5 is inside [0.5, 2] (bounds inclusive), 3.0 outside, padding 0
+    torch.testing.assert_close(weights, torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64))
+    assert metrics["masked_frac"] == 0.5 and metrics["is_weight_mean"] == 0.5
+
+
+def test_sequence_mask_uses_geometric_mean_ratio():
+    # row 0: ρ = (0.5, 3.0) → geometric mean √1.5 ≈ 1.22 ∈ [0.5, 2]: both tokens kept
+    # row 1: ρ = (4, 2, 4) → (32)^(1/3) ≈ 3.17 > 2: all dropped, though ρ = 2 alone is inside
+    # row 2: ρ = (0.25) → 0.25 < 0.5: dropped; row 3: no real tokens, counts for nothing
+    rho = torch.tensor([[0.5, 3.0, 50.0], [4.0, 2.0, 4.0], [0.25, 1.0, 1.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [0, 0, 0]])
+    weights, metrics = sequence_mask_weights(rho.log(), torch.zeros_like(rho), mask, low=0.5, high=2.0)
+    expected = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(weights, expected)
+    # 2 of the 3 sequences with real tokens dropped; 2 of 6 real tokens kept
+    torch.testing.assert_close(metrics["masked_frac"], torch.tensor(2 / 3, dtype=torch.float64))
+    torch.testing.assert_close(metrics["is_weight_mean"], torch.tensor(2 / 6, dtype=torch.float64))
+
+
+def test_policy_loss_with_unit_weights_equals_without():
+    mask, randn = _mini_batch(seed=3)
+    old_logprobs, advantages = randn(), randn()
+    logprobs = old_logprobs + 0.3 * randn()
+    plain, plain_metrics = policy_loss(logprobs, old_logprobs, advantages, mask, dual_clip=3.0)
+    ones, _ = policy_loss(logprobs, old_logprobs, advantages, mask, dual_clip=3.0, is_weights=torch.ones_like(mask))
+    assert torch.equal(plain, ones)
+    assert plain_metrics.keys() == {"clip_frac", "approx_kl", "ratio_mean", "ratio_max"}
+
+
+def test_policy_loss_is_weights_hand_example():
+    # ρ_θ = (1.5, 0.5, 1.5) with A = (+1, −1, −1): token losses (−1.2, 0.8, 1.5) as in §5.1's test;
+    # TIS weights (0.5, 2.0) on the real tokens, the third token is padding (weight 7 must not count)
+    logprobs = torch.tensor([[1.5, 0.5, 1.5]], dtype=torch.float64).log().requires_grad_()
+    adv = torch.tensor([[1.0, -1.0, -1.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64)
+    weights = torch.tensor([[0.5, 2.0, 7.0]], dtype=torch.float64).requires_grad_()
+    loss, _ = policy_loss(logprobs, torch.zeros_like(adv), adv, mask, is_weights=weights)
+    torch.testing.assert_close(loss, torch.tensor((0.5 * -1.2 + 2.0 * 0.8) / 2, dtype=torch.float64))
+    seq, _ = policy_loss(logprobs, torch.zeros_like(adv), adv, mask, agg="seq-mean-token-sum-norm", is_weights=weights)
+    torch.testing.assert_close(seq, torch.tensor((0.5 * -1.2 + 2.0 * 0.8) / 3, dtype=torch.float64))  # / max_len 3
+    loss.backward()
+    assert weights.grad is None  # the weights are detached
+
+
+@pytest.mark.parametrize("make", [
+    lambda old, beh, m: tis_weights(old, beh, m, cap=2.0),
+    lambda old, beh, m: token_mask_weights(old, beh, m, low=0.5, high=2.0),
+    lambda old, beh, m: sequence_mask_weights(old, beh, m, low=0.5, high=2.0),
+])
+def test_padding_never_contributes_to_weights_or_loss(make):
+    mask = torch.tensor([[1, 1, 0, 0]])
+    old = torch.tensor([[-1.0, -0.5, float("nan"), 30.0]])
+    behaviour = torch.tensor([[-1.2, -0.4, 0.0, float("-inf")]])
+    weights, metrics = make(old, behaviour, mask)
+    assert weights[0, 2:].eq(0).all() and all(torch.isfinite(v) for v in metrics.values())
+    clean, _ = make(old[:, :2], behaviour[:, :2], mask[:, :2])
+    torch.testing.assert_close(weights[:, :2], clean)
+    adv = torch.tensor([[1.0, -1.0, float("nan"), 5.0]])
+    logprobs = torch.tensor([[-0.9, -0.6, 0.0, 0.0]])
+    loss, _ = policy_loss(logprobs, old, adv, mask, is_weights=weights)
+    short, _ = policy_loss(logprobs[:, :2], old[:, :2], adv[:, :2], mask[:, :2], is_weights=clean,
+                           scale=LossScale.from_mask(mask))
+    assert torch.isfinite(loss) and torch.equal(loss, short)

