@@ -206,7 +206,6 @@ class RlhfRay:
         self.trainer, self.step_index, self.ray_up = None, 0, False
 
     def setup(self, overrides: list[str], total_steps: int) -> dict[str, float]:
-        import ray
 
         from launch import init_ray, preload
 
@@ -227,7 +226,7 @@ class RlhfRay:
         self.trainer = PPOTrainer(cfg, prepare_run(cfg))
         self.cfg, self.step_index = cfg, 0
         self.actor_pids = {role: g.get(g.call(lambda w: w.ping.remote()), "benchmark", "pids", 60)
-                           for role, g in self.trainer.roles.groups.items()}
+                           for role, g in self.trainer.roles.pools.items()}
         self.actor_pids = {role: [p for p in pids if p != os.getpid()] for role, pids in self.actor_pids.items()}
         return {"ray_init_s": t1 - t0, "trainer_s": time.perf_counter() - t1}
 

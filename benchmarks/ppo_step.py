@@ -28,8 +28,8 @@ PHASE_METHODS = {
     "score": {"policy": ["compute_logprobs", "reference_logprobs"], "reference": ["compute_logprobs"], "critic": ["compute_values"],
               "reward": ["score"]},
     "update": {"policy": ["train"], "critic": ["train"]},
-    "sync": {"policy": ["send_to_object_store", "send_to_gloo"],
-             "rollout": ["receive_from_object_store", "receive_from_gloo"]},
+    "sync": {"policy": ["send_to_object_store", "send_to_channel"],
+             "rollout": ["receive_from_object_store", "receive_from_channel"]},
 }
 
 
@@ -74,10 +74,9 @@ def main() -> int:
 
 def _usage(trainer) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """{role: {method: max seconds over the role's workers}}, {role: peak MiB over its workers}."""
-    import ray
 
     busy, peak = {}, {}
-    for role, group in trainer.roles.groups.items():
+    for role, group in trainer.roles.pools.items():
         results = group.get(group.call(lambda w: w.usage.remote()), "benchmark", "usage", 60)
         busy[role] = {}
         for methods, _ in results:

@@ -80,7 +80,6 @@ import random
 import re
 import secrets
 import shutil
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath

@@ -1,6 +1,6 @@
 """Placement groups, torch.distributed rendezvous, and typed fan-out/gather over a role's actors.
 
-A role is a `WorkerGroup`: N Ray actors of one plain worker class, each pinned to a bundle
+A role is a `WorkerPool`: N Ray actors of one plain worker class, each pinned to a bundle
 `{"CPU": c, "GPU": g}` of a placement group (g = 0 on CPU-only Ray). Roles listed together in
 `placement.colocate` share one placement group: each keeps its own CPUs in a bundle and they split its GPU.
 Every wait has a deadline; a failure is a `PhaseError` whose message is one line naming the phase,
@@ -97,8 +97,8 @@ def _resources(res: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in res.items() if k in ("CPU", "GPU", "memory")}
 
 
-class WorkerGroup(Generic[W]):
-    """N actors of one role. Calls are typed: `group.call(lambda w: w.method.remote(...))`."""
+class WorkerPool(Generic[W]):
+    """N actors of one role. Calls are typed: `pool.call(lambda w: w.method.remote(...))`."""
 
     def __init__(self, spec: RoleSpec, worker_cls: type[W], pg: PlacementGroup, gpu_share: float,
                  make_args: Callable[[int], tuple], timeout_s: float, max_restarts: int = 0,
@@ -181,19 +181,19 @@ def _runtime_env(spec: RoleSpec) -> dict[str, Any]:
     return {} if env == inherited else {"runtime_env": {"env_vars": env}}
 
 
-def rendezvous(groups: list[WorkerGroup], timeout_s: float | None = None) -> None:
-    """Each group's rank 0 reports its address and a free port; every rank then joins its group's
+def rendezvous(pools: list[WorkerPool], timeout_s: float | None = None) -> None:
+    """Each pool's rank 0 reports its address and a free port; every rank then joins its pool's
     torch.distributed group. All joins are submitted before any is awaited: a rank blocks until its
-    whole group has joined (STACK-NOTES: waiting rank by rank deadlocks). `timeout_s`: the start-up
+    whole pool has joined (STACK-NOTES: waiting rank by rank deadlocks). `timeout_s`: the start-up
     deadline (placement.timeout_s), which engine construction must meet."""
-    addrs = [g.get([g.workers[0].node_address.remote()], "rendezvous", "init", timeout_s)[0] for g in groups]
-    pending = [(g, g.call(lambda w, a=addr: w.init_distributed.remote(*a))) for g, addr in zip(groups, addrs)]
-    for group, refs in pending:
-        group.get(refs, "rendezvous", "init", timeout_s)
+    addrs = [g.get([g.workers[0].node_address.remote()], "rendezvous", "init", timeout_s)[0] for g in pools]
+    pending = [(g, g.call(lambda w, a=addr: w.init_distributed.remote(*a))) for g, addr in zip(pools, addrs)]
+    for pool, refs in pending:
+        pool.get(refs, "rendezvous", "init", timeout_s)
 
 
-class LocalGroup(Generic[W]):
-    """One worker run inside the driver's process, with a `WorkerGroup`'s calls: for light roles (a
+class LocalPool(Generic[W]):
+    """One worker run inside the driver's process, with a `WorkerPool`'s calls: for light roles (a
     rule-function reward) that would otherwise cost a process, its torch import and ~330 MiB.
 
     `w.method.remote(*args)` starts the call on a background thread (ObjectRef arguments are
@@ -207,10 +207,10 @@ class LocalGroup(Generic[W]):
         self.instance = worker_cls(*make_args(0))
         self.workers = [_Direct(self.instance, self._pool)]
 
-    role = WorkerGroup.role
-    __len__ = WorkerGroup.__len__
-    call = WorkerGroup.call
-    call_each = WorkerGroup.call_each
+    role = WorkerPool.role
+    __len__ = WorkerPool.__len__
+    call = WorkerPool.call
+    call_each = WorkerPool.call_each
 
     def get(self, refs: list, phase: str, step: int | str, timeout_s: float | None = None) -> list[Any]:
         from concurrent.futures import TimeoutError as FutureTimeout
@@ -260,7 +260,7 @@ class _SerialThread:
 
 
 class _Direct:
-    """`worker.method.remote(...)` → a Future of `worker.method(...)` on the group's thread."""
+    """`worker.method.remote(...)` → a Future of `worker.method(...)` on the pool's thread."""
 
     def __init__(self, instance: Any, pool: _SerialThread):
         self._instance, self._pool = instance, pool

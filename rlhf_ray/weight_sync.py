@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import ray
@@ -70,13 +70,13 @@ class CollectiveChannel:
         if self.device.type == "cuda":
             options = torch.distributed.ProcessGroupNCCL.Options()
             options._timeout = timeout
-            self.group = torch.distributed.ProcessGroupNCCL(self.store, rank, world_size, options)
+            self.process_group = torch.distributed.ProcessGroupNCCL(self.store, rank, world_size, options)
         else:
-            self.group = torch.distributed.ProcessGroupGloo(self.store, rank, world_size, timeout)
+            self.process_group = torch.distributed.ProcessGroupGloo(self.store, rank, world_size, timeout)
         self.rank = rank
 
     def _broadcast(self, t: Tensor) -> None:
-        self.group.broadcast(t, 0).wait()
+        self.process_group.broadcast(t, 0).wait()
 
     def send(self, buckets: Iterator[Bucket], is_source: bool) -> None:
         for bucket in buckets:

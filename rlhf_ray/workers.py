@@ -1,4 +1,4 @@
-"""Role workers: plain classes that `placement.WorkerGroup` runs as Ray actors (`ray.remote(cls)`).
+"""Role workers: plain classes that `placement.WorkerPool` runs as Ray actors (`ray.remote(cls)`).
 
 Each worker holds one model (or the reward sources) and answers typed calls with numpy payloads
 (`batch.TensorRecord.to_numpy`), so nothing here needs Ray except weight transport, which lives in
@@ -49,7 +49,7 @@ def set_threads() -> None:
 
 def node_address() -> tuple[str, int]:
     """This node's IP and a free TCP port (rank 0 of a group reports them for rendezvous)."""
-    from rlhf_ray.engine import free_port, node_ip
+    from rlhf_ray.deepspeed_model import free_port, node_ip
 
     return node_ip(), free_port()
 
@@ -155,28 +155,28 @@ def _response_logprobs(forward, part: Samples, temperature: float) -> torch.Tens
     return torch.where(part.response_mask.to(logits.device).bool(), logprobs, 0.0).cpu()
 
 
-ENGINE_TAG = "engine"  # DeepSpeed checkpoint tag inside a role's checkpoint directory
+CHECKPOINT_TAG = "deepspeed"  # DeepSpeed checkpoint tag inside a role's checkpoint directory
 
 
 class _TrainedRole(Worker):
-    """A DeepSpeed rank (policy or critic): rendezvous, engine, export."""
+    """A DeepSpeed rank (policy or critic): rendezvous, DeepSpeed model, export."""
 
     role = ""
 
     def __init__(self, cfg: RunConfig, paths: ModelPaths, rank: int, world_size: int):
         super().__init__()
         self.cfg, self.paths, self.rank, self.world_size = cfg, paths, rank, world_size
-        self.engine = None
+        self.model = None
 
     def init_distributed(self, master_addr: str, master_port: int) -> bool:
-        from rlhf_ray.engine import TrainEngine, effective_zero, init_distributed, setup_deepspeed_env
+        from rlhf_ray.deepspeed_model import DeepSpeedModel, effective_zero, init_distributed, setup_deepspeed_env
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         setup_deepspeed_env(device)
         init_distributed(self.rank, self.world_size, master_addr, master_port,
                          "nccl" if device == "cuda" else "gloo", self.cfg.deepspeed.timeout_s)
         torch.manual_seed(self.cfg.trainer.seed)
-        self.engine = TrainEngine(self.load_model(), self.optim_config(), effective_zero(self.cfg.deepspeed, self.world_size),
+        self.model = DeepSpeedModel(self.load_model(), self.optim_config(), effective_zero(self.cfg.deepspeed, self.world_size),
                                   micro_batch_size=self.cfg.trainer.micro_batch_size,
                                   grad_accum=self.cfg.grad_accum_steps(self.role),
                                   total_optimizer_steps=self.total_optimizer_steps())
@@ -195,21 +195,21 @@ class _TrainedRole(Worker):
     def export(self, path: str) -> str:
         from rlhf_ray.models import load_tokenizer
 
-        self.engine.save_hf(path, tokenizer=load_tokenizer(self.paths.tokenizer, self.cfg.model.trust_remote_code))
+        self.model.save_hf(path, tokenizer=load_tokenizer(self.paths.tokenizer, self.cfg.model.trust_remote_code))
         return path
 
     def save_state(self, directory: str) -> bool:
         """DeepSpeed model/optimizer/scheduler state of this rank (every rank calls it) and its RNG."""
         from rlhf_ray.checkpoint import capture_rng, save_rng
 
-        self.engine.save_checkpoint(directory, tag=ENGINE_TAG)
+        self.model.save_checkpoint(directory, tag=CHECKPOINT_TAG)
         save_rng(directory, f"rng_rank{self.rank}", capture_rng())
         return True
 
     def load_state(self, directory: str) -> bool:
         from rlhf_ray.checkpoint import load_rng, restore_rng
 
-        self.engine.load_checkpoint(directory, tag=ENGINE_TAG)
+        self.model.load_checkpoint(directory, tag=CHECKPOINT_TAG)
         restore_rng(load_rng(directory, f"rng_rank{self.rank}"))
         return True
 
@@ -225,20 +225,20 @@ class _TrainedRole(Worker):
         per_mb = exp.batch_size // len(scales)
         summed: dict[str, float] = {}
         averaged: list[dict[str, float]] = []
-        self.engine.train()
+        self.model.train()
         for mb_index, scale in enumerate(scales):
             mb = exp.select(slice(mb_index * per_mb, (mb_index + 1) * per_mb))
             for rows in _split(per_mb, self.cfg.trainer.micro_batch_size):
-                loss, shares, means = micro_loss(mb.select(rows).to(self.engine.device), scale)
+                loss, shares, means = micro_loss(mb.select(rows).to(self.model.device), scale)
                 if faults.fire(self.role, "loss", self.rank) == "nan":
                     loss = loss * float("nan")
                 if not torch.isfinite(loss):
                     print(f"non-finite {self.role} loss on rank {self.rank}: {loss.item()} (the optimizer step "
                           f"will be skipped on every rank)", flush=True)
-                self.engine.backward(loss * self.world_size)
+                self.model.backward(loss * self.world_size)
                 _add(summed, {"loss": loss.item(), **shares}, self.world_size / len(scales))
                 averaged.append(means)
-            averaged.append(self.engine.step())
+            averaged.append(self.model.step())
         return summed | _mean(averaged)
 
 
@@ -280,9 +280,9 @@ class PolicyWorker(_TrainedRole):
     @torch.no_grad()
     def compute_logprobs(self, payload: dict[str, Any]) -> np.ndarray:
         """Old log-probs π_old of the response tokens, recomputed by the trainer (B, T)."""
-        self.engine.eval()
+        self.model.eval()
         return _per_micro_batch(Samples.from_numpy(payload), self.cfg.trainer.micro_batch_size,
-                                lambda part: _response_logprobs(self.engine.forward, part, self.cfg.rollout.temperature))
+                                lambda part: _response_logprobs(self.model.forward, part, self.cfg.rollout.temperature))
 
     @timed
     def train(self, payload: dict[str, Any], scales: list[Any], kl_coef: float) -> dict[str, float]:
@@ -298,7 +298,7 @@ class PolicyWorker(_TrainedRole):
                       "sequence_mask": functools.partial(sequence_mask_weights, **bounds)}.get(algo.rollout_correction)
 
         def micro_loss(mb: Experience, scale):
-            logits = _forward_logits(self.engine.forward, mb)
+            logits = _forward_logits(self.model.forward, mb)
             logprobs = logprobs_from_logits(logits, mb.response_ids, temperature)
             mask = mb.response_mask
             # π_old = π_θ here when the driver sent none: this update is the rollout policy's only one
@@ -329,22 +329,22 @@ class PolicyWorker(_TrainedRole):
         → (refs, the policy's log-probs of the probe sequence)"""
         from rlhf_ray.weight_sync import put_buckets
 
-        refs = put_buckets(self.engine.gathered_named_parameters(self._bucket_bytes()), self.rank == 0)
+        refs = put_buckets(self.model.gathered_named_parameters(self._bucket_bytes()), self.rank == 0)
         return refs, self.probe_logprobs(probe_ids)
 
     def join_channel(self, port: int, world_size: int) -> bool:
         """Rank 0 hosts the stateless sync channel (engines' receivers are ranks 1…); other ranks take no part."""
-        from rlhf_ray.engine import node_ip
+        from rlhf_ray.deepspeed_model import node_ip
         from rlhf_ray.weight_sync import CollectiveChannel
 
         if self.rank == 0:
             self.channel = CollectiveChannel(node_ip(), port, 0, world_size, self.cfg.deepspeed.timeout_s,
-                                             device=self.engine.device)
+                                             device=self.model.device)
         return True
 
     @timed
     def send_to_channel(self, probe_ids: list[int]) -> np.ndarray:
-        buckets = self.engine.gathered_named_parameters(self._bucket_bytes())
+        buckets = self.model.gathered_named_parameters(self._bucket_bytes())
         if self.rank != 0:
             for _ in buckets:  # take part in the ZeRO-3 gathers
                 pass
@@ -355,9 +355,9 @@ class PolicyWorker(_TrainedRole):
     @torch.no_grad()
     def probe_logprobs(self, probe_ids: list[int]) -> np.ndarray:
         """log π(probe[t] | probe[:t]) at temperature 1, float64 (L-1,); every rank takes part (ZeRO-3)."""
-        self.engine.eval()
-        ids = torch.tensor([probe_ids], device=self.engine.device)
-        logits = self.engine.forward(ids, torch.ones_like(ids), position_ids(torch.ones_like(ids)))[0, :-1].float()
+        self.model.eval()
+        ids = torch.tensor([probe_ids], device=self.model.device)
+        logits = self.model.forward(ids, torch.ones_like(ids), position_ids(torch.ones_like(ids)))[0, :-1].float()
         return torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None]).squeeze(1).double().cpu().numpy()
 
     def _bucket_bytes(self) -> int:
@@ -378,11 +378,11 @@ class CriticWorker(_TrainedRole):
         """V(s_t) before each response token (B, T), zeros on padding."""
         from rlhf_ray.models import response_values
 
-        self.engine.eval()
+        self.model.eval()
 
         def values(part: Samples) -> torch.Tensor:
-            part = part.to(self.engine.device)
-            v = response_values(self.engine.module, part.input_ids, part.attention_mask, part.prompt_ids.shape[1])
+            part = part.to(self.model.device)
+            v = response_values(self.model.module, part.input_ids, part.attention_mask, part.prompt_ids.shape[1])
             return torch.where(part.response_mask.bool(), v.float(), 0.0).cpu()
 
         return _per_micro_batch(Samples.from_numpy(payload), self.cfg.trainer.micro_batch_size, values)
@@ -396,7 +396,7 @@ class CriticWorker(_TrainedRole):
         algo = self.cfg.algo
 
         def micro_loss(mb: Experience, scale):
-            values = response_values(self.engine.module, mb.input_ids, mb.attention_mask, mb.prompt_ids.shape[1]).float()
+            values = response_values(self.model.module, mb.input_ids, mb.attention_mask, mb.prompt_ids.shape[1]).float()
             loss, metrics = value_loss(values, mb.values, mb.returns, mb.response_mask, clip=algo.value_clip,
                                        agg=algo.loss_agg, scale=scale)
             return loss, {}, {k: float(v) for k, v in metrics.items()}
@@ -441,6 +441,14 @@ class ReferenceWorker(Worker):
                                 lambda part: _response_logprobs(forward, part, self.cfg.rollout.temperature))
 
 
+def judge_engine_factory(cfg: RunConfig):
+    """How an LLM judge builds its generation engine: the run's rollout backend over the judge's model, with
+    the model's whole context (judge prompts hold a template, the prompt and one or two responses)."""
+    from rlhf_ray.rollout import build_engine
+
+    return lambda path: build_engine(cfg, path, path, max_batch=cfg.reward.batch_size, full_context=True)
+
+
 class RewardWorker(Worker):
     """Scores decoded (prompt, response) pairs with the configured sources."""
 
@@ -453,7 +461,7 @@ class RewardWorker(Worker):
 
         self.tokenizer = load_tokenizer(paths.tokenizer, cfg.model.trust_remote_code)
         self.sources = build_reward_sources(cfg.reward.sources, reward_paths, cfg.model.trust_remote_code,
-                                            cfg.reward.batch_size)
+                                            cfg.reward.batch_size, judge_engine_factory(cfg))
         self.on_error = cfg.reward.on_error
 
     @timed
@@ -566,7 +574,8 @@ class LabelWorker(Worker):
         from rlhf_ray.rewards import build_reward_source
         from rlhf_ray.rewards.labeling import PairLabeler
 
-        source = build_reward_source(cfg.label.labeler, labeler_path, cfg.model.trust_remote_code, cfg.reward.batch_size)
+        source = build_reward_source(cfg.label.labeler, labeler_path, cfg.model.trust_remote_code, cfg.reward.batch_size,
+                                     judge_engine_factory(cfg))
         self.labeler = PairLabeler(source)
         self.scorer = RewardWorker(cfg, paths, reward_paths) if reward_paths is not None else None
 
@@ -623,8 +632,8 @@ class OfflineWorker(_TrainedRole):
 
     def _outputs(self, batch: OfflineBatch) -> torch.Tensor:
         if self.role == "policy":
-            return sequence_logprobs(self.engine.forward, batch)
-        return last_token_scores(self.engine.module, batch)
+            return sequence_logprobs(self.model.forward, batch)
+        return last_token_scores(self.model.module, batch)
 
     @timed
     def train(self, payload: dict[str, Any], scale) -> dict[str, float]:
@@ -636,14 +645,14 @@ class OfflineWorker(_TrainedRole):
     def outputs(self, payload: dict[str, Any]) -> np.ndarray:
         """ℓ(y) (policy) or scores (reward) of every sequence, (N, K) float32; no update."""
         batch = OfflineBatch.from_numpy(payload)
-        self.engine.eval()
+        self.model.eval()
         parts = [self._outputs(batch.select(rows)) for rows in _split(batch.batch_size, self.cfg.trainer.micro_batch_size)]
         return torch.cat(parts).float().numpy()
 
     @timed
     @torch.no_grad()
     def reference_logprobs(self, payload: dict[str, Any]) -> np.ndarray:
-        """ℓ_ref(y), (N, K): the engine itself before the first update when the reference is the
+        """ℓ_ref(y), (N, K): the trained model itself before the first update when the reference is the
         initial policy (the default), else a frozen copy of `paths.reference` loaded here."""
         if self.paths.reference == self.paths.policy:
             return self.outputs(payload)
@@ -651,7 +660,7 @@ class OfflineWorker(_TrainedRole):
 
         if self.reference is None:
             self.reference = load_causal_lm(self.paths.reference, model_dtype(self.cfg), self.cfg.model.trust_remote_code)
-            self.reference.to(self.engine.module.device).eval()
+            self.reference.to(self.model.module.device).eval()
         batch = OfflineBatch.from_numpy(payload)
         forward = _plain_forward(self.reference)
         parts = [sequence_logprobs(forward, batch.select(rows))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from rlhf_ray.config import RewardSourceConfig
 from rlhf_ray.rewards.base import RewardError, RewardSource, check_scores
@@ -12,6 +14,9 @@ from rlhf_ray.rewards.function import FunctionReward
 from rlhf_ray.rewards.http import HttpReward
 from rlhf_ray.rewards.judge import JudgeReward
 from rlhf_ray.rewards.model import ModelReward
+
+if TYPE_CHECKING:
+    from rlhf_ray.rollout.base import RolloutEngine
 
 
 class WeightedSum:
@@ -64,25 +69,28 @@ def build_reward_sources(
     paths: list[str | None],
     trust_remote_code: bool = False,
     batch_size: int = 32,
+    make_engine: Callable[[str], RolloutEngine] | None = None,
 ) -> WeightedSum:
     """Sources from config; `paths[i]` is source i's path resolved ('toy' built into a directory), aligned with `cfgs`."""
     if len(paths) != len(cfgs):
         raise ValueError(f"build_reward_sources: {len(paths)} paths for {len(cfgs)} sources; pass one per source.")
-    return WeightedSum([(build_reward_source(cfg, path, trust_remote_code, batch_size), cfg.weight)
+    return WeightedSum([(build_reward_source(cfg, path, trust_remote_code, batch_size, make_engine), cfg.weight)
                         for cfg, path in zip(cfgs, paths)])
 
 
 def build_reward_source(
-    cfg: RewardSourceConfig, path: str | None, trust_remote_code: bool = False, batch_size: int = 32
+    cfg: RewardSourceConfig, path: str | None, trust_remote_code: bool = False, batch_size: int = 32,
+    make_engine: Callable[[str], RolloutEngine] | None = None,
 ) -> RewardSource:
-    """One source; `path` is `cfg.path` resolved to a local directory or hub id (unused by kind=http)."""
+    """One source; `path` is `cfg.path` resolved to a local directory or hub id (unused by kind=http).
+    `make_engine(path)`: the generation engine of a judge (the run's rollout backend); default HF generate."""
     if cfg.kind == "function":
         return FunctionReward(cfg.path, name=cfg.name)
     if cfg.kind == "http":
         return HttpReward(cfg.http, name=cfg.name)
     if cfg.kind == "judge":
         return JudgeReward(path, options=cfg.judge, name=cfg.name, batch_size=batch_size,
-                           trust_remote_code=trust_remote_code)
+                           trust_remote_code=trust_remote_code, engine=make_engine(path) if make_engine else None)
     name = cfg.name or cfg.path.rstrip("/").rpartition("/")[2]
     return ModelReward(path, batch_size=batch_size, trust_remote_code=trust_remote_code, name=name)
 

@@ -9,7 +9,7 @@ ALGORITHMS.md §9, ARCHITECTURE.md §5). It is one more reward source, run insid
   counting ½. `compare_pairs(prompts, a, b)` exposes the same for evaluation win-rates
   (1 = A better, 0 = B better, 0.5 tie); `compare_orders` gives each order's verdict apart
   (AI preference labelling: `rlhf_ray.rewards.labeling`).
-- Replies are decoded greedily (at most `max_new_tokens`) with the HF rollout engine, every
+- Replies are decoded greedily (at most `max_new_tokens`) with the run's rollout engine (vLLM or HF), every
   query of a call in one `generate` batch; the rendered prompt is sent as one user message
   through the judge tokenizer's chat template when it has one (`chat_template`).
 - Verdicts are parsed by the pure functions `parse_grade` and `parse_choice`; a reply they cannot
@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # transformers' modeling stack costs ~3 s CPU to import: only
 
 from rlhf_ray.config import JudgeSourceConfig
 from rlhf_ray.rewards.base import RewardError
-from rlhf_ray.rollout.base import SamplingParams
+from rlhf_ray.rollout.base import RolloutEngine, SamplingParams
 
 Choice = Literal["A", "B", "tie"]
 
@@ -132,13 +132,23 @@ class JudgeReward:
         batch_size: int = 32,
         trust_remote_code: bool = False,
         dtype: str | torch.dtype = "auto",
+        engine: RolloutEngine | None = None,
     ):
-        """`model`: a causal LM or its path (moved to CUDA when one is visible); `tokenizer`: default the model's."""
+        """`model`: a causal LM or its path (moved to CUDA when one is visible); `tokenizer`: default the model's.
+        `engine`: the generation engine already built over `model` (the run's configured backend, e.g. vLLM);
+        default: HF generate over `model`."""
         from rlhf_ray.models import load_causal_lm, load_tokenizer
         from rlhf_ray.rollout.hf import HFRolloutEngine
 
         self.options = options or JudgeSourceConfig()
         self.name = name or "judge"
+        self.counters = {"verdicts": 0, "unparseable": 0, "no_verdict": 0}
+        self.last_counts = dict(self.counters)
+        self.last_queries: list[JudgeQuery] = []
+        if engine is not None:
+            self.tokenizer = load_tokenizer(tokenizer or model, trust_remote_code) if tokenizer is None or isinstance(tokenizer, str) else tokenizer
+            self.engine = engine
+            return
         if isinstance(model, str):
             tokenizer = tokenizer or model
             model = load_causal_lm(model, dtype, trust_remote_code)
@@ -147,9 +157,6 @@ class JudgeReward:
             tokenizer = load_tokenizer(tokenizer or model.name_or_path, trust_remote_code)
         self.tokenizer = tokenizer
         self.engine = HFRolloutEngine(model, tokenizer, max_batch=batch_size)
-        self.counters = {"verdicts": 0, "unparseable": 0, "no_verdict": 0}
-        self.last_counts = dict(self.counters)
-        self.last_queries: list[JudgeQuery] = []
 
     def score(self, prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float]:
         if self.options.mode == "grade":

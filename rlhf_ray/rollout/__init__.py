@@ -47,8 +47,9 @@ def head_size(model_config: dict) -> int | None:
 
 
 def build_engine(cfg: RunConfig, model_path: str, tokenizer_path: str, *, seed: int = 0,
-                 max_batch: int | None = None, max_model_len: int | None = None) -> RolloutEngine:
-    """The configured engine (`cfg.rollout_backend`) over the model at `model_path`."""
+                 max_batch: int | None = None, full_context: bool = False) -> RolloutEngine:
+    """The configured engine (`cfg.rollout_backend`) over the model at `model_path`; `full_context`: vLLM
+    sized for the model's whole context instead of the rollout's prompt + response limits (a judge)."""
     from rlhf_ray.models import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code)
@@ -56,7 +57,7 @@ def build_engine(cfg: RunConfig, model_path: str, tokenizer_path: str, *, seed: 
         from rlhf_ray.rollout.vllm import VLLMRolloutEngine
 
         specials = sorted({*tokenizer.all_special_ids, tokenizer.eos_token_id, tokenizer.pad_token_id})
-        return VLLMRolloutEngine(vllm_options(cfg, model_path, seed, max_model_len), tokenizer.eos_token_id,
+        return VLLMRolloutEngine(vllm_options(cfg, model_path, seed, full_context), tokenizer.eos_token_id,
                                  tokenizer.pad_token_id, specials, len(tokenizer))
     from rlhf_ray.models import load_causal_lm
     from rlhf_ray.rollout.hf import HFRolloutEngine
@@ -68,13 +69,14 @@ def build_engine(cfg: RunConfig, model_path: str, tokenizer_path: str, *, seed: 
     return HFRolloutEngine(model, tokenizer, max_batch=max_batch)
 
 
-def vllm_options(cfg: RunConfig, model_path: str, seed: int, max_model_len: int | None = None):
+def vllm_options(cfg: RunConfig, model_path: str, seed: int, full_context: bool = False):
     from rlhf_ray.rollout.vllm import VLLMOptions
 
     v, r = cfg.rollout.vllm, cfg.rollout
+    max_model_len = None if full_context else v.max_model_len or cfg.data.max_prompt_len + r.max_new_tokens
     return VLLMOptions(
         model=model_path, tokenizer=model_path, dtype={"fp32": "float32", "bf16": "bfloat16"}[cfg.deepspeed.precision],
-        seed=seed, max_model_len=max_model_len or v.max_model_len or cfg.data.max_prompt_len + r.max_new_tokens,
+        seed=seed, max_model_len=max_model_len,
         tensor_parallel_size=v.tensor_parallel_size, gpu_memory_utilization=v.gpu_memory_utilization,
         kv_cache_mb=v.kv_cache_mb, enable_sleep=v.enable_sleep, enforce_eager=v.enforce_eager,
         threads=engine_threads(cfg), trust_remote_code=cfg.model.trust_remote_code)

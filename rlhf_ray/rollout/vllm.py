@@ -52,7 +52,7 @@ class VLLMOptions:
     tokenizer: str
     dtype: str = "float32"
     seed: int = 0
-    max_model_len: int = 256
+    max_model_len: int | None = None  # None: the model's own context length
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.5
     kv_cache_mb: float | None = None  # CPU: KV cache size; GPU: overrides gpu_memory_utilization when set

@@ -24,7 +24,7 @@ from rlhf_ray.checkpoint import (
     CheckpointStore, capture_rng, check_compatible, load_json, load_rng, load_tensors, read_manifest, restore_rng,
     save_json, save_rng, save_tensors)
 from rlhf_ray.config import OFFLINE_ROLE, RunConfig, dump_config
-from rlhf_ray.placement import PhaseError, WorkerGroup
+from rlhf_ray.placement import PhaseError, WorkerPool
 
 _stop = threading.Event()
 
@@ -66,10 +66,10 @@ def compat_fields(cfg: RunConfig) -> dict[str, Any]:
 
 
 class RunCheckpoints:
-    """Saves and restores a run: trained groups (DeepSpeed state) plus the driver's state."""
+    """Saves and restores a run: trained pools (DeepSpeed state) plus the driver's state."""
 
-    def __init__(self, cfg: RunConfig, groups: dict[str, WorkerGroup]):
-        self.cfg, self.groups = cfg, groups
+    def __init__(self, cfg: RunConfig, pools: dict[str, WorkerPool]):
+        self.cfg, self.pools = cfg, pools
         self.root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else cfg.run_dir / "checkpoints"
         self.store = CheckpointStore(self.root, cfg.checkpoint.keep_last)
 
@@ -79,9 +79,9 @@ class RunCheckpoints:
 
     def save(self, step: int, driver: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> Path:
         tmp = self.store.begin(step)
-        pending = [(g, g.call(lambda w, d=str(tmp / name): w.save_state.remote(d))) for name, g in self.groups.items()]
-        for group, refs in pending:
-            group.get(refs, "checkpoint", step)
+        pending = [(g, g.call(lambda w, d=str(tmp / name): w.save_state.remote(d))) for name, g in self.pools.items()]
+        for pool, refs in pending:
+            pool.get(refs, "checkpoint", step)
         save_json(tmp, "driver", driver)
         save_rng(tmp, "driver_rng", capture_rng())
         if tensors:
@@ -90,7 +90,7 @@ class RunCheckpoints:
         return self.store.commit(tmp, step, metadata)
 
     def restore(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
-        """(driver state, driver tensors) of the checkpoint `checkpoint.resume` selects, with every group's
+        """(driver state, driver tensors) of the checkpoint `checkpoint.resume` selects, with every pool's
         state loaded; None for a fresh start."""
         path = self.store.resolve(self.cfg.checkpoint.resume)
         if path is None:
@@ -98,9 +98,9 @@ class RunCheckpoints:
         saved = read_manifest(path)["metadata"]["compat"]
         check_compatible(saved, compat_fields(self.cfg), self.cfg.checkpoint.allow_incompatible_resume,
                          override="checkpoint.allow_incompatible_resume=true")
-        pending = [(g, g.call(lambda w, d=str(path / name): w.load_state.remote(d))) for name, g in self.groups.items()]
-        for group, refs in pending:
-            group.get(refs, "resume", "init", self.cfg.placement.timeout_s)
+        pending = [(g, g.call(lambda w, d=str(path / name): w.load_state.remote(d))) for name, g in self.pools.items()]
+        for pool, refs in pending:
+            pool.get(refs, "resume", "init", self.cfg.placement.timeout_s)
         restore_rng(load_rng(path, "driver_rng"))
         tensors = load_tensors(path, "driver_tensors") if (path / "driver_tensors.safetensors").exists() else {}
         print(f"resumed from {path}", flush=True)

@@ -3,7 +3,7 @@
 A stage module (`sft.py`, `rm.py`, `dpo.py`) builds an `OfflineStage`: how its examples load and
 pad into an `OfflineBatch`, and its loss on the ranks' sequence outputs — summed response
 log-probs ℓ(y) for a policy, last-token scores for a reward model (`workers.OfflineWorker`).
-The ranks are one `WorkerGroup` of DeepSpeed data-parallel `OfflineWorker`s. One optimizer step:
+The ranks are one `WorkerPool` of DeepSpeed data-parallel `OfflineWorker`s. One optimizer step:
 
 1. **batch**: the next `trainer.mini_batch_size` examples from the seeded `BatchIterator`, padded
    (with their precomputed reference log-probs where the loss needs them).
@@ -38,7 +38,7 @@ from rlhf_ray.batch import OfflineBatch
 from rlhf_ray.config import OFFLINE_ROLE, RunConfig
 from rlhf_ray.data import BatchIterator, DataError, LoadReport, PreferenceExample, RankedExample
 from rlhf_ray.metrics import MetricsLogger, Timer, mean_over_ranks, summary_table
-from rlhf_ray.placement import RoleSpec, WorkerGroup, rendezvous, reserve
+from rlhf_ray.placement import RoleSpec, WorkerPool, rendezvous, reserve
 from rlhf_ray.trainers.checkpointing import RunCheckpoints, StopRequested, stop_requested, with_restarts
 from rlhf_ray.trainers.common import RunInputs, data_keys, prepare_run
 from rlhf_ray.workers import ModelPaths, OfflineWorker
@@ -137,7 +137,7 @@ def train_iterator(num_examples: int, batch_size: int, seed: int) -> BatchIterat
 
 
 class OfflineTrainer:
-    """Owns the data, the iterator, the metrics and the ranks' WorkerGroup; never a model."""
+    """Owns the data, the iterator, the metrics and the ranks' WorkerPool; never a model."""
 
     def __init__(self, cfg: RunConfig, stage: OfflineStage, inputs: RunInputs):
         self.cfg, self.stage, t = cfg, stage, cfg.trainer
@@ -150,9 +150,9 @@ class OfflineTrainer:
         self.eval_batch = stage.collate(self.eval_set) if self.eval_set else None
         self.train_ref: dict[int, np.ndarray] = {}
         self.first_eval: dict[str, float] = {}
-        self.group, self._pg = start_ranks(cfg, stage)
+        self.pool, self._pg = start_ranks(cfg, stage)
         try:
-            self.checkpoints = RunCheckpoints(cfg, {OFFLINE_ROLE[cfg.stage]: self.group})
+            self.checkpoints = RunCheckpoints(cfg, {OFFLINE_ROLE[cfg.stage]: self.pool})
             self.start_step = self._resume()
         except BaseException:
             self.close()  # a failed resume must not keep the cluster's resources
@@ -175,7 +175,7 @@ class OfflineTrainer:
         if self.eval_batch is not None:
             ref = self._fan_out(self.eval_batch, _reference_call, "reference", "init")
             self.eval_batch.ref_logprobs = torch.from_numpy(ref)
-        self.group.get(self.group.call(lambda w: w.release_reference.remote()), "reference", "init")
+        self.pool.get(self.pool.call(lambda w: w.release_reference.remote()), "reference", "init")
 
     def train_step(self, step: int) -> dict[str, float]:
         timer, start = Timer(), time.perf_counter()
@@ -202,7 +202,7 @@ class OfflineTrainer:
 
     def export(self) -> str:
         path = str(self.cfg.run_dir / "export" / self.stage.export_name)
-        self.group.get(self.group.call(lambda w: w.export.remote(path)), "export", "final")
+        self.pool.get(self.pool.call(lambda w: w.export.remote(path)), "export", "final")
         return path
 
     def fit(self) -> dict[str, Any]:
@@ -251,7 +251,7 @@ class OfflineTrainer:
         if "eval_ref" in tensors and self.eval_batch is not None:
             self.eval_batch.ref_logprobs = tensors["eval_ref"]
         if self.stage.uses_reference:
-            self.group.get(self.group.call(lambda w: w.release_reference.remote()), "reference", "init")
+            self.pool.get(self.pool.call(lambda w: w.release_reference.remote()), "reference", "init")
         return state["step"] + 1
 
     # --- details ----------------------------------------------------------------------------
@@ -264,11 +264,11 @@ class OfflineTrainer:
 
     def _update(self, batch: OfflineBatch, step: int) -> dict[str, float]:
         """Rank r trains on rows [r·n/R, (r+1)·n/R); the scale is the whole mini-batch's."""
-        per = batch.batch_size // len(self.group)
-        shards = [batch.select(slice(r * per, (r + 1) * per)).to_numpy() for r in range(len(self.group))]
+        per = batch.batch_size // len(self.pool)
+        shards = [batch.select(slice(r * per, (r + 1) * per)).to_numpy() for r in range(len(self.pool))]
         scale = batch_scale(batch, self.cfg.data.max_response_len)
-        refs = self.group.call_each(lambda w, shard: w.train.remote(shard, scale), shards)
-        return mean_over_ranks(self.group.get(refs, "update", step))
+        refs = self.pool.call_each(lambda w, shard: w.train.remote(shard, scale), shards)
+        return mean_over_ranks(self.pool.get(refs, "update", step))
 
     def _outputs(self, batch: OfflineBatch, step: int | str) -> torch.Tensor:
         return torch.from_numpy(self._fan_out(batch, _outputs_call, "outputs", step))
@@ -276,11 +276,11 @@ class OfflineTrainer:
     def _fan_out(self, batch: OfflineBatch, call, phase: str, step: int | str) -> np.ndarray:
         """A forward-only call over equal shards (the last example repeated to fill them: ZeRO-3
         forwards are collective, every rank must run as many), results in example order. (N, K)"""
-        n, ranks = batch.batch_size, len(self.group)
+        n, ranks = batch.batch_size, len(self.pool)
         per = -(-n // ranks)
         rows = torch.from_numpy(np.minimum(np.arange(per * ranks), n - 1))
         shards = [batch.select(rows[r * per:(r + 1) * per]).to_numpy() for r in range(ranks)]
-        return np.concatenate(self.group.get(self.group.call_each(call, shards), phase, step))[:n]
+        return np.concatenate(self.pool.get(self.pool.call_each(call, shards), phase, step))[:n]
 
     def _summarise(self, first: dict, final: dict, exported: str | None) -> dict[str, Any]:
         history, key = self.logger.history, f"{self.stage.name}/loss"
@@ -297,7 +297,7 @@ class OfflineTrainer:
                 "first_loss": history[0].get(key), "last_loss": history[-1].get(key)}
 
     def close(self) -> None:
-        for worker in self.group.workers:
+        for worker in self.pool.workers:
             ray.kill(worker)
         ray.util.remove_placement_group(self._pg)
 
@@ -311,24 +311,24 @@ def _reference_call(worker, shard):
 
 
 
-def start_ranks(cfg: RunConfig, stage: OfflineStage) -> tuple[WorkerGroup[OfflineWorker], Any]:
+def start_ranks(cfg: RunConfig, stage: OfflineStage) -> tuple[WorkerPool[OfflineWorker], Any]:
     """`placement.<role>.num_workers` OfflineWorkers in one placement group, joined into one DeepSpeed group."""
     role = OFFLINE_ROLE[cfg.stage]
     res = getattr(cfg.placement, role)
     spec = RoleSpec(role=role, num_workers=res.num_workers, cpus=res.cpus, gpus=res.gpus,
                     torch_threads=cfg.placement.torch_threads)
     pg = reserve([spec], cfg.placement.timeout_s)
-    group = WorkerGroup(spec, OfflineWorker, pg, 1.0, lambda r: (cfg, stage.paths, r, spec.num_workers, stage.loss),
+    pool = WorkerPool(spec, OfflineWorker, pg, 1.0, lambda r: (cfg, stage.paths, r, spec.num_workers, stage.loss),
                         cfg.trainer.timeout_s)
     try:
-        group.get(group.call(lambda w: w.ping.remote()), "start", "init", cfg.placement.timeout_s)
-        rendezvous([group], cfg.placement.timeout_s)
+        pool.get(pool.call(lambda w: w.ping.remote()), "start", "init", cfg.placement.timeout_s)
+        rendezvous([pool], cfg.placement.timeout_s)
     except BaseException:
-        for worker in group.workers:
+        for worker in pool.workers:
             ray.kill(worker)
         ray.util.remove_placement_group(pg)
         raise
-    return group, pg
+    return pool, pg
 
 
 def run_offline(cfg: RunConfig, make_stage: Callable[[RunConfig, RunInputs], OfflineStage]) -> dict[str, Any]:

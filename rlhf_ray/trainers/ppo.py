@@ -22,7 +22,7 @@ from rlhf_ray.batch import Experience, Samples, concat_samples
 from rlhf_ray.config import RunConfig
 from rlhf_ray.data import BatchIterator, PromptExample, load_prompts
 from rlhf_ray.metrics import MetricsLogger, Timer, mean_over_ranks, summary_table
-from rlhf_ray.placement import LocalGroup, PhaseError, RoleSpec, WorkerGroup, rendezvous, reserve
+from rlhf_ray.placement import LocalPool, PhaseError, RoleSpec, WorkerPool, rendezvous, reserve
 from rlhf_ray.rollout.base import SamplingParams, probe_tokens
 from rlhf_ray.threads import split_budget
 from rlhf_ray.trainers.checkpointing import RunCheckpoints, StopRequested, stop_requested, with_restarts
@@ -40,7 +40,7 @@ from rlhf_ray.workers import (
 
 
 class Roles:
-    """The worker groups of an RL run, created in placement groups, with typed fan-out calls."""
+    """The worker pools of an RL run, created in placement groups, with typed fan-out calls."""
 
     def __init__(self, cfg: RunConfig, models: ModelPaths, reward_paths: list[str], probe_ids: list[int]):
         self.cfg, self.version, self.probe_ids = cfg, 0, probe_ids
@@ -65,43 +65,43 @@ class Roles:
             "reward": (RewardWorker, lambda r: (cfg, models, reward_paths)),
             "rollout": (RolloutWorker, lambda r: (cfg, models, r)),
         }
-        self.groups: dict[str, WorkerGroup | LocalGroup] = {}
+        self.pools: dict[str, WorkerPool | LocalPool] = {}
         for role, spec in specs.items():
             cls, args = make[role]
             pg, share = pgs[role]
             restarts = 0 if role in ("policy", "critic") else p.max_restarts  # trained ranks: restart the stage
             retries = restarts if role in ("reference", "reward") else 0  # idempotent calls; rollout re-syncs first
-            self.groups[role] = WorkerGroup(spec, cls, pg, share, args, cfg.trainer.timeout_s, restarts, retries)
+            self.pools[role] = WorkerPool(spec, cls, pg, share, args, cfg.trainer.timeout_s, restarts, retries)
         self._placement_groups = {id(pg): pg for pg, _ in pgs.values()}
         try:
             for role, spec in in_driver.items():  # light roles, no process of their own (built while the actors boot)
-                self.groups[role] = LocalGroup(spec, make[role][0], make[role][1], cfg.trainer.timeout_s)
+                self.pools[role] = LocalPool(spec, make[role][0], make[role][1], cfg.trainer.timeout_s)
             self._start(timeout)
         except BaseException:
             self.shutdown()  # a failed start must not keep the cluster's resources
             raise
 
     @property
-    def policy(self) -> WorkerGroup[PolicyWorker]:
-        return self.groups["policy"]
+    def policy(self) -> WorkerPool[PolicyWorker]:
+        return self.pools["policy"]
 
     @property
-    def critic(self) -> WorkerGroup[CriticWorker] | None:
-        return self.groups.get("critic")
+    def critic(self) -> WorkerPool[CriticWorker] | None:
+        return self.pools.get("critic")
 
     @property
-    def reference(self) -> tuple[WorkerGroup, str, str]:
-        """(group, role, log-prob method) of the reference: its own actors, or hosted by the policy ranks."""
-        if "reference" in self.groups:
-            return self.groups["reference"], "reference", "compute_logprobs"
+    def reference(self) -> tuple[WorkerPool, str, str]:
+        """(pool, role, log-prob method) of the reference: its own actors, or hosted by the policy ranks."""
+        if "reference" in self.pools:
+            return self.pools["reference"], "reference", "compute_logprobs"
         return self.policy, "policy", "reference_logprobs"
 
     def _start(self, timeout: float) -> None:
         """Rendezvous the trained roles first (their DeepSpeed set-up is the longest path; the other
         actors finish booting meanwhile), then wait for every other actor."""
         rendezvous([g for g in (self.policy, self.critic) if g is not None], timeout)
-        for group in self.groups.values():
-            group.get(group.call(lambda w: w.ping.remote()), "start", "init", timeout)
+        for pool in self.pools.values():
+            pool.get(pool.call(lambda w: w.ping.remote()), "start", "init", timeout)
         self._locate(timeout)
         self.rollout_pids = self._rollout_pids("init")
         if self.cfg.rollout.weight_sync != "object_store":
@@ -111,13 +111,13 @@ class Roles:
         """Each worker's node, and each node's thread budget (placement.threads_per_node or its CPUs)."""
         self.node_of: dict[tuple[str, int], str] = {}
         self.budget: dict[str, int] = {}
-        for role, group in self.groups.items():
-            for rank, (node, cpus) in enumerate(group.get(group.call(lambda w: w.where.remote()), "start", "init", timeout)):
+        for role, pool in self.pools.items():
+            for rank, (node, cpus) in enumerate(pool.get(pool.call(lambda w: w.where.remote()), "start", "init", timeout)):
                 self.node_of[(role, rank)] = node
                 self.budget[node] = self.cfg.placement.threads_per_node or cpus
 
     def workers(self, *roles: str) -> list[tuple[str, int]]:
-        return [(r, i) for r in roles if r in self.groups for i in range(len(self.groups[r]))]
+        return [(r, i) for r in roles if r in self.pools for i in range(len(self.pools[r]))]
 
     def threads(self, busy: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
         """Torch threads of each worker busy at once: placement.torch_threads, or its node's share."""
@@ -129,7 +129,7 @@ class Roles:
 
     def _join_channel(self) -> None:
         """The stateless sync channel: policy rank 0 and one receiver per engine (per shard when tensor parallel)."""
-        rollout = self.groups["rollout"]
+        rollout = self.pools["rollout"]
         host, port = self.policy.get([self.policy.workers[0].node_address.remote()], "sync-setup", "init", self.cfg.placement.timeout_s)[0]
         shards = self.cfg.rollout.vllm.tensor_parallel_size if self.cfg.rollout_backend == "vllm" else 1
         world = 1 + len(rollout) * shards
@@ -148,7 +148,7 @@ class Roles:
                         pad_token_id: int, overlapped: bool = False) -> Callable[[], Samples]:
         """Start generating; → a function that waits for the samples. `overlapped`: the other phases
         run meanwhile (one-step off-policy), so the engines get their share of the threads only."""
-        rollout = self.groups["rollout"]
+        rollout = self.pools["rollout"]
         chunks = np.array_split(np.arange(len(prompts)), len(rollout))
         engines = self.workers("rollout")
         busy = engines + (self.workers("policy", "reference", "critic") if overlapped else [])
@@ -177,7 +177,7 @@ class Roles:
 
     def _recovering_rollout(self, call, step: int | str):
         """Run `call`; if it failed because a rollout engine died and Ray restarted it, put the engine back
-        in sync (the weights of the current version; a new gloo group) and run `call` once more. The
+        in sync (the weights of the current version; a new sync channel) and run `call` once more. The
         engines are seeded per call, so the retried result is the one the failed call would have given."""
         try:
             return call()
@@ -197,7 +197,7 @@ class Roles:
 
     def _rollout_pids(self, step: int | str) -> list[int]:
         """Each engine's process id, waiting (up to placement.timeout_s) for restarting ones to come back."""
-        rollout, deadline = self.groups["rollout"], time.monotonic() + self.cfg.placement.timeout_s
+        rollout, deadline = self.pools["rollout"], time.monotonic() + self.cfg.placement.timeout_s
         while True:
             try:
                 return rollout.get(rollout.call(lambda w: w.ping.remote()), "rollout", step,
@@ -212,14 +212,14 @@ class Roles:
         """Reference log-probs, values, rewards and, with old="recompute", old log-probs, all in flight
         at once. old="engine": π_old is the engine's behaviour log-probs (one-step off-policy);
         old="update": none, the update's own forward gives them (`RunConfig.reuses_training_logprobs`)."""
-        ref_group, ref_role, ref_method = self.reference
+        ref_pool, ref_role, ref_method = self.reference
         critic = self.critic if self.critic is not None and with_values else None
         roles = [ref_role] + (["policy"] if old == "recompute" else []) + (["critic"] if critic else [])
         plan = self.threads(self.workers(*roles, *([] if self.cfg.light_rewards else ["reward"])))  # light: no torch
-        fan = lambda group, role, method: group.call_each(  # noqa: E731
+        fan = lambda pool, role, method: pool.call_each(  # noqa: E731
             lambda w, job: getattr(w, method).remote(job[0], threads=plan[job[1]]),
-            list(zip(_shard_refs(samples, len(group)), self.workers(role))))
-        ref = fan(ref_group, ref_role, ref_method)
+            list(zip(_shard_refs(samples, len(pool)), self.workers(role))))
+        ref = fan(ref_pool, ref_role, ref_method)
         old_refs = fan(self.policy, "policy", "compute_logprobs") if old == "recompute" else None
         crit = fan(critic, "critic", "compute_values") if critic else None
         rew = self._reward_call(samples, metadata, plan.get(("reward", 0)))
@@ -230,7 +230,7 @@ class Roles:
                 raise PhaseError("score", "rollout", step, "one-step off-policy needs the engine's behaviour "
                                  "log-probs, and the engine returned none")
             old_lp = samples.logprobs
-        ref_lp = _cat(ref_group.get(ref, "score", step))[:n]
+        ref_lp = _cat(ref_pool.get(ref, "score", step))[:n]
         values = _cat(critic.get(crit, "score", step))[:n] if crit else None
         r = self._reward_result(rew, step)
         return Scored(old_lp, ref_lp, values, r.scores, r.per_source, r.valid, r.violations)
@@ -240,15 +240,15 @@ class Roles:
         return self._reward_result(self._reward_call(samples, metadata), step)
 
     def _reward_call(self, samples: Samples, metadata: list[dict], threads: int | None = None) -> list[ray.ObjectRef]:
-        return [self.groups["reward"].workers[0].score.remote(ray.put(samples.to_numpy()), metadata, threads=threads)]
+        return [self.pools["reward"].workers[0].score.remote(ray.put(samples.to_numpy()), metadata, threads=threads)]
 
     def _reward_result(self, refs: list[ray.ObjectRef], step: int | str) -> Rewards:
-        total, per_source, valid, violations = self.groups["reward"].get(refs, "score", step)[0]
+        total, per_source, valid, violations = self.pools["reward"].get(refs, "score", step)[0]
         return Rewards(torch.tensor(total), {k: torch.tensor(v) for k, v in per_source.items()},
                        torch.tensor(valid), violations)
 
     def reward_counters(self, step: int | str) -> dict[str, int]:
-        reward = self.groups["reward"]
+        reward = self.pools["reward"]
         return reward.get([reward.workers[0].counters.remote()], "score", step)[0]
 
     def reference_generate(self, prompts: list[list[int]], params: SamplingParams, seed: int, step: int | str,
@@ -266,16 +266,16 @@ class Roles:
         for epoch in range(cfg.algo.epochs):
             order = torch.from_numpy(np.random.default_rng([epoch_seed, step, epoch]).permutation(exp.batch_size))
             jobs = []
-            for role, group in (("policy", self.policy), ("critic", self.critic)):
-                if group is None:
+            for role, pool in (("policy", self.policy), ("critic", self.critic)):
+                if pool is None:
                     continue
-                shards, scales = plan_update(exp.select(order), cfg.trainer.mini_batch_size, len(group))
+                shards, scales = plan_update(exp.select(order), cfg.trainer.mini_batch_size, len(pool))
                 extra = (kl_coef,) if role == "policy" else ()  # the critic's loss has no KL term
-                refs = group.call_each(lambda w, j: w.train.remote(ray.put(j[0]), scales, *extra, threads=plan[j[1]]),
+                refs = pool.call_each(lambda w, j: w.train.remote(ray.put(j[0]), scales, *extra, threads=plan[j[1]]),
                                        list(zip(shards, self.workers(role))))
-                jobs.append((role, group, refs))
-            for role, group, refs in jobs:
-                ranks = group.get(refs, "update", step)
+                jobs.append((role, pool, refs))
+            for role, pool, refs in jobs:
+                ranks = pool.get(refs, "update", step)
                 metrics |= {f"{role}/{k}": v for k, v in mean_over_ranks(ranks).items()}
         return metrics
 
@@ -288,7 +288,7 @@ class Roles:
         return gap
 
     def _sync_once(self, version: int, step: int | str) -> float:
-        rollout, probe = self.groups["rollout"], self.probe_ids
+        rollout, probe = self.pools["rollout"], self.probe_ids
         if self.cfg.rollout.weight_sync != "object_store":
             sent = self.policy.call(lambda w: w.send_to_channel.remote(probe))
             got = rollout.call(lambda w: w.receive_from_channel.remote(version, probe))
@@ -308,7 +308,7 @@ class Roles:
     def sleep_engines(self, step: int | str) -> None:
         """GPU vLLM with rollout.vllm.enable_sleep: free the engines' memory for the update (woken by the sync)."""
         if self.cfg.rollout.vllm.enable_sleep and self.cfg.rollout_backend == "vllm":
-            rollout = self.groups["rollout"]
+            rollout = self.pools["rollout"]
             rollout.get(rollout.call(lambda w: w.sleep.remote()), "update", step)
 
     def export(self, out_dir: str) -> dict[str, str]:
@@ -321,11 +321,11 @@ class Roles:
         return out
 
     def shutdown(self) -> None:
-        for group in self.groups.values():
-            if isinstance(group, LocalGroup):
-                group.shutdown()
+        for pool in self.pools.values():
+            if isinstance(pool, LocalPool):
+                pool.shutdown()
                 continue
-            for w in group.workers:
+            for w in pool.workers:
                 ray.kill(w)
         for pg in self._placement_groups.values():
             ray.util.remove_placement_group(pg)

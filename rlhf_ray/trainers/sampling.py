@@ -1,7 +1,7 @@
 """What the data-making stages run on (cai, label, and the iterate loop's evaluations): a policy on
 `rollout.num_engines` rollout engines, and where asked one reward-side actor — a `LabelWorker`
 (the preference labeller, plus reward.sources when evaluating) or a `RewardWorker` (evaluation
-only) — each a `WorkerGroup` with deadlines, started together and released together.
+only) — each a `WorkerPool` with deadlines, started together and released together.
 
 Generation is token-in/token-out (`RolloutWorker` → the configured `RolloutEngine`): prompts go in as token
 ids, split over the engines, each part seeded from the call's seed and its first row, so a call's
@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from rlhf_ray.batch import Samples, concat_samples
 from rlhf_ray.config import TOY, RunConfig
 from rlhf_ray.data import PromptExample, load_prompts, render_messages
-from rlhf_ray.placement import RoleSpec, WorkerGroup, reserve
+from rlhf_ray.placement import RoleSpec, WorkerPool, reserve
 from rlhf_ray.rewards.labeling import PairJudgement
 from rlhf_ray.rollout.base import SamplingParams
 from rlhf_ray.trainers.common import data_keys, toy_model
@@ -39,20 +39,20 @@ class SamplingSession:
     def __init__(self, cfg: RunConfig, models: ModelPaths, *, labeler: bool = False, labeler_path: str | None = None,
                  reward_paths: list[str | None] | None = None):
         self.cfg, p = cfg, cfg.placement
-        self._pgs, self.groups = [], {}
+        self._pgs, self.pools = [], {}
         try:
-            self.groups["rollout"] = self._group(RoleSpec("rollout", cfg.rollout.num_engines, p.rollout.cpus,
+            self.pools["rollout"] = self._group(RoleSpec("rollout", cfg.rollout.num_engines, p.rollout.cpus,
                                                           p.rollout.gpus, p.torch_threads),
                                                  RolloutWorker, lambda r: (cfg, models, r))
             if labeler:  # one actor labels and, with reward_paths, scores the evaluation
-                self.groups["reward"] = self._group(self._reward_spec(), LabelWorker,
+                self.pools["reward"] = self._group(self._reward_spec(), LabelWorker,
                                                     lambda r: (cfg, models, labeler_path, reward_paths))
             elif reward_paths is not None:
-                self.groups["reward"] = self._group(self._reward_spec(), RewardWorker,
+                self.pools["reward"] = self._group(self._reward_spec(), RewardWorker,
                                                     lambda r: (cfg, models, reward_paths))
-            pending = [(g, g.call(lambda w: w.ping.remote())) for g in self.groups.values()]
-            for group, refs in pending:
-                group.get(refs, "start", "init", p.timeout_s)
+            pending = [(g, g.call(lambda w: w.ping.remote())) for g in self.pools.values()]
+            for pool, refs in pending:
+                pool.get(refs, "start", "init", p.timeout_s)
         except BaseException:
             self.close()
             raise
@@ -61,17 +61,17 @@ class SamplingSession:
         r = self.cfg.placement.reward
         return RoleSpec("reward", 1, r.cpus, r.gpus, self.cfg.placement.torch_threads)
 
-    def _group(self, spec: RoleSpec, cls: type, make_args) -> WorkerGroup:
+    def _group(self, spec: RoleSpec, cls: type, make_args) -> WorkerPool:
         """Stateless actors: a dead one is restarted (weights from its path) and its call retried."""
         pg = reserve([spec], self.cfg.placement.timeout_s)
         self._pgs.append(pg)
         restarts = self.cfg.placement.max_restarts
-        return WorkerGroup(spec, cls, pg, 1.0, make_args, self.cfg.trainer.timeout_s, restarts, restarts)
+        return WorkerPool(spec, cls, pg, 1.0, make_args, self.cfg.trainer.timeout_s, restarts, restarts)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int, phase: str,
                  pad_token_id: int) -> Samples:
         """`params.n` samples per prompt, rows [i·n, (i+1)·n) from prompt i."""
-        engines = self.groups["rollout"]
+        engines = self.pools["rollout"]
         chunks = [c for c in np.array_split(np.arange(len(prompts)), len(engines)) if len(c)]
         refs = [engines.workers[e].generate.remote([prompts[i] for i in c], params, seed + 7919 * int(c[0]))
                 for e, c in enumerate(chunks)]
@@ -79,15 +79,15 @@ class SamplingSession:
 
     def probe_logprobs(self, probe_ids: list[int]) -> list[float]:
         """Each engine's summed log-probs of the probe sequence: which policy the samples came from."""
-        engines = self.groups["rollout"]
+        engines = self.pools["rollout"]
         states = engines.get(engines.call(lambda w: w.weight_state.remote(probe_ids)), "start", "init")
         return [float(np.sum(probe)) for _, probe in states]
 
     def label(self, prompts: list[str], responses_a: list[str], responses_b: list[str],
               metadata_a: list[dict], metadata_b: list[dict]) -> list[PairJudgement]:
-        group = self.groups["reward"]
-        ref = group.workers[0].label.remote(prompts, responses_a, responses_b, metadata_a, metadata_b)
-        return group.get([ref], "label", "label")[0]
+        pool = self.pools["reward"]
+        ref = pool.workers[0].label.remote(prompts, responses_a, responses_b, metadata_a, metadata_b)
+        return pool.get([ref], "label", "label")[0]
 
     def evaluate(self, examples: list[PromptExample], pad_token_id: int) -> dict[str, float]:
         """The policy on held-out prompts, scored by reward.sources (invalid scores left out of the means)."""
@@ -96,7 +96,7 @@ class SamplingSession:
                                 n=t.eval_samples, greedy=t.eval_greedy)
         samples = self.generate([e.prompt_ids for e in examples], params, r.seed + EVAL_SEED_OFFSET, "eval", pad_token_id)
         metadata = [e.metadata for e in examples for _ in range(t.eval_samples)]
-        scorer = self.groups["reward"]
+        scorer = self.pools["reward"]
         total, per_source, valid, _ = scorer.get([scorer.workers[0].score.remote(samples.to_numpy(), metadata)],
                                                  "eval", "eval")[0]
         out = {"eval/reward_mean": float(np.mean(total[valid])) if valid.any() else float("nan")}
@@ -104,12 +104,12 @@ class SamplingSession:
         return out | {"eval/length_mean": float(samples.response_mask.sum(-1).float().mean())}
 
     def close(self) -> None:
-        for group in self.groups.values():
-            for worker in group.workers:
+        for pool in self.pools.values():
+            for worker in pool.workers:
                 ray.kill(worker)
         for pg in self._pgs:
             ray.util.remove_placement_group(pg)
-        self.groups, self._pgs = {}, []
+        self.pools, self._pgs = {}, []
 
 
 # ---------------------------------------------------------------------------------------------

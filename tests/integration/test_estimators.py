@@ -12,7 +12,7 @@ from rlhf_ray.config import load_config
 from rlhf_ray.metrics import Timer
 from rlhf_ray.trainers.common import prepare_run
 from rlhf_ray.trainers.ppo import PPOTrainer
-from tests.integration.helpers import toy_overrides
+from tests.integration.helpers import policy_weights, toy_overrides
 
 pytestmark = pytest.mark.integration
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -37,7 +37,7 @@ def test_estimator_raises_reward_without_a_critic(ray_session, tmp_path, estimat
     config, extra = ESTIMATORS[estimator]
     trainer = _trainer(tmp_path, config, "trainer.total_steps=30", *extra)
     try:
-        assert "critic" not in trainer.roles.groups
+        assert "critic" not in trainer.roles.pools
         history = [trainer.train_step(step) for step in range(1, 31)]
     finally:
         trainer.close()
@@ -69,16 +69,11 @@ def test_dynamic_sampling_refills_to_the_batch_size(ray_session, tmp_path):
 
 def _threads(trainer: PPOTrainer) -> dict[str, int]:
     """`role.method` → torch threads of its last call, over the run's workers."""
-    out = {"reference": 1} if "reference" in trainer.roles.groups else {}
-    for role, group in trainer.roles.groups.items():
+    out = {"reference": 1} if "reference" in trainer.roles.pools else {}
+    for role, group in trainer.roles.pools.items():
         for used in group.get(group.call(lambda w: w.last_threads.remote()), "test", "threads", 60):
             out |= {f"{role}.{method}": n for method, n in used.items()}
     return out
-
-
-def _policy_weights(trainer: PPOTrainer) -> dict[str, np.ndarray]:
-    refs, _ = ray.get(trainer.roles.policy.workers[0].send_to_object_store.remote(), timeout=60)
-    return {k: np.array(v) for bucket in ray.get(refs, timeout=60) for k, v in bucket.items()}
 
 
 def test_reusing_the_update_forward_for_old_logprobs_equals_recomputing_them(ray_session, tmp_path):
@@ -94,7 +89,7 @@ def test_reusing_the_update_forward_for_old_logprobs_equals_recomputing_them(ray
         try:
             history = [trainer.train_step(step) for step in range(1, 4)]
             busy = {f"policy.{k}" for k in ray.get(trainer.roles.policy.workers[0].usage.remote(), timeout=60)[0]}
-            runs[recompute] = (history, _policy_weights(trainer), _threads(trainer), busy)
+            runs[recompute] = (history, policy_weights(trainer), _threads(trainer), busy)
         finally:
             trainer.close()
     (reused, w_reused, t_reused, busy_reused), (recomputed, w_recomputed, t_recomputed, busy_recomputed) = runs[False], runs[True]

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from rlhf_ray.config import load_config
 from rlhf_ray.trainers.common import prepare_run
 from rlhf_ray.trainers.ppo import PPOTrainer
-from tests.integration.helpers import toy_overrides
+from tests.integration.helpers import engine_states, policy_probe, policy_weights, toy_overrides
 
 pytestmark = pytest.mark.integration
 TOY_PPO = Path(__file__).resolve().parents[2] / "configs" / "toy_ppo.yaml"
@@ -30,31 +30,33 @@ def _trainer(tmp_path, *overrides: str) -> PPOTrainer:
     return PPOTrainer(cfg, prepare_run(cfg))
 
 
-def _policy_weights(trainer: PPOTrainer) -> dict[str, np.ndarray]:
-    """The policy's full weights, as rank 0 sends them (gathered under ZeRO-3)."""
-    refs = trainer.roles.policy.call(lambda w: w.send_to_object_store.remote())
-    bucket_refs, _ = ray.get(refs, timeout=120)[0]
-    out = {}
-    for bucket in ray.get(bucket_refs, timeout=120):
-        out |= {k: np.array(v) for k, v in bucket.items()}
-    return out
-
-
 def _engine_weights(trainer: PPOTrainer, index: int = 0) -> dict[str, np.ndarray]:
-    return ray.get(trainer.roles.groups["rollout"].workers[index].named_weights.remote(), timeout=120)
+    """An HF engine's weights by name (a vLLM engine's fused, repacked layers have no such view)."""
+    return ray.get(trainer.roles.pools["rollout"].workers[index].named_weights.remote(), timeout=120)
+
+
+def _assert_engines_hold_the_policy(trainer: PPOTrainer, version: int, tolerance: float = 1e-4) -> np.ndarray:
+    """Every engine holds `version` and its probe log-probs equal the policy's; → the policy's probe."""
+    expected = policy_probe(trainer)
+    for held, probe in engine_states(trainer):
+        assert held == version
+        np.testing.assert_allclose(probe, expected, atol=tolerance, rtol=0)
+    return expected
 
 
 @pytest.fixture(scope="module")
 def toy_run(ray_session, tmp_path_factory):
-    """One fixed-seed toy PPO run (GAE + critic); step 1 inspected in detail, then trained on."""
+    """One fixed-seed toy PPO run (GAE + critic, vLLM rollouts: the default backend where vLLM is installed);
+    step 1 inspected in detail, then trained on."""
     tmp = tmp_path_factory.mktemp("toy_run")
     trainer = _trainer(tmp, "trainer.total_steps=30")
     try:  # collect every fact, then release the actors before the tests look at them
-        before = _policy_weights(trainer)
+        before, probe_before = policy_weights(trainer), _assert_engines_hold_the_policy(trainer, 0)
         first = trainer.train_step(1)
         trainer.logger.log(1, first)
-        facts = {"before": before, "after": _policy_weights(trainer), "engine": _engine_weights(trainer),
-                 "first": first, "groups": sorted(trainer.roles.groups)}
+        facts = {"before": before, "after": policy_weights(trainer), "probe_before": probe_before,
+                 "probe_after": _assert_engines_hold_the_policy(trainer, 1), "backend": trainer.cfg.rollout_backend,
+                 "first": first, "groups": sorted(trainer.roles.pools)}
         facts["summary"] = _fit_from(trainer, 2)
         facts["history"] = trainer.logger.history
         facts["run_dir"] = trainer.cfg.run_dir
@@ -85,13 +87,14 @@ def test_one_step_touches_every_role_and_phase(toy_run):
     assert m["sync/version"] == 1
 
 
-def test_update_changes_policy_and_engine_identically(toy_run):
-    before, after, engine = toy_run["before"], toy_run["after"], toy_run["engine"]
-    assert set(after) == set(engine)
+def test_update_moves_policy_and_the_vllm_engine_follows(toy_run):
+    assert toy_run["backend"] == "vllm"
+    before, after = toy_run["before"], toy_run["after"]
     changed = [k for k in after if not np.array_equal(before[k], after[k])]
     assert len(changed) == len(after), "every trained tensor should move after one PPO step"
-    for name in after:
-        np.testing.assert_array_equal(engine[name], after[name], err_msg=name)
+    # the probe sees the update (so equal probes mean equal weights), and the engine matches the policy
+    assert np.abs(toy_run["probe_after"] - toy_run["probe_before"]).max() > 1e-3
+    assert toy_run["first"]["sync/probe_gap"] < 1e-4
 
 
 def test_short_run_raises_reward_with_bounded_kl(toy_run):
@@ -115,21 +118,21 @@ def test_metrics_file_and_export(toy_run):
     assert policy(ids).logits.shape == (1, 3, policy.config.vocab_size)
 
 
-def test_zero3_two_ranks_gloo_sync_colocation_and_tensorboard(ray_session, tmp_path):
+def test_zero3_two_ranks_two_vllm_engines_gloo_sync_colocation_and_tensorboard(ray_session, tmp_path):
     trainer = _trainer(tmp_path, "trainer.total_steps=2", "deepspeed.zero_stage=3", "placement.policy.num_workers=2",
                        "placement.critic.num_workers=2", "trainer.micro_batch_size=4", "rollout.weight_sync=gloo",
+                       "rollout.num_engines=2", "placement.reference_in_policy=false",
                        "placement.colocate=[[reference, reward, rollout]]", "logging.tensorboard=true")
     try:
-        before = _policy_weights(trainer)
+        before = policy_weights(trainer)
         for step in (1, 2):
             m = trainer.train_step(step)
             trainer.logger.log(step, m)
             assert np.isfinite(m["policy/loss"]) and np.isfinite(m["critic/loss"])
-        after, engine = _policy_weights(trainer), _engine_weights(trainer)
+            _assert_engines_hold_the_policy(trainer, step)
+        after = policy_weights(trainer)
         assert any(not np.array_equal(before[k], after[k]) for k in after)
-        for name in after:
-            np.testing.assert_array_equal(engine[name], after[name], err_msg=name)
-        assert m["sync/version"] == 2
+        assert m["sync/version"] == 2 and m["sync/probe_gap"] < 1e-4
         assert len(trainer.roles._placement_groups) == 3  # policy, critic, and one shared by the colocated roles
     finally:
         trainer.logger.close()
@@ -138,15 +141,20 @@ def test_zero3_two_ranks_gloo_sync_colocation_and_tensorboard(ray_session, tmp_p
 
 
 def test_two_ranks_equal_one_rank_with_twice_the_micro_batches(ray_session, tmp_path):
-    """Same seed and data: 2 ranks × 1 micro-batch == 1 rank × 2 micro-batches (ZeRO-2, fp32)."""
+    """Same seed and data: 2 ranks × 1 micro-batch == 1 rank × 2 micro-batches (ZeRO-2, fp32). HF generate
+    rollouts (the fallback backend), whose weights are the trainer's layout: the engine equals the policy bit for bit."""
     common = ("trainer.total_steps=1", "trainer.micro_batch_size=4", "trainer.mini_batch_size=8",
-              "placement.critic.num_workers=1")
+              "placement.critic.num_workers=1", "rollout.backend=hf")
     results = []
     for ranks in (1, 2):
         trainer = _trainer(tmp_path / f"r{ranks}", *common, f"placement.policy.num_workers={ranks}")
         try:
             m = trainer.train_step(1)
-            results.append((m, _policy_weights(trainer)))
+            results.append((m, policy_weights(trainer)))
+            engine = _engine_weights(trainer)
+            assert set(engine) == set(results[-1][1])
+            for name, value in results[-1][1].items():
+                np.testing.assert_array_equal(engine[name], value, err_msg=name)
         finally:
             trainer.close()
     (m1, w1), (m2, w2) = results

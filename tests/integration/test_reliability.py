@@ -11,14 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 
 from rlhf_ray.checkpoint import CheckpointStore
 from rlhf_ray.config import load_config
 from rlhf_ray.placement import PhaseError
 from rlhf_ray.trainers.common import prepare_run
 from rlhf_ray.trainers.ppo import PPOTrainer, run_ppo
-from tests.integration.helpers import toy_overrides
+from tests.integration.helpers import policy_weights, toy_overrides
 
 pytestmark = pytest.mark.integration
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -33,14 +32,6 @@ def _cfg(tmp_path, *extra: str):
         "trainer.micro_batch_size=4", "checkpoint.export_hf=false", *extra))
 
 
-def _policy_weights(trainer: PPOTrainer) -> dict[str, np.ndarray]:
-    refs, _ = ray.get(trainer.roles.policy.workers[0].send_to_object_store.remote(), timeout=120)
-    out = {}
-    for bucket in ray.get(refs, timeout=120):
-        out |= {k: np.array(v) for k, v in bucket.items()}
-    return out
-
-
 def _train(cfg, until: int = STEPS) -> tuple[list[dict], dict[str, np.ndarray]]:
     """Steps start_step..until on a fresh trainer (resuming when the config says so)."""
     trainer = PPOTrainer(cfg, prepare_run(cfg))
@@ -51,7 +42,7 @@ def _train(cfg, until: int = STEPS) -> tuple[list[dict], dict[str, np.ndarray]]:
             rows.append({"step": step, **metrics})
             if trainer.checkpoints.due(step):
                 trainer.checkpoints.save(step, trainer.state_dict(step))
-        return rows, _policy_weights(trainer)
+        return rows, policy_weights(trainer)
     finally:
         trainer.close()
 
@@ -191,11 +182,11 @@ def test_non_finite_values_skip_the_update_then_stop_the_run(ray_session, tmp_pa
     try:
         trainer.train_step(1)
         trainer.checkpoints.save(1, trainer.state_dict(1))
-        before = _policy_weights(trainer)
+        before = policy_weights(trainer)
         skipped = trainer.train_step(2)
         assert skipped["numerics/skipped_step"] == 1 and skipped["numerics/nonfinite_old_logprobs"] > 0
         assert skipped["sync/version"] == 1  # no update, no sync
-        for name, value in _policy_weights(trainer).items():
+        for name, value in policy_weights(trainer).items():
             np.testing.assert_array_equal(value, before[name])
         with pytest.raises(PhaseError, match="2 consecutive updates skipped"):
             trainer.train_step(3)

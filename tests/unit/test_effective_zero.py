@@ -1,7 +1,7 @@
 """A single fp32 rank without offload trains with ZeRO-0: there is nothing to partition."""
 
 from rlhf_ray.config import DeepSpeedConfig
-from rlhf_ray.engine import effective_zero
+from rlhf_ray.deepspeed_model import effective_zero
 
 
 def test_one_rank_drops_zero_partitioning_only_where_it_changes_nothing():

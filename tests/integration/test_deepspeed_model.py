@@ -1,4 +1,4 @@
-"""`rlhf_ray.engine` with real DeepSpeed on CPU (gloo, fp32, torch AdamW, no compiled ops).
+"""`rlhf_ray.deepspeed_model` with real DeepSpeed on CPU (gloo, fp32, torch AdamW, no compiled ops).
 
 Two spawned runs hold all DeepSpeed work (import cost is ~5 s per process, so checks share them):
 - `single` (1 rank): init time, ZeRO 0-3 and CPU-offload training, micro-batch invariance,
@@ -7,7 +7,7 @@ Two spawned runs hold all DeepSpeed work (import cost is ~5 s per process, so ch
   HF export under ZeRO-3.
 The tests below assert on what the runs saved.
 
-Loss convention under test (see the engine's module docstring): the loss of one micro-batch on
+Loss convention under test (see rlhf_ray/deepspeed_model.py): the loss of one micro-batch on
 one rank is Σ token NLL / (real tokens in the GLOBAL mini-batch) × world_size.
 """
 
@@ -86,7 +86,7 @@ def global_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 def _rank_entry(fn_name: str, rank: int, world_size: int, port: int, out_dir: str) -> None:
     try:
-        from rlhf_ray import engine as eng
+        from rlhf_ray import deepspeed_model as eng
 
         t0 = time.perf_counter()
         eng.setup_deepspeed_env("cpu")
@@ -114,7 +114,7 @@ def _shm_op_of_backend():
 
 
 def spawn_run(fn_name: str, world_size: int, out_dir: Path) -> list[dict]:
-    from rlhf_ray.engine import free_port
+    from rlhf_ray.deepspeed_model import free_port
 
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx = multiprocessing.get_context("spawn")
@@ -143,23 +143,23 @@ def spawn_run(fn_name: str, world_size: int, out_dir: Path) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 
 
-def make_engine(eng, zero_stage: int | dict, micro: int, accum: int, total_steps: int = 10, **optim):
+def make_model(eng, zero_stage: int | dict, micro: int, accum: int, total_steps: int = 10, **optim):
     ds = zero_stage if isinstance(zero_stage, dict) else dict(zero_stage=zero_stage)
-    return eng.TrainEngine(
+    return eng.DeepSpeedModel(
         tiny_model(), OptimConfig(**optim), DeepSpeedConfig(**ds),
         micro_batch_size=micro, grad_accum=accum, total_optimizer_steps=total_steps)
 
 
-def train_step(engine, micro_batches: list[dict], n_global: int, world_size: int) -> tuple[float, dict]:
+def train_step(model, micro_batches: list[dict], n_global: int, world_size: int) -> tuple[float, dict]:
     """One mini-batch: each micro-batch's loss is its NLL sum / global tokens × world size."""
-    engine.train()
+    model.train()
     share = 0.0
     for micro in micro_batches:
-        logits = engine.forward(micro["input_ids"], micro["attention_mask"], micro["position_ids"])
+        logits = model.forward(micro["input_ids"], micro["attention_mask"], micro["position_ids"])
         loss = token_nll_sum(logits, micro) / n_global * world_size
-        engine.backward(loss)
+        model.backward(loss)
         share += float(loss.detach()) / world_size
-    return share, engine.step()
+    return share, model.step()
 
 
 def global_loss(share: float) -> float:
@@ -168,8 +168,8 @@ def global_loss(share: float) -> float:
     return float(t)
 
 
-def snapshot(engine) -> dict[str, torch.Tensor]:
-    return {name: t for bucket in engine.gathered_named_parameters(2**30) for name, t in bucket}
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {name: t for bucket in model.gathered_named_parameters(2**30) for name, t in bucket}
 
 
 def micro_split(batch: dict, micro: int) -> list[dict]:
@@ -179,7 +179,7 @@ def micro_split(batch: dict, micro: int) -> list[dict]:
 
 def reference_run(steps: int, **optim) -> dict:
     """Plain PyTorch on the whole batch: global token-mean NLL, clip_grad_norm_, AdamW, schedule."""
-    from rlhf_ray.engine import build_optimizer, build_scheduler
+    from rlhf_ray.deepspeed_model import build_optimizer, build_scheduler
 
     cfg = OptimConfig(**optim)
     model = tiny_model()
@@ -208,35 +208,35 @@ def single(eng, rank: int, world_size: int, out_dir: Path) -> dict:
         res["timings"][name] = time.perf_counter() - t0
 
     def stage_losses(case):
-        engine = make_engine(eng, DS_CASES[case], micro=4, accum=1, lr=1e-2)
-        return [train_step(engine, [batch], n, 1)[0] for _ in range(4)]
+        model = make_model(eng, DS_CASES[case], micro=4, accum=1, lr=1e-2)
+        return [train_step(model, [batch], n, 1)[0] for _ in range(4)]
 
     def accumulate(micro):
-        engine = make_engine(eng, 2, micro=micro, accum=4 // micro, **EQUIV_OPTIM)
-        metrics = [train_step(engine, micro_split(batch, micro), n, 1)[1] for _ in range(2)]
-        return {"metrics": metrics, "weights": snapshot(engine)}
+        model = make_model(eng, 2, micro=micro, accum=4 // micro, **EQUIV_OPTIM)
+        metrics = [train_step(model, micro_split(batch, micro), n, 1)[1] for _ in range(2)]
+        return {"metrics": metrics, "weights": snapshot(model)}
 
     def clipping(stage, grad_clip):
-        engine = make_engine(eng, stage, micro=4, accum=1, lr=1.0, eps=1.0, grad_clip=grad_clip)
-        before = torch.cat([t.flatten() for t in snapshot(engine).values()])
-        metrics = train_step(engine, [batch], n, 1)[1]
-        after = torch.cat([t.flatten() for t in snapshot(engine).values()])
+        model = make_model(eng, stage, micro=4, accum=1, lr=1.0, eps=1.0, grad_clip=grad_clip)
+        before = torch.cat([t.flatten() for t in snapshot(model).values()])
+        metrics = train_step(model, [batch], n, 1)[1]
+        after = torch.cat([t.flatten() for t in snapshot(model).values()])
         return {"delta_norm": float((after - before).norm()), "metrics": metrics}
 
     def warmup():
-        engine = make_engine(eng, 2, micro=4, accum=1, total_steps=5, lr=1e-2, warmup_steps=2, scheduler="linear")
-        before = snapshot(engine)
-        lrs = [train_step(engine, [batch], n, 1)[1]["lr"]]
-        moved = max(float((snapshot(engine)[k] - v).abs().max()) for k, v in before.items())
-        lrs += [train_step(engine, [batch], n, 1)[1]["lr"] for _ in range(4)]
+        model = make_model(eng, 2, micro=4, accum=1, total_steps=5, lr=1e-2, warmup_steps=2, scheduler="linear")
+        before = snapshot(model)
+        lrs = [train_step(model, [batch], n, 1)[1]["lr"]]
+        moved = max(float((snapshot(model)[k] - v).abs().max()) for k, v in before.items())
+        lrs += [train_step(model, [batch], n, 1)[1]["lr"] for _ in range(4)]
         return {"lrs": lrs, "first_step_moved": moved}
 
     def wrong_micro_count():
-        engine = make_engine(eng, 2, micro=2, accum=2, lr=1e-2)
+        model = make_model(eng, 2, micro=2, accum=2, lr=1e-2)
         micro = rows(batch, slice(0, 2))
-        engine.backward(token_nll_sum(engine.forward(**micro), micro) / n)
+        model.backward(token_nll_sum(model.forward(**micro), micro) / n)
         try:
-            engine.step()
+            model.step()
         except RuntimeError as err:
             return str(err)
         return None
@@ -262,7 +262,7 @@ def pair(eng, rank: int, world_size: int, out_dir: Path) -> dict:
     t0 = time.perf_counter()
 
     # ZeRO-2, 2 ranks × 1 micro-batch of 2 rows
-    z2 = make_engine(eng, 2, micro=2, accum=1, **EQUIV_OPTIM)
+    z2 = make_model(eng, 2, micro=2, accum=1, **EQUIV_OPTIM)
     steps = [train_step(z2, [mine], n, world_size) for _ in range(2)]
     res["dp_metrics"] = [m for _, m in steps]
     res["dp_losses"] = [global_loss(s) for s, _ in steps]
@@ -271,15 +271,15 @@ def pair(eng, rank: int, world_size: int, out_dir: Path) -> dict:
 
     # ZeRO-3 vs ZeRO-0 on the same data: gathered weights at init and after training
     t0 = time.perf_counter()
-    z3 = make_engine(eng, 3, micro=2, accum=1, lr=1e-2)
-    z0 = make_engine(eng, 0, micro=2, accum=1, lr=1e-2)
+    z3 = make_model(eng, 3, micro=2, accum=1, lr=1e-2)
+    z0 = make_model(eng, 0, micro=2, accum=1, lr=1e-2)
     res["z3_buckets_init"] = list(z3.gathered_named_parameters(BUCKET_BYTES))
     res["z0_init"] = snapshot(z0)
     for key in ("z3_losses", "z0_losses", "z3_norms", "z0_norms"):
         res[key] = []
     for _ in range(3):
-        for name, engine in (("z3", z3), ("z0", z0)):
-            share, metrics = train_step(engine, [mine], n, world_size)
+        for name, model in (("z3", z3), ("z0", z0)):
+            share, metrics = train_step(model, [mine], n, world_size)
             res[f"{name}_losses"].append(global_loss(share))
             res[f"{name}_norms"].append(metrics["grad_norm"])
     res["z3_buckets"] = list(z3.gathered_named_parameters(BUCKET_BYTES))
@@ -287,7 +287,7 @@ def pair(eng, rank: int, world_size: int, out_dir: Path) -> dict:
     res["z3_local_numel_after_gather"] = sum(p.data.numel() for p in z3.module.parameters())
     res["timings"]["z3_vs_z0"] = time.perf_counter() - t0
 
-    # HF export under ZeRO-3 (collective), and the engine's logits to compare with
+    # HF export under ZeRO-3 (collective), and the model's logits to compare with
     t0 = time.perf_counter()
     z3.save_hf(out_dir / "export")
     z3.eval()
@@ -323,13 +323,13 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 def test_import_is_cheap():
-    code = "import sys, rlhf_ray.engine; print('deepspeed' in sys.modules)"
+    code = "import sys, rlhf_ray.deepspeed_model; print('deepspeed' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
 def test_lr_factor_schedules():
-    from rlhf_ray.engine import lr_factor
+    from rlhf_ray.deepspeed_model import lr_factor
 
     assert [lr_factor(s, 3, "constant", 10) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
     assert lr_factor(3, 3, "cosine", 10) == 1.0 and abs(lr_factor(10, 3, "cosine", 10)) < 1e-12
@@ -338,7 +338,7 @@ def test_lr_factor_schedules():
 
 
 def test_ds_config_sections():
-    from rlhf_ray.engine import ds_config
+    from rlhf_ray.deepspeed_model import ds_config
 
     cfg = ds_config(OptimConfig(grad_clip=None), DeepSpeedConfig(zero_stage=3, precision="bf16",
                     offload_optimizer=True, offload_params=True), micro_batch_size=2, grad_accum=3, world_size=4)
@@ -349,7 +349,7 @@ def test_ds_config_sections():
 
 
 def test_build_optimizer_skips_decay_on_vectors():
-    from rlhf_ray.engine import build_optimizer
+    from rlhf_ray.deepspeed_model import build_optimizer
 
     model = tiny_model()
     opt = build_optimizer(model, OptimConfig(weight_decay=0.1))

@@ -1,11 +1,11 @@
-"""LocalGroup: a light role run in the driver's process behind a WorkerGroup's calls, deadlines and errors."""
+"""LocalPool: a light role run in the driver's process behind a WorkerPool's calls, deadlines and errors."""
 
 import threading
 import time
 
 import pytest
 
-from rlhf_ray.placement import LocalGroup, PhaseError, RoleSpec
+from rlhf_ray.placement import LocalPool, PhaseError, RoleSpec
 
 
 class Scorer:
@@ -23,8 +23,8 @@ class Scorer:
         event.wait(30)
 
 
-def _group(timeout_s: float = 5.0) -> LocalGroup:
-    return LocalGroup(RoleSpec("reward", 1, 1.0, 0.0), Scorer, lambda rank: (0.5,), timeout_s)
+def _group(timeout_s: float = 5.0) -> LocalPool:
+    return LocalPool(RoleSpec("reward", 1, 1.0, 0.0), Scorer, lambda rank: (0.5,), timeout_s)
 
 
 def test_calls_run_off_the_calling_thread_and_return_in_order():

@@ -1,5 +1,5 @@
-"""DeepSpeed training engine: process-group setup, the DeepSpeed config, optimizer and schedule,
-and `TrainEngine`, which runs forward / backward / step and exports weights.
+"""The trained model under DeepSpeed: process-group setup, the DeepSpeed config, optimizer and schedule,
+and `DeepSpeedModel`, which runs forward / backward / step and exports weights.
 
 The only module of rlhf_ray that imports `deepspeed`, and only inside functions, so importing
 this module stays cheap (torch only). The same code runs on CPU (gloo, fp32, tests) and on GPU
@@ -22,7 +22,7 @@ Facts it relies on, measured on this stack (deepspeed 0.19.8, torch 2.13 CPU; /w
 - Under ZeRO-3, `deepspeed.zero.GatheredParameters` is a collective: every rank must enter it.
 
 Loss and gradient convention (ALGORITHMS.md §5.3, `rlhf_ray.algorithms.losses.LossScale`):
-the loss handed to `TrainEngine.backward` is already normalised over the whole mini-batch (all
+the loss handed to `DeepSpeedModel.backward` is already normalised over the whole mini-batch (all
 micro-batches of all ranks), so micro-batch losses *sum* to the mini-batch loss. DeepSpeed must
 therefore not divide by gradient_accumulation_steps again (`scale_wrt_gas=False`). DeepSpeed
 *averages* gradients over data-parallel ranks, so each rank multiplies its share by world_size:
@@ -30,7 +30,7 @@ therefore not divide by gradient_accumulation_steps again (`scale_wrt_gas=False`
     loss_rank_micro = Σ_tokens(token_loss) / num_tokens_global × world_size
     grad = (1 / world_size) Σ_ranks Σ_micro ∇ loss_rank_micro = ∇ (global token mean)
 
-tests/integration/test_engine.py checks this numerically (2 ranks × 1 micro-batch = 1 rank ×
+tests/integration/test_deepspeed_model.py checks this numerically (2 ranks × 1 micro-batch = 1 rank ×
 2 micro-batches = 1 × 4 = 4 × 1 = plain PyTorch on the whole batch).
 """
 
@@ -158,7 +158,7 @@ def effective_zero(ds: DeepSpeedConfig, world_size: int) -> DeepSpeedConfig:
     """ZeRO partitions state across ranks; on one rank, fp32 and without offload, it partitions
     nothing and only adds bookkeeping (a flat fp32 copy of the gradients each step: 26 ms of a
     199 ms update at 1M parameters, 0.6 s of 6.4 s at 50M; docs/performance.md), so stage 0 runs:
-    the same math (the engine equivalence tests cover every stage)."""
+    the same math (the DeepSpeed equivalence tests cover every stage)."""
     if world_size == 1 and ds.zero_stage > 0 and ds.precision == "fp32" and not (ds.offload_optimizer or ds.offload_params):
         return ds.model_copy(update={"zero_stage": 0})
     return ds
@@ -238,20 +238,20 @@ def lr_factor(step: int, warmup_steps: int, schedule: str, total_steps: int) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# The engine
+# The trained model
 # ---------------------------------------------------------------------------------------------
 
 
-class TrainEngine:
+class DeepSpeedModel:
     """A model trained by DeepSpeed: forward, backward per micro-batch, one step per mini-batch.
 
     Usage per mini-batch, on every data-parallel rank (`grad_accum` micro-batches each):
 
         for micro in micro_batches:                 # exactly grad_accum of them
-            logits = engine.forward(micro.input_ids, micro.attention_mask, micro.position_ids)
+            logits = model.forward(micro.input_ids, micro.attention_mask, micro.position_ids)
             loss = <sum of token losses> / <tokens in the GLOBAL mini-batch> * world_size
-            engine.backward(loss)
-        metrics = engine.step()                     # {"grad_norm": ..., "lr": ...}
+            model.backward(loss)
+        metrics = model.step()                     # {"grad_norm": ..., "lr": ...}
 
     Under ZeRO-3 every call that touches weights (forward, save_hf, gathered_named_parameters)
     is a collective: all ranks must make it, in the same order.
@@ -281,7 +281,7 @@ class TrainEngine:
     # --- training --------------------------------------------------------------------------------
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
-        """Logits (B, L, V) of the module (HF `.logits`); inputs (B, L) are moved to the engine's device."""
+        """Logits (B, L, V) of the module (HF `.logits`); inputs (B, L) are moved to the model's device."""
         device = self._ds.device
         out = self._ds(
             input_ids=input_ids.to(device),
@@ -314,7 +314,7 @@ class TrainEngine:
         accum = self._ds.gradient_accumulation_steps()
         if self._micro_batches != accum:
             raise RuntimeError(
-                f"step() after {self._micro_batches} micro-batches, but this engine was built with "
+                f"step() after {self._micro_batches} micro-batches, but this model was built with "
                 f"grad_accum={accum}: run exactly that many backward() calls per mini-batch")
         lr = self.lr
         local_norm = _grad_norm(self._ds.module) if self.zero_stage == 0 else None
