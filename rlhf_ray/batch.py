@@ -86,7 +86,6 @@ class Experience(Samples):
     advantages: Tensor = field(default=None)  # (B, T) per-token advantages, 0 on padding
     returns: Tensor | None = None  # (B, T) critic targets (GAE only)
     values: Tensor | None = None  # (B, T) critic values at generation time (GAE only)
-    behaviour_logprobs: Tensor | None = None  # (B, T) log μ of response tokens (rollout engine), with algo.rollout_correction (§10)
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:

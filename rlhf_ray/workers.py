@@ -289,7 +289,7 @@ class PolicyWorker(_TrainedRole):
         """PPO policy update over this rank's shard (ALGORITHMS.md §5.1, §5.4)."""
         from rlhf_ray.algorithms.logprobs import entropy_from_logits, logprobs_from_logits
         from rlhf_ray.algorithms.losses import (
-            aggregate, kl_loss, policy_loss, sequence_mask_weights, tis_weights, token_mask_weights)
+            aggregate, kl_loss, mismatch_metrics, policy_loss, sequence_mask_weights, tis_weights, token_mask_weights)
 
         algo, temperature = self.cfg.algo, self.cfg.rollout.temperature
         bounds = {"low": algo.correction_low, "high": algo.correction_high}
@@ -303,9 +303,11 @@ class PolicyWorker(_TrainedRole):
             mask = mb.response_mask
             # π_old = π_θ here when the driver sent none: this update is the rollout policy's only one
             old = mb.old_logprobs if mb.old_logprobs is not None else logprobs.detach()
-            is_weights, correction_metrics = correction(old, mb.behaviour_logprobs, mask) if correction else (None, {})
+            is_weights, correction_metrics = correction(old, mb.logprobs, mask) if correction else (None, {})
             loss, metrics = policy_loss(logprobs, old, mb.advantages, mask, clip_low=algo.clip_low, clip_high=algo.clip_high,
                                         dual_clip=algo.dual_clip, agg=algo.loss_agg, scale=scale, is_weights=is_weights)
+            if mb.logprobs is not None:  # the engine's μ: how far it is from the trainer's π_old (§10)
+                metrics |= mismatch_metrics(old, mb.logprobs, mask)
             metrics |= correction_metrics
             k1 = ((logprobs.detach() - mb.ref_logprobs) * mask).sum() / scale.num_seqs  # Σ_t k1 per sequence
             shares = {"kl_ref": k1.item()}

@@ -155,7 +155,7 @@ def tis_weights(
 
     ρ_t = π_old/μ from the trainer's and the rollout engine's log-probs. Inputs (B, T) → w (B, T),
     detached, 0 on padding. Metrics: is_weight_mean, is_truncated_frac (share of real tokens with
-    ρ_t > cap), and the mismatch of `_mismatch_metrics`.
+    ρ_t > cap), and the mismatch of `mismatch_metrics`.
     """
     with torch.no_grad():
         rho = torch.exp(_log_rho(old_logprobs, behaviour_logprobs, response_mask))  # (B, T)
@@ -164,7 +164,7 @@ def tis_weights(
             "is_weight_mean": masked_mean(weights, response_mask),
             "is_truncated_frac": masked_mean((rho > cap).to(rho.dtype), response_mask),
         }
-    return weights, metrics | _mismatch_metrics(old_logprobs, behaviour_logprobs, response_mask)
+    return weights, metrics | mismatch_metrics(old_logprobs, behaviour_logprobs, response_mask)
 
 
 def token_mask_weights(
@@ -174,7 +174,7 @@ def token_mask_weights(
 
     w_t = 1 where low ≤ ρ_t ≤ high, else 0 (the token leaves the loss); ρ_t = π_old/μ. Inputs
     (B, T) → w (B, T), detached, 0 on padding. Metrics: is_weight_mean, masked_frac (share of real
-    tokens dropped), and the mismatch of `_mismatch_metrics`.
+    tokens dropped), and the mismatch of `mismatch_metrics`.
     """
     with torch.no_grad():
         log_rho = _log_rho(old_logprobs, behaviour_logprobs, response_mask)  # (B, T)
@@ -183,7 +183,7 @@ def token_mask_weights(
             "is_weight_mean": masked_mean(weights, response_mask),
             "masked_frac": masked_mean(1.0 - weights, response_mask),
         }
-    return weights, metrics | _mismatch_metrics(old_logprobs, behaviour_logprobs, response_mask)
+    return weights, metrics | mismatch_metrics(old_logprobs, behaviour_logprobs, response_mask)
 
 
 def sequence_mask_weights(
@@ -194,7 +194,7 @@ def sequence_mask_weights(
     The sequence's geometric-mean ratio exp(mean_t log ρ_t) over its response tokens decides for
     all of them: w = 1 on every real token inside [low, high], 0 outside. Inputs (B, T) → w (B, T),
     detached, 0 on padding. Metrics: is_weight_mean, masked_frac (share of sequences with response
-    tokens that are dropped), and the mismatch of `_mismatch_metrics`.
+    tokens that are dropped), and the mismatch of `mismatch_metrics`.
     """
     with torch.no_grad():
         log_rho = _log_rho(old_logprobs, behaviour_logprobs, response_mask)  # (B, T)
@@ -206,7 +206,7 @@ def sequence_mask_weights(
             "is_weight_mean": masked_mean(weights, response_mask),
             "masked_frac": (has_tokens & ~keep).sum().to(log_rho.dtype) / has_tokens.sum().clamp(min=1),
         }
-    return weights, metrics | _mismatch_metrics(old_logprobs, behaviour_logprobs, response_mask)
+    return weights, metrics | mismatch_metrics(old_logprobs, behaviour_logprobs, response_mask)
 
 
 def value_loss(
@@ -298,7 +298,7 @@ def _inside(log_rho: Tensor, low: float, high: float) -> Tensor:
     return (log_rho >= math.log(low)) & (log_rho <= math.log(high))
 
 
-def _mismatch_metrics(old_logprobs: Tensor, behaviour_logprobs: Tensor, response_mask: Tensor) -> Metrics:
+def mismatch_metrics(old_logprobs: Tensor, behaviour_logprobs: Tensor, response_mask: Tensor) -> Metrics:
     """Rollout-vs-trainer mismatch over real tokens (§10): mean |log π_old − log μ| and the k3
     estimate of KL(μ ‖ π_old) from μ's samples (§2)."""
     old, behaviour = old_logprobs.detach(), behaviour_logprobs.detach()

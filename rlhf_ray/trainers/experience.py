@@ -153,8 +153,8 @@ def make_experience(samples: Samples, scored: Scored, scores: torch.Tensor, cfg:
     if whiten_on:
         advantages = whiten(advantages, mask) * mask
     exp = Experience(**vars(samples), old_logprobs=scored.old_logprobs, ref_logprobs=scored.ref_logprobs,
-                     advantages=advantages, returns=returns, values=scored.values,
-                     behaviour_logprobs=_behaviour_logprobs(samples, algo.rollout_correction))
+                     advantages=advantages, returns=returns, values=scored.values)
+    _check_behaviour_logprobs(samples, algo.rollout_correction)
     metrics = _experience_metrics(exp, scored, scores, mask)
     if algo.mask_truncated:  # DAPO: truncated responses teach nothing about where to stop
         exp.response_mask = exp.response_mask * samples.stopped[:, None].to(samples.response_mask.dtype)
@@ -163,14 +163,11 @@ def make_experience(samples: Samples, scored: Scored, scores: torch.Tensor, cfg:
     return exp, metrics
 
 
-def _behaviour_logprobs(samples: Samples, correction: str) -> torch.Tensor | None:
-    """The engine's log μ (B, T) when a rollout correction weighs the update (ALGORITHMS.md §10), else None."""
-    if correction == "none":
-        return None
-    if samples.logprobs is None:
+def _check_behaviour_logprobs(samples: Samples, correction: str) -> None:
+    """A rollout correction weighs the update by the engine's log μ (`Samples.logprobs`, ALGORITHMS.md §10)."""
+    if correction != "none" and samples.logprobs is None:
         raise ValueError(f"algo.rollout_correction={correction} needs the rollout engine's behaviour log-probs, "
                          f"and the engine returned none; set algo.rollout_correction=none or use an engine that returns them.")
-    return samples.logprobs
 
 
 def _experience_metrics(exp: Experience, scored: Scored, scores: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:

@@ -391,6 +391,7 @@ class PPOTrainer:
         self.pending = None  # one-step off-policy: waits for the next batch, generating (its prompts: pending_indices)
         self.pending_indices: list[int] | None = None
         self.reference_samples: Samples | None = None  # win-rate baseline, computed at the first evaluation
+        print(f"rollout: {cfg.rollout.num_engines} {cfg.rollout_backend} engine(s)", flush=True)
         self.roles = Roles(cfg, inputs.models, inputs.reward_paths, probe_tokens(len(self.tokenizer)))
         try:
             trained = {"policy": self.roles.policy} | ({"critic": self.roles.critic} if self.roles.critic else {})
@@ -446,6 +447,8 @@ class PPOTrainer:
         self._count_skip(step, skipped)
         if "kl/ref" not in metrics and "policy/kl_ref" in metrics:  # π_old came from the update's forward
             metrics["kl/ref"] = metrics["policy/kl_ref"]
+        if "rollout/logprob_diff_mean" not in metrics and "policy/logprob_diff_mean" in metrics:  # likewise
+            metrics["rollout/logprob_diff_mean"] = metrics["policy/logprob_diff_mean"]
         with timer.phase("sync"):
             if not bad:
                 self.version += 1
@@ -500,6 +503,13 @@ class PPOTrainer:
         samples = concat_samples([s for s, _ in parts], self.tokenizer.pad_token_id).select(slice(0, want * n))
         return samples, concat_scored([c for _, c in parts]).select(torch.arange(want * n)), metrics
 
+    @property
+    def _engine_logprobs(self) -> bool:
+        """Ask the engines for behaviour log-probs where they are used: π_old (off-policy), μ of a rollout
+        correction, the mismatch metric against π_old; and always from vLLM, where they cost almost nothing."""
+        a = self.cfg.algo
+        return self.old_logprobs != "update" or a.rollout_correction != "none" or self.cfg.rollout_backend == "vllm"
+
     def _submit_rollout(self, step: int, round_: int = 0, overlapped: bool = False,
                         indices: list[int] | None = None):
         """Draw the next prompts (or take `indices`) and start generating them; → a function that
@@ -509,7 +519,7 @@ class PPOTrainer:
         batch = [self.train_prompts[i] for i in indices]
         metadata = [e.metadata for e in batch for _ in range(n)]
         wait = self.roles.submit_generate([e.prompt_ids for e in batch],
-                                          self.sampling(logprobs=self.old_logprobs != "update" or self.cfg.algo.rollout_correction != "none"),
+                                          self.sampling(logprobs=self._engine_logprobs),
                                           self._seed(step) + 7_777_777 * round_, step, self.tokenizer.pad_token_id,
                                           overlapped)
         return lambda: (wait(), metadata)

@@ -141,6 +141,7 @@ def test_zero2_two_ranks_sync_and_probe_every_step(ray_session, tmp_path):
         for step in (1, 2):
             m = trainer.train_step(step)
             assert m["sync/version"] == step and m["sync/probe_gap"] < 1e-4
+            assert m["rollout/logprob_diff_mean"] < 1e-5  # every step with vLLM, here from the update's forward
             expected = policy_probe(trainer)
             for held, probe in engine_states(trainer):
                 assert held == step

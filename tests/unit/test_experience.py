@@ -132,18 +132,16 @@ def test_fill_invalid_uses_group_then_batch_mean():
     torch.testing.assert_close(out, torch.tensor([1.0, 1.0, 3.0, 5.0, 3.0, 3.0]))
 
 
-def test_experience_carries_behaviour_logprobs_only_with_a_rollout_correction():
+def test_a_rollout_correction_needs_the_engines_behaviour_logprobs():
     samples = _samples([2, 1])
     samples.logprobs = torch.tensor([[-0.5, -1.0, 0.0, 0.0], [-2.0, 0.0, 0.0, 0.0]])
     scored, scores = _scored(samples, [1.0, 0.0]), torch.tensor([1.0, 0.0])
     grpo = ["algo.advantage=grpo", "rollout.samples_per_prompt=2"]
-    exp, _ = make_experience(samples, scored, scores, load_config(None, grpo), 0.0)
-    assert exp.behaviour_logprobs is None
     cfg = load_config(None, grpo + ["algo.rollout_correction=tis"])
     exp, _ = make_experience(samples, scored, scores, cfg, 0.0)
-    torch.testing.assert_close(exp.behaviour_logprobs, samples.logprobs)
-    shipped = Experience.from_numpy(exp.select(torch.tensor([1])).to_numpy())  # as plan_update sends it
-    torch.testing.assert_close(shipped.behaviour_logprobs, samples.logprobs[1:])
+    shipped = Experience.from_numpy(exp.select(torch.tensor([1])).to_numpy())  # as plan_update sends it: μ travels
+    torch.testing.assert_close(shipped.logprobs, samples.logprobs[1:])
     samples.logprobs = None
+    make_experience(samples, scored, scores, load_config(None, grpo), 0.0)  # no correction: none needed
     with pytest.raises(ValueError, match="algo.rollout_correction=tis needs the rollout engine's behaviour log-probs"):
         make_experience(samples, scored, scores, cfg, 0.0)
