@@ -93,7 +93,7 @@ class RolloutConfig(Section):
     top_k: int = Field(0, ge=0, description="Top-k sampling; 0 disables.")
     suppress_special_tokens: bool = Field(False, description="Never sample special tokens (EOS included): every response has max_new_tokens tokens. For benchmarks.")
     seed: int = Field(0, description="Base sampling seed; step and engine are mixed in.")
-    weight_sync: Literal["object_store", "gloo", "nccl"] = Field("object_store", description="Policy → engine weight transport: Ray object store (numpy), a stateless gloo group (CPU), or NCCL (GPU policy and engines).")
+    weight_sync: Literal["object_store", "gloo", "nccl", "cuda_ipc"] = Field("object_store", description="Policy → engine weight transport: Ray object store (numpy), a stateless gloo group (CPU), NCCL (GPU policy and engines), or CUDA IPC (policy rank r and engine r colocated on one GPU).")
     sync_probe_tol: float | None = Field(None, gt=0, description="Largest |engine − policy| log-prob on the sync probe sequence after a sync; null: 1e-4 in fp32, 5e-2 in bf16.")
     sync_bucket_mb: float = Field(64.0, gt=0, description="Weights are sent in buckets of about this many MiB.")
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="vLLM engine options.")
@@ -590,6 +590,15 @@ def _rollout_rules(cfg: RunConfig) -> list[str]:
     if v.tensor_parallel_size > 1 and r.weight_sync == "object_store":
         out.append(f"rollout.vllm.tensor_parallel_size={v.tensor_parallel_size} runs each shard in its own process, "
                    f"which weights reach over a collective: set rollout.weight_sync=nccl.")
+    if r.weight_sync == "cuda_ipc":
+        colocated = any({"policy", "rollout"} <= set(group) for group in cfg.placement.colocate)
+        if gpus == 0 or cfg.placement.policy.gpus == 0 or not colocated:
+            out.append("rollout.weight_sync=cuda_ipc needs the policy and the engines on the same GPUs: GPUs for both "
+                       "(placement.policy.gpus, placement.rollout.gpus) and placement.colocate=[[policy, rollout, …]].")
+        if r.num_engines != cfg.placement.policy.num_workers or v.tensor_parallel_size != 1:
+            out.append(f"rollout.weight_sync=cuda_ipc feeds engine r from policy rank r: set rollout.num_engines="
+                       f"{cfg.placement.policy.num_workers} (= placement.policy.num_workers) and "
+                       f"rollout.vllm.tensor_parallel_size=1, or use rollout.weight_sync=nccl.")
     if r.weight_sync == "nccl" and (gpus == 0 or cfg.placement.policy.gpus == 0):
         out.append(f"rollout.weight_sync=nccl needs GPUs on the policy and the engines (placement.policy.gpus="
                    f"{cfg.placement.policy.gpus:g}, placement.rollout.gpus={gpus:g}); use rollout.weight_sync=gloo "

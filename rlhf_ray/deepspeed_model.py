@@ -353,8 +353,10 @@ class DeepSpeedModel:
 
     # --- weights out -----------------------------------------------------------------------------
 
-    def gathered_named_parameters(self, bucket_bytes: int) -> Iterator[list[tuple[str, Tensor]]]:
-        """Yield buckets of (name, full detached CPU copy) of at most `bucket_bytes` each.
+    def gathered_named_parameters(self, bucket_bytes: int, device: str | torch.device = "cpu"
+                                  ) -> Iterator[list[tuple[str, Tensor]]]:
+        """Yield buckets of (name, full detached copy on `device`) of at most `bucket_bytes` each
+        (a GPU device for NCCL and CUDA IPC: no round trip through host memory).
 
         A tensor larger than `bucket_bytes` travels alone. Under ZeRO-3 each bucket is gathered
         with `GatheredParameters` (collective: every rank must iterate this to the end, in the
@@ -362,15 +364,15 @@ class DeepSpeedModel:
         full parameters. Names are those of `module.named_parameters()` (tied weights once).
         """
         for bucket in _buckets(list(self.module.named_parameters()), bucket_bytes):
-            yield self._copy_out(bucket)
+            yield self._copy_out(bucket, device)
 
-    def _copy_out(self, bucket: list[tuple[str, torch.nn.Parameter]]) -> list[tuple[str, Tensor]]:
+    def _copy_out(self, bucket: list[tuple[str, torch.nn.Parameter]], device) -> list[tuple[str, Tensor]]:
         if self.zero_stage != 3:
-            return [(name, p.detach().to("cpu", copy=True)) for name, p in bucket]
+            return [(name, p.detach().to(device, copy=True)) for name, p in bucket]
         import deepspeed
 
         with deepspeed.zero.GatheredParameters([p for _, p in bucket], modifier_rank=None):
-            return [(name, p.detach().to("cpu", copy=True)) for name, p in bucket]
+            return [(name, p.detach().to(device, copy=True)) for name, p in bucket]
 
     def save_hf(self, path: str | os.PathLike, tokenizer: Any = None, bucket_bytes: int = 2**28) -> None:
         """Rank 0 writes the full weights in Hugging Face format (safetensors) to `path`.

@@ -6,6 +6,8 @@ in the same order and rank 0 sends. Transports:
 
 - `object_store`: rank 0 puts each bucket in Ray's object store as a dict of numpy arrays
   (zero-copy on get; torch tensors would be pickled, ~4× slower — STACK-NOTES); engines get them.
+- `cuda_ipc` (GPU, policy rank r and engine r on one GPU): rank r's full weights as CUDA IPC
+  handles through the object store (bytes, not weights); the engine opens and copies them.
 - `gloo` (CPU) / `nccl` (GPU): a stateless process group (TCPStore + ProcessGroupGloo or
   ProcessGroupNCCL, no global state) of policy rank 0 and the engines' receivers; per bucket one
   small header (names, shapes, dtypes as JSON) and one byte-flat broadcast. An empty header ends
@@ -53,6 +55,22 @@ def get_weights(refs: list[ray.ObjectRef], timeout_s: float) -> Iterator[tuple[s
     """(name, array) over every bucket, fetched one bucket at a time."""
     for ref in refs:
         yield from ray.get(ref, timeout=timeout_s).items()
+
+
+# --- CUDA IPC (policy rank and engine on one GPU) --------------------------------------------
+
+
+def share_cuda_ipc(named: list[tuple[str, Tensor]]) -> list[tuple[str, Any]]:
+    """(name, CUDA tensor) → (name, IPC handle): a small picklable record another process on the same
+    GPU opens without a copy (torch's own reduction, as torch.multiprocessing uses)."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    return [(name, reduce_tensor(t)) for name, t in named]
+
+
+def open_cuda_ipc(handles: list[tuple[str, Any]]) -> Iterator[tuple[str, Tensor]]:
+    for name, (rebuild, args) in handles:
+        yield name, rebuild(*args)
 
 
 # --- stateless collective channel -----------------------------------------------------------

@@ -345,8 +345,24 @@ class PolicyWorker(_TrainedRole):
         return True
 
     @timed
+    def send_cuda_ipc(self, probe_ids: list[int]) -> tuple[list, np.ndarray]:
+        """GPU, policy and engine colocated: this rank's full weights as CUDA IPC handles for the engine on
+        its GPU (rank r feeds engine r); the copies stay alive until `release_cuda_ipc`.
+        → (handles, the policy's probe log-probs)"""
+        from rlhf_ray.weight_sync import share_cuda_ipc
+
+        self.ipc_copies = [t for bucket in self.model.gathered_named_parameters(self._bucket_bytes(), self.model.device)
+                           for t in bucket]
+        return share_cuda_ipc(self.ipc_copies), self.probe_logprobs(probe_ids)
+
+    def release_cuda_ipc(self) -> bool:
+        self.ipc_copies = None
+        return True
+
+    @timed
     def send_to_channel(self, probe_ids: list[int]) -> np.ndarray:
-        buckets = self.model.gathered_named_parameters(self._bucket_bytes())
+        device = self.model.device if self.cfg.rollout.weight_sync == "nccl" else "cpu"
+        buckets = self.model.gathered_named_parameters(self._bucket_bytes(), device)
         if self.rank != 0:
             for _ in buckets:  # take part in the ZeRO-3 gathers
                 pass
@@ -536,6 +552,16 @@ class RolloutWorker(Worker):
 
         self.engine.wake()
         self.engine.load_weights(get_weights(refs, self.cfg.trainer.timeout_s))
+        self.version = version
+        return self.weight_state(probe_ids)
+
+    @timed
+    def receive_cuda_ipc(self, handles: list, version: int, probe_ids: list[int]) -> tuple[int, np.ndarray]:
+        """The colocated policy rank's weights, opened from CUDA IPC handles on the same GPU and copied in."""
+        from rlhf_ray.weight_sync import open_cuda_ipc
+
+        self.engine.wake()
+        self.engine.load_weights(open_cuda_ipc(handles))
         self.version = version
         return self.weight_state(probe_ids)
 

@@ -104,7 +104,7 @@ class Roles:
             pool.get(pool.call(lambda w: w.ping.remote()), "start", "init", timeout)
         self._locate(timeout)
         self.rollout_pids = self._rollout_pids("init")
-        if self.cfg.rollout.weight_sync != "object_store":
+        if self.cfg.rollout.weight_sync in ("gloo", "nccl"):
             self._join_channel()
 
     def _locate(self, timeout: float) -> None:
@@ -190,7 +190,7 @@ class Roles:
             print(f"{err}\nrollout engine restarted; re-syncing weights (version {self.version}) and retrying",
                   flush=True)
             self.rollout_pids = pids
-            if self.cfg.rollout.weight_sync != "object_store":
+            if self.cfg.rollout.weight_sync in ("gloo", "nccl"):
                 self._join_channel()
             self._sync_once(self.version, step)
             return call()
@@ -289,15 +289,23 @@ class Roles:
 
     def _sync_once(self, version: int, step: int | str) -> float:
         rollout, probe = self.pools["rollout"], self.probe_ids
-        if self.cfg.rollout.weight_sync != "object_store":
+        if self.cfg.rollout.weight_sync == "cuda_ipc":  # rank r → engine r, on one GPU
+            sent = self.policy.get(self.policy.call(lambda w: w.send_cuda_ipc.remote(probe)), "sync", step)
+            got = rollout.call_each(lambda w, handles: w.receive_cuda_ipc.remote(handles, version, probe),
+                                    [handles for handles, _ in sent])
+            expected = sent[0][1]
+        elif self.cfg.rollout.weight_sync != "object_store":
             sent = self.policy.call(lambda w: w.send_to_channel.remote(probe))
             got = rollout.call(lambda w: w.receive_from_channel.remote(version, probe))
             expected = self.policy.get(sent, "sync", step)[0]
         else:
             refs, expected = self.policy.get(self.policy.call(lambda w: w.send_to_object_store.remote(probe)), "sync", step)[0]
             got = rollout.call(lambda w: w.receive_from_object_store.remote(refs, version, probe))
+        states = rollout.get(got, "sync", step)
+        if self.cfg.rollout.weight_sync == "cuda_ipc":
+            self.policy.get(self.policy.call(lambda w: w.release_cuda_ipc.remote()), "sync", step)
         gaps = []
-        for i, (held, engine_probe) in enumerate(rollout.get(got, "sync", step)):
+        for i, (held, engine_probe) in enumerate(states):
             gaps.append(float(np.abs(engine_probe - expected).max()))
             if held != version or gaps[-1] > self.cfg.probe_tolerance:
                 raise PhaseError("sync", f"rollout[{i}]", step,

@@ -1,4 +1,4 @@
-"""GPU-only paths of the vLLM engine: NCCL weight sync, sleep/wake around the update, tensor parallelism.
+"""GPU-only paths of the vLLM engine: NCCL and CUDA IPC weight sync, sleep/wake around the update, tensor parallelism.
 
 Marked `gpu`: they run where CUDA and the CUDA build of vLLM are present (a lent GPU machine) and are
 skipped elsewhere; the same engine is tested on CPU in tests/integration/test_vllm.py. Each builds a
@@ -57,6 +57,12 @@ def _run(tmp_path, *overrides: str) -> list[dict]:
 @requires_vllm_gpu
 def test_nccl_sync_probe_every_step(ray_gpu_session, tmp_path):
     rows = _run(tmp_path, "rollout.weight_sync=nccl")
+    assert all(r["sync/probe_gap"] < 1e-4 for r in rows)
+
+
+@requires_vllm_gpu
+def test_cuda_ipc_sync_when_colocated(ray_gpu_session, tmp_path):
+    rows = _run(tmp_path, "rollout.weight_sync=cuda_ipc")  # _run colocates policy and rollout on one GPU
     assert all(r["sync/probe_gap"] < 1e-4 for r in rows)
 
 
