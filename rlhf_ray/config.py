@@ -77,7 +77,7 @@ class VLLMConfig(Section):
     tensor_parallel_size: int = Field(1, gt=0, description="GPUs per vLLM engine (tensor parallel shards); needs that many placement.rollout.gpus.")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="Share of GPU memory vLLM may take (GPU only).")
     kv_cache_mb: float | None = Field(None, gt=0, description="KV-cache size in MiB; null: 256 on CPU, from gpu_memory_utilization on GPU.")
-    max_model_len: int | None = Field(None, gt=0, description="vLLM context length; default: data.max_prompt_len + rollout.max_new_tokens.")
+    max_model_len: int | None = Field(None, gt=0, description="vLLM context length; default: data.max_prompt_len + rollout.max_new_tokens in RL, the model's own in the data stages (cai, label) and for judges.")
     enable_sleep: bool = Field(False, description="GPU only: sleep the engine (weights and KV cache freed) while training runs, wake it for generation; for colocation.")
     enforce_eager: bool | None = Field(None, description="Run without CUDA graphs / compilation; null: eager on CPU, graphs on GPU.")
     threads: int | None = Field(None, gt=0, description="CPU threads of each engine, fixed at start; null: the node's thread budget (on-policy) or placement.rollout.cpus (one-step off-policy).")

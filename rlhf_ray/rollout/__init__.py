@@ -73,7 +73,10 @@ def vllm_options(cfg: RunConfig, model_path: str, seed: int, full_context: bool 
     from rlhf_ray.rollout.vllm import VLLMOptions
 
     v, r = cfg.rollout.vllm, cfg.rollout
-    max_model_len = None if full_context else v.max_model_len or cfg.data.max_prompt_len + r.max_new_tokens
+    # RL prompts are capped at data.max_prompt_len; the data stages' conversations (CAI critiques and
+    # revisions, labelling) and a judge's templates are not: they get the model's own context (None)
+    max_model_len = None if full_context else v.max_model_len or (
+        cfg.data.max_prompt_len + r.max_new_tokens if cfg.stage == "ppo" else None)
     return VLLMOptions(
         model=model_path, tokenizer=model_path, dtype={"fp32": "float32", "bf16": "bfloat16"}[cfg.deepspeed.precision],
         seed=seed, max_model_len=max_model_len,
