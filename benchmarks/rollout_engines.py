@@ -50,7 +50,7 @@ def measure(engine: str, size: str, model_dir: str, prompts: int, n: int, tokens
 
         specials = sorted({*tokenizer.all_special_ids, tokenizer.eos_token_id, tokenizer.pad_token_id})
         rollout = VLLMRolloutEngine(VLLMOptions(model=model_dir, tokenizer=model_dir, max_model_len=64 + tokens,
-                                                threads=threads, kv_cache_mb=512),
+                                                threads=threads, kv_cache_mb=2048),
                                     tokenizer.eos_token_id, tokenizer.pad_token_id, specials, len(tokenizer))
     else:
         from rlhf_ray.rollout.hf import HFRolloutEngine

@@ -97,6 +97,18 @@ def test_streams_are_independent_across_prompts_and_calls(engine):
     assert not torch.equal(a.response_ids[:2], a.response_ids[2:])
 
 
+def test_a_batch_whose_prefills_exceed_one_step_generates_and_reproduces(engine):
+    """256 sequences × ~70 prompt tokens: vLLM's 4,096-token step budget splits the prefills, and a split
+    prefill of a seeded request crashed vLLM 0.32 on CPU ('CPU Generator does not use offset') until
+    chunked prefill was turned off there."""
+    worker, paths = engine
+    tokenizer = load_tokenizer(paths.tokenizer)
+    prompts = _prompts(tokenizer, [f"<|user|>say: {'abcdefghij' * 6}{i}<|assistant|>" for i in range(64)])
+    params = SamplingParams(max_new_tokens=6, n=4)
+    a, b = _generate(worker, prompts, params, seed=5), _generate(worker, prompts, params, seed=5)
+    assert a.batch_size == 256 and torch.equal(a.response_ids, b.response_ids)
+
+
 def test_greedy_equals_hf_and_behaviour_logprobs_equal_the_trainers(engine):
     worker, paths = engine
     tokenizer = load_tokenizer(paths.tokenizer)
