@@ -1,4 +1,5 @@
-"""Entry point: load YAML + `a.b.c=value` overrides → validate → join or start Ray → run the stage.
+"""Entry point: load YAML + `a.b.c=value` overrides → validate → pre-flight (every path, hub id and reward
+function resolved; `rlhf_ray.preflight`) → join or start Ray → run the stage.
 
     python launch.py                                     # the toy SFT → RM → PPO pipeline on local Ray (CPU)
     python launch.py --config configs/toy_ppo.yaml trainer.total_steps=5
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from rlhf_ray.config import (
     OFFLINE_ROLE, ConfigError, RunConfig, dump_config, iterate_stage_configs, load_config, pipeline_stage_configs)
+from rlhf_ray.preflight import preflight_problems
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy_pipeline.yaml"
 
@@ -143,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
+    problems = preflight_problems(cfg)  # every model, dataset and reward function resolved before Ray starts
+    if problems:
+        print("\n".join(f"preflight: {problem}" for problem in problems), file=sys.stderr)
+        return 2
     loading = preload(cfg.stage)
     from rlhf_ray.placement import PhaseError
     from rlhf_ray.trainers.checkpointing import StopRequested, install_stop_handler
