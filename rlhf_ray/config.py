@@ -68,6 +68,8 @@ class DataConfig(Section):
     max_response_len: int = Field(32, gt=0, description="Longest SFT/preference response in tokens (RL uses rollout.max_new_tokens).")
     overlength: Literal["error", "skip", "truncate_left"] = Field("error", description="What to do with prompts over max_prompt_len.")
     on_bad_row: Literal["error", "skip"] = Field("error", description="Bad rows stop the run naming file and row, or are dropped and counted per reason.")
+    sft_turns: Literal["all", "last"] = Field("all", description="SFT on a `messages` conversation: train on every assistant turn ('all') or only the last ('last'); other turns are context.")
+    margin_from_scores: bool = Field(False, description="Reward model, rm.loss=pairwise: each pair's Bradley–Terry margin is its row's score_chosen − score_rejected (UltraFeedback) instead of rm.margin.")
     toy_train_size: int = Field(512, gt=0, description="Rows generated per toy training file.")
     toy_eval_size: int = Field(64, gt=0, description="Rows generated per toy eval file.")
     toy_task: Literal["vowel", "arith"] = Field("vowel", description="Toy prompts: 'vowel' (reward the share of vowels) or 'arith' (single-digit sums, exact-answer reward).")

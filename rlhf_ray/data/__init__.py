@@ -2,7 +2,9 @@
 
 - `sources.py`  `load_rows`: JSONL / JSON / Parquet files, shard directories, hub ids; row origins
 - `errors.py`   `DataError`: names file, row, key and reason
-- `records.py`  example records and one loader per format (prompts, SFT, preferences, ranked, KTO)
+- `records.py`  example records and one loader per format (prompts, SFT, preferences, ranked, KTO);
+                TRL's dataset types detected from the columns
+- `conversations.py` HH-RLHF transcripts → messages, implicit prompts, multi-turn assistant masks
 - `iterator.py` `BatchIterator`: seeded, resumable index batches over epochs
 - `feedback.py` feedback records (comparisons, ratings, thumbs, edits, critiques) → training datasets
 - `constitution.py` Constitutional AI principles and the critique / revision conversations
@@ -10,6 +12,7 @@
 """
 
 from rlhf_ray.data.collate import concat_prompt_response, pad_candidates, pad_left, pad_right
+from rlhf_ray.data.conversations import transcript_messages
 from rlhf_ray.data.errors import DataError
 from rlhf_ray.data.iterator import BatchIterator
 from rlhf_ray.data.records import (
@@ -52,4 +55,5 @@ __all__ = [
     "pad_left",
     "pad_right",
     "render_messages",
+    "transcript_messages",
 ]

@@ -3,13 +3,40 @@
 One loader per training format: prompts (RL), SFT pairs, preference pairs (reward model, DPO
 family), ranked lists (listwise RM/DPO), KTO examples. Each returns `(examples, LoadReport)`.
 
+Dataset types (TRL's, https://huggingface.co/docs/trl/dataset_formats) are detected from the
+columns, first match in this order; `LoadReport.format` names the one found and its form
+(standard strings, conversational messages, or HH-RLHF transcripts):
+
+- `load_prompts`: `prompt` (prompt-only) · `messages` (a final assistant turn dropped) ·
+  `chosen` + `rejected` (their implicit prompt)
+- `load_sft`: `prompt` + `response` (prompt-completion) · `messages` · `text` (language modeling)
+- `load_preferences`: `prompt` + `chosen` + `rejected` · `chosen` + `rejected` (implicit prompt);
+  chosen and rejected given as whole conversations (UltraFeedback's repeat the user turn) give
+  the prompt from their shared turns even with a prompt column
+- `load_ranked`: `prompt` + `responses` (+ `scores`) · either preference type (K = 2, chosen first)
+- `load_kto`: `prompt` + `response` + `label` (unpaired preference)
+
+A key left at its default falls back to an alias when its column is absent: `response` →
+`completion` (TRL's name), and for RL prompts `prompt` → `question` (GSM8K). A key set
+explicitly is used as given. Preference rows may carry `score_chosen` / `score_rejected`
+(UltraFeedback): finite numbers with score_chosen >= score_rejected, kept in the example.
+The implicit prompt of a pair is the prefix its two texts share, cut at a turn boundary
+(`conversations.split_shared_prompt` / `split_shared_text`).
+
 Text rules:
 - A plain string is used as-is. A prompt given as a list of chat messages `{"role", "content"}`
   is rendered with `tokenizer.apply_chat_template(messages, add_generation_prompt=True,
   tokenize=False)`; with no chat template, as `"{role}: {content}\\n"` lines followed by
   `"assistant: "`. Only `role` and `content` of a message are used.
+- A string that is an HH-RLHF transcript (`"\\n\\nHuman: …\\n\\nAssistant: …"`) is parsed into
+  messages (`conversations.transcript_messages`) and used as those messages.
 - SFT rows may instead hold a `messages` conversation (used when the prompt is missing/null):
   its last message, which must be the assistant's, is the response; the earlier ones the prompt.
+  With `sft_turns="all"` (the default) every earlier assistant turn (not a first message) is
+  trained too: `SFTExample.assistant_mask` marks its tokens inside the prompt
+  (`conversations.context_with_assistant_mask`). Prompt-completion rows train the completion only.
+- A `text` row (language modeling) is trained on every token after its first one (or after the
+  tokenizer's own leading specials, e.g. BOS), plus EOS.
 - A response may be a string or a list of messages ending with an assistant message (TRL's
   conversational format); its content is the response.
 - Prompts are encoded with the tokenizer's own special tokens (e.g. Llama's BOS) unless a chat
@@ -28,14 +55,16 @@ Bad rows follow `on_bad_row`: "error" raises `DataError` naming file, row, key a
 "skip" drops the row and counts it per reason. Reasons: `missing_key` (absent or null: Arrow
 makes a key missing from one row null), `wrong_type`, `empty` (empty/whitespace-only text, empty
 list), `identical_pair` (chosen and rejected give the same token ids), `bad_value` (too few
-ranked responses, scores of the wrong length or not finite, conversation not ending with the
-assistant), `overlength` (prompts; governed by `overlength`, not `on_bad_row`).
+ranked responses, scores of the wrong length or not finite, score_chosen < score_rejected,
+conversation not ending with the assistant, no implicit prompt, a chat template that cannot be
+masked turn by turn), `overlength` (prompts; governed by `overlength`, not `on_bad_row`).
 A column absent from the whole source, or a source with no usable row, is always an error.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -43,6 +72,9 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import datasets
 
+from rlhf_ray.data.conversations import (
+    context_with_assistant_mask, open_turn_dropped, render_conversation, split_shared_prompt, split_shared_text,
+    transcript_messages)
 from rlhf_ray.data.errors import DataError
 from rlhf_ray.data.sources import ORIGIN_FILE, ORIGIN_ROW, load_rows
 
@@ -51,6 +83,7 @@ if TYPE_CHECKING:
 
 Overlength = Literal["error", "skip", "truncate_left"]
 OnBadRow = Literal["error", "skip"]
+SFTTurns = Literal["all", "last"]
 Example = TypeVar("Example")
 
 
@@ -66,6 +99,9 @@ class Keys:
     scores: str = "scores"  # one number per ranked response (optional column)
     label: str = "label"  # KTO: true = desirable
     messages: str = "messages"  # SFT conversation (alternative to prompt + response)
+    text: str = "text"  # language modeling: one string, trained whole (SFT)
+    score_chosen: str = "score_chosen"  # a preference pair's score of chosen (optional column)
+    score_rejected: str = "score_rejected"  # and of rejected
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +116,7 @@ class PromptExample:
 class SFTExample:
     prompt_ids: list[int]  # (P,) prompt tokens
     response_ids: list[int]  # (R,) response tokens ending with EOS (unless cut at max_response_len)
+    assistant_mask: list[int] | None = None  # (P,) 1 on earlier assistant turns inside the prompt, trained too; None: none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +124,7 @@ class PreferenceExample:
     prompt_ids: list[int]  # (P,) prompt tokens
     chosen_ids: list[int]  # (Rc,) preferred response, ends with EOS unless cut
     rejected_ids: list[int]  # (Rr,) dispreferred response, ends with EOS unless cut; != chosen_ids
+    scores: list[float] | None = None  # (2,) [score_chosen, score_rejected], non-increasing; None: no score columns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,9 +150,10 @@ class LoadReport:
     kept: int  # examples returned
     dropped: dict[str, int]  # reason -> rows dropped (on_bad_row / overlength = "skip")
     truncated: dict[str, int]  # "prompt" / "response" -> texts cut to their length limit
+    format: str = ""  # the dataset type detected from the columns and its form, e.g. "preference (conversational)"
 
     def __str__(self) -> str:
-        text = f"{self.source}: kept {self.kept}/{self.rows_in} rows"
+        text = f"{self.source}{f' [{self.format}]' if self.format else ''}: kept {self.kept}/{self.rows_in} rows"
         if self.dropped:
             text += "; dropped " + ", ".join(f"{k}={v}" for k, v in sorted(self.dropped.items()))
         if self.truncated:
@@ -138,35 +177,66 @@ class _Encoder:
     max_response_len: int | None
     overlength: Overlength
     row_truncations: list[str] = dataclasses.field(default_factory=list)  # cuts in the current row
+    forms: set[str] = dataclasses.field(default_factory=set)  # "conversational" / "HH-RLHF transcripts" seen
+
+    def parsed(self, value: Any) -> Any:
+        """`value`, an HH-RLHF transcript string parsed into messages; notes the form seen."""
+        if isinstance(value, str) and (messages := transcript_messages(value)) is not None:
+            self.forms.add("HH-RLHF transcripts")
+            return messages
+        if isinstance(value, list):
+            self.forms.add("conversational")
+        return value
+
+    def form(self) -> str:
+        return next((f for f in ("HH-RLHF transcripts", "conversational") if f in self.forms), "standard")
 
     def prompt(self, value: Any, key: str) -> tuple[list[int], str]:
-        """Prompt ids and rendered text from a string or a list of chat messages."""
+        """Prompt ids and rendered text from a string, an HH transcript or a list of chat messages."""
+        value = self.parsed(value)
         if isinstance(value, list):
-            text = self.render(_messages(value, key))
+            text = self.render(open_turn_dropped(_messages(value, key)))
             ids = self.tokenizer.encode(text, add_special_tokens=False)
         else:
             text = _text(value, key)
             ids = self.tokenizer.encode(text, add_special_tokens=True)
+        kept = self.fit_prompt(ids, key)
+        return kept, text if len(kept) == len(ids) else self.tokenizer.decode(kept)
+
+    def fit_prompt(self, ids: list[int], key: str) -> list[int]:
+        """`ids` within max_prompt_len, as `overlength` says."""
         if len(ids) <= self.max_prompt_len:
-            return ids, text
+            return ids
         if self.overlength != "truncate_left":
             raise _BadRow("overlength", key, f"prompt has {len(ids)} tokens > max_prompt_len={self.max_prompt_len}")
         self.row_truncations.append("prompt")
-        ids = ids[-self.max_prompt_len:]
-        return ids, self.tokenizer.decode(ids)
+        return ids[-self.max_prompt_len:]
+
+    def conversation_context(self, messages: list[dict[str, str]], key: str) -> tuple[list[int], list[int]]:
+        """The prompt of a conversation's last turn and the mask of the earlier assistant turns in it, (P,) each."""
+        try:
+            ids, mask = context_with_assistant_mask(self.tokenizer, messages)
+        except ValueError as error:
+            raise _BadRow("bad_value", key, str(error)) from None
+        kept = self.fit_prompt(ids, key)
+        return kept, mask[len(mask) - len(kept):]
 
     def render(self, messages: list[dict[str, str]]) -> str:
         return render_messages(self.tokenizer, messages)
 
     def response(self, value: Any, key: str) -> list[int]:
-        """Response ids + EOS, cut to max_response_len, from a string or assistant message list."""
+        """Response ids + EOS, cut to max_response_len, from a string, an HH transcript or assistant message list."""
+        value = self.parsed(value)
         if isinstance(value, list):
             messages = _messages(value, key)
             if messages[-1]["role"] != "assistant":
                 raise _BadRow("bad_value", key, "a response given as messages must end with an assistant message")
             value = messages[-1]["content"]
-        ids = self.tokenizer.encode(_text(value, key), add_special_tokens=False)
-        ids.append(self.tokenizer.eos_token_id)
+        return self.with_eos(self.tokenizer.encode(_text(value, key), add_special_tokens=False))
+
+    def with_eos(self, ids: list[int]) -> list[int]:
+        """Response ids + EOS, cut to their first max_response_len (then without EOS)."""
+        ids = ids + [self.tokenizer.eos_token_id]
         if self.max_response_len is not None and len(ids) > self.max_response_len:
             self.row_truncations.append("response")
             ids = ids[: self.max_response_len]
@@ -177,9 +247,7 @@ def render_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str,
     """Chat messages as the text a model continues (the assistant's turn opened): the tokenizer's chat
     template, or `"{role}: {content}\\n"` lines then `"assistant: "` without one. Encode it without
     adding special tokens (a template writes its own)."""
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+    return render_conversation(tokenizer, messages, add_generation_prompt=True)
 
 
 # ---- value checks -------------------------------------------------------------------------
@@ -223,42 +291,127 @@ def _scores(value: Any, key: str, count: int) -> list[float]:
     return [float(s) for s in value]
 
 
+def _number(value: Any, key: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise _BadRow("wrong_type", key, f"expected a number, got {value!r:.60}")
+    if not math.isfinite(value):
+        raise _BadRow("bad_value", key, f"must be finite, got {value}")
+    return float(value)
+
+
 # ---- one parser per format: row -> example, or _BadRow ---------------------------------------
 
 def _parse_prompt(row: dict[str, Any], enc: _Encoder) -> PromptExample:
+    """prompt-only; a row with a null prompt uses its `messages`, a final assistant reply dropped."""
     k = enc.keys
     key = k.messages if row.get(k.prompt) is None and row.get(k.messages) is not None else k.prompt
-    ids, text = enc.prompt(_get(row, key), key)
-    skip = {k.prompt, k.messages, ORIGIN_FILE, ORIGIN_ROW}
-    return PromptExample(ids, text, {name: v for name, v in row.items() if name not in skip}, row[key])
+    value = enc.parsed(_get(row, key))
+    if isinstance(value, list):
+        value = open_turn_dropped(_messages(value, key))
+        if key == k.messages and len(value) > 1 and value[-1]["role"] == "assistant":
+            value = value[:-1]
+    return _prompt_example(row, enc, value, key)
 
 
-def _parse_sft(row: dict[str, Any], enc: _Encoder) -> SFTExample:
+def _parse_implicit_prompt(row: dict[str, Any], enc: _Encoder) -> PromptExample:
+    """The shared start of a preference pair as an RL prompt."""
+    prompt, _, _ = _implicit_pair(row, enc)
+    return _prompt_example(row, enc, prompt, enc.keys.chosen)
+
+
+def _prompt_example(row: dict[str, Any], enc: _Encoder, prompt: Any, key: str) -> PromptExample:
+    ids, text = enc.prompt(prompt, key)
+    skip = {enc.keys.prompt, enc.keys.messages, ORIGIN_FILE, ORIGIN_ROW}
+    return PromptExample(ids, text, {name: v for name, v in row.items() if name not in skip}, prompt)
+
+
+def _parse_sft(turns: SFTTurns, row: dict[str, Any], enc: _Encoder) -> SFTExample:
+    """prompt-completion; a row with a null prompt uses its `messages`."""
     k = enc.keys
     if row.get(k.prompt) is None and row.get(k.messages) is not None:
-        return _parse_conversation(row[k.messages], k.messages, enc)
+        return _parse_conversation(turns, row, enc)
     prompt_ids, _ = enc.prompt(_get(row, k.prompt), k.prompt)
     return SFTExample(prompt_ids, enc.response(_get(row, k.response), k.response))
 
 
-def _parse_conversation(value: Any, key: str, enc: _Encoder) -> SFTExample:
+def _parse_conversation(turns: SFTTurns, row: dict[str, Any], enc: _Encoder) -> SFTExample:
+    """Conversational language modeling: the last assistant message is the response; with turns="all"
+    the earlier assistant turns are marked in `assistant_mask`."""
+    key = enc.keys.messages
+    value = enc.parsed(_get(row, key))
     if not isinstance(value, list):
         raise _BadRow("wrong_type", key, f"expected a list of chat messages, got {type(value).__name__}")
     messages = _messages(value, key)
     if len(messages) < 2 or messages[-1]["role"] != "assistant":
         raise _BadRow("bad_value", key, "a conversation needs prompt messages then a final assistant message")
+    if turns == "all" and any(m["role"] == "assistant" for m in messages[1:-1]):
+        prompt_ids, mask = enc.conversation_context(messages, key)
+        return SFTExample(prompt_ids, enc.response(messages[-1]["content"], key), mask)
     prompt_ids, _ = enc.prompt(messages[:-1], key)
     return SFTExample(prompt_ids, enc.response(messages[-1]["content"], key))
 
 
-def _parse_preference(row: dict[str, Any], enc: _Encoder) -> PreferenceExample:
+def _parse_text(row: dict[str, Any], enc: _Encoder) -> SFTExample:
+    """Standard language modeling: the prompt is the tokenizer's leading specials (e.g. BOS), else the
+    first token; everything after it is trained."""
     k = enc.keys
-    prompt_ids, _ = enc.prompt(_get(row, k.prompt), k.prompt)
-    chosen_ids = enc.response(_get(row, k.chosen), k.chosen)
-    rejected_ids = enc.response(_get(row, k.rejected), k.rejected)
+    ids = enc.tokenizer.encode(_text(_get(row, k.text), k.text), add_special_tokens=False)
+    specials = enc.tokenizer.encode("", add_special_tokens=True)
+    prompt_ids, rest = (specials, ids) if specials else (ids[:1], ids[1:])
+    return SFTExample(enc.fit_prompt(prompt_ids, k.text), enc.with_eos(rest))
+
+
+def _parse_preference(row: dict[str, Any], enc: _Encoder) -> PreferenceExample:
+    """Preference with an explicit prompt. When chosen and rejected are whole conversations (UltraFeedback
+    repeats the user turn in both), the prompt is their shared turns, rendered with the chat template:
+    they keep the roles, and any system or earlier turn, that a prompt string loses."""
+    k = enc.keys
+    prompt = _get(row, k.prompt)
+    if all(isinstance(v, list) and len(v) > 1 for v in (row.get(k.chosen), row.get(k.rejected))):
+        return _parse_implicit_preference(row, enc)
+    prompt_ids, _ = enc.prompt(prompt, k.prompt)
+    return _pair(row, enc, prompt_ids, _get(row, k.chosen), _get(row, k.rejected))
+
+
+def _parse_implicit_preference(row: dict[str, Any], enc: _Encoder) -> PreferenceExample:
+    """Preference with an implicit prompt: the shared start of chosen and rejected."""
+    prompt, chosen, rejected = _implicit_pair(row, enc)
+    prompt_ids, _ = enc.prompt(prompt, enc.keys.chosen)
+    return _pair(row, enc, prompt_ids, chosen, rejected)
+
+
+def _pair(row: dict[str, Any], enc: _Encoder, prompt_ids: list[int], chosen: Any, rejected: Any) -> PreferenceExample:
+    k = enc.keys
+    chosen_ids = enc.response(chosen, k.chosen)
+    rejected_ids = enc.response(rejected, k.rejected)
     if chosen_ids == rejected_ids:
         raise _BadRow("identical_pair", k.rejected, f"same token ids as {k.chosen!r} (after any cut)")
-    return PreferenceExample(prompt_ids, chosen_ids, rejected_ids)
+    return PreferenceExample(prompt_ids, chosen_ids, rejected_ids, _pair_scores(row, k))
+
+
+def _implicit_pair(row: dict[str, Any], enc: _Encoder) -> tuple[Any, str, str]:
+    """(prompt, chosen reply, rejected reply) of a row without a prompt column (HH transcripts as messages)."""
+    k = enc.keys
+    chosen, rejected = enc.parsed(_get(row, k.chosen)), enc.parsed(_get(row, k.rejected))
+    try:
+        if isinstance(chosen, str) and isinstance(rejected, str):
+            return split_shared_text(_text(chosen, k.chosen), _text(rejected, k.rejected))
+        if isinstance(chosen, list) and isinstance(rejected, list):
+            return split_shared_prompt(_messages(chosen, k.chosen), _messages(rejected, k.rejected))
+    except ValueError as error:
+        raise _BadRow("bad_value", k.rejected, str(error)) from None
+    raise _BadRow("wrong_type", k.rejected, f"{k.chosen!r} and {k.rejected!r} must both be strings or both chat messages")
+
+
+def _pair_scores(row: dict[str, Any], k: Keys) -> list[float] | None:
+    """[score_chosen, score_rejected] when the source has those columns (Arrow: in every row or none)."""
+    if k.score_chosen not in row and k.score_rejected not in row:
+        return None
+    scores = [_number(_get(row, key), key) for key in (k.score_chosen, k.score_rejected)]
+    if scores[0] < scores[1]:
+        raise _BadRow("bad_value", k.score_chosen, f"{k.score_chosen}={scores[0]} < {k.score_rejected}={scores[1]}: "
+                      "the scores prefer the rejected response")
+    return scores
 
 
 def _parse_ranked(row: dict[str, Any], enc: _Encoder) -> RankedExample:
@@ -275,6 +428,13 @@ def _parse_ranked(row: dict[str, Any], enc: _Encoder) -> RankedExample:
     return RankedExample(prompt_ids, responses_ids, scores)
 
 
+def _parse_pair_as_ranked(parse_pair: Callable[[dict[str, Any], _Encoder], PreferenceExample],
+                          row: dict[str, Any], enc: _Encoder) -> RankedExample:
+    """A preference pair as a ranked list of 2, chosen first, with the pair's scores when it has them."""
+    pair = parse_pair(row, enc)
+    return RankedExample(pair.prompt_ids, [pair.chosen_ids, pair.rejected_ids], pair.scores)
+
+
 def _parse_kto(row: dict[str, Any], enc: _Encoder) -> KTOExample:
     k = enc.keys
     prompt_ids, _ = enc.prompt(_get(row, k.prompt), k.prompt)
@@ -285,14 +445,47 @@ def _parse_kto(row: dict[str, Any], enc: _Encoder) -> KTOExample:
     return KTOExample(prompt_ids, response_ids, label)
 
 
+# ---- dataset types, detected from the columns ---------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Format:
+    name: str  # the dataset type, in TRL's words
+    fields: tuple[str, ...]  # `Keys` fields whose columns must all exist
+    parse: Callable[[dict[str, Any], _Encoder], Any]
+
+
+ALIASES = {"response": "completion"}  # Keys field -> column used when its default column is absent
+PROMPT_ALIASES = ALIASES | {"prompt": "question"}  # GSM8K's prompt column, for RL prompts
+PREFERENCE = _Format("preference", ("prompt", "chosen", "rejected"), _parse_preference)
+IMPLICIT_PREFERENCE = _Format("preference, implicit prompt", ("chosen", "rejected"), _parse_implicit_preference)
+
+
+def _detect(source: str, columns: list[str], keys: Keys, formats: list[_Format],
+            aliases: dict[str, str]) -> tuple[_Format, Keys, str]:
+    """The first format whose columns all exist, the keys it reads (aliases applied to keys left at their
+    default whose column is absent) and a note naming the aliases it uses."""
+    renamed = {field: alias for field, alias in aliases.items()
+               if getattr(keys, field) == getattr(DEFAULT_KEYS, field) and getattr(keys, field) not in columns
+               and alias in columns}
+    resolved = dataclasses.replace(keys, **renamed)
+    for fmt in formats:
+        if all(getattr(resolved, field) in columns for field in fmt.fields):
+            note = "".join(f", {field} column {alias!r}" for field, alias in renamed.items() if field in fmt.fields)
+            return fmt, resolved, note
+    wanted = " or ".join(dict.fromkeys(str([getattr(keys, field) for field in fmt.fields]) for fmt in formats))
+    present = sorted(c for c in columns if c not in (ORIGIN_FILE, ORIGIN_ROW))
+    raise DataError(source, "missing_key", f"needs columns {wanted}, has {present}; set data.<name>_key "
+                    "(the loader's keys=Keys(...))")
+
+
 # ---- the shared loop ---------------------------------------------------------------------
 
 def _load(
     source: str,
     tokenizer: PreTrainedTokenizerBase,
-    parse: Callable[[dict[str, Any], _Encoder], Example],
-    required: list[tuple[str, ...]],
+    formats: list[_Format],
     *,
+    aliases: dict[str, str] = ALIASES,
     keys: Keys,
     max_prompt_len: int,
     max_response_len: int | None,
@@ -301,12 +494,12 @@ def _load(
     split: str,
     limit: int | None,
 ) -> tuple[list[Example], LoadReport]:
-    """Parse every row of `source`; one of the `required` column sets must exist."""
+    """Parse every row of `source` with the first of `formats` whose columns it has."""
     _check_settings(tokenizer, max_prompt_len, max_response_len, overlength, on_bad_row, limit)
     rows = load_rows(source, split)
     if limit is not None:
         rows = rows.select(range(min(limit, len(rows))))
-    _check_columns(source, rows.column_names, required)
+    fmt, keys, note = _detect(source, rows.column_names, keys, formats, aliases)
     enc = _Encoder(tokenizer, keys, max_prompt_len, max_response_len, overlength)
     examples: list[Example] = []
     dropped: Counter[str] = Counter()
@@ -314,7 +507,7 @@ def _load(
     for row in _iter_rows(rows):
         enc.row_truncations.clear()
         try:
-            examples.append(parse(row, enc))
+            examples.append(fmt.parse(row, enc))
         except _BadRow as bad:
             policy = overlength if bad.reason == "overlength" else on_bad_row
             if policy == "error":
@@ -322,7 +515,8 @@ def _load(
             dropped[bad.reason] += 1
         else:
             truncated.update(enc.row_truncations)
-    report = LoadReport(source, len(rows), len(examples), dict(dropped), dict(truncated))
+    report = LoadReport(source, len(rows), len(examples), dict(dropped), dict(truncated),
+                        f"{fmt.name} ({enc.form()}){note}")
     if not examples:
         raise DataError(source, "empty", f"no usable rows ({report})")
     return examples, report
@@ -340,14 +534,6 @@ def _check_settings(tokenizer: PreTrainedTokenizerBase, max_prompt_len: int, max
         raise ValueError(f"limit must be None or >= 1, got {limit}")
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token_id; responses need one")
-
-
-def _check_columns(source: str, columns: list[str], required: list[tuple[str, ...]]) -> None:
-    if not any(all(name in columns for name in names) for names in required):
-        wanted = " or ".join(str(list(names)) for names in required)
-        present = sorted(c for c in columns if c not in (ORIGIN_FILE, ORIGIN_ROW))
-        raise DataError(source, "missing_key",
-                        f"needs columns {wanted}, has {present}; set the loader's keys=Keys(...)")
 
 
 def _iter_rows(rows: datasets.Dataset, batch_size: int = 1024) -> Iterator[dict[str, Any]]:
@@ -372,20 +558,28 @@ def load_prompts(
     overlength: Overlength = "error", on_bad_row: OnBadRow = "error", split: str = "train",
     limit: int | None = None,
 ) -> tuple[list[PromptExample], LoadReport]:
-    """RL prompts (`prompt`, or a `messages` list); other columns become `metadata`."""
-    return _load(source, tokenizer, _parse_prompt, [(keys.prompt,), (keys.messages,)], keys=keys,
-                 max_prompt_len=max_prompt_len, max_response_len=None, overlength=overlength,
-                 on_bad_row=on_bad_row, split=split, limit=limit)
+    """RL prompts: `prompt` (or `question`), a `messages` list, or the shared start of `chosen` and
+    `rejected`; other columns become `metadata`."""
+    formats = [_Format("prompt-only", ("prompt",), _parse_prompt),
+               _Format("language modeling", ("messages",), _parse_prompt),
+               _Format("preference, implicit prompt", ("chosen", "rejected"), _parse_implicit_prompt)]
+    return _load(source, tokenizer, formats, aliases=PROMPT_ALIASES, keys=keys, max_prompt_len=max_prompt_len,
+                 max_response_len=None, overlength=overlength, on_bad_row=on_bad_row, split=split, limit=limit)
 
 
 def load_sft(
     source: str, tokenizer: PreTrainedTokenizerBase, *, keys: Keys = DEFAULT_KEYS, max_prompt_len: int,
     max_response_len: int | None = None, overlength: Overlength = "error", on_bad_row: OnBadRow = "error",
-    split: str = "train", limit: int | None = None,
+    split: str = "train", limit: int | None = None, sft_turns: SFTTurns = "all",
 ) -> tuple[list[SFTExample], LoadReport]:
-    """SFT pairs: `prompt` + `response`, or a `messages` conversation ending with the assistant."""
-    required = [(keys.prompt, keys.response), (keys.messages,)]
-    return _load(source, tokenizer, _parse_sft, required, keys=keys, max_prompt_len=max_prompt_len,
+    """SFT pairs: `prompt` + `response` (or `completion`), a `messages` conversation ending with the
+    assistant (every assistant turn trained with sft_turns="all", the last only with "last"), or a `text`."""
+    if sft_turns not in ("all", "last"):
+        raise ValueError(f"sft_turns must be 'all' or 'last', got {sft_turns!r}")
+    formats = [_Format("prompt-completion", ("prompt", "response"), functools.partial(_parse_sft, sft_turns)),
+               _Format("language modeling", ("messages",), functools.partial(_parse_conversation, sft_turns)),
+               _Format("language modeling", ("text",), _parse_text)]
+    return _load(source, tokenizer, formats, keys=keys, max_prompt_len=max_prompt_len,
                  max_response_len=max_response_len, overlength=overlength, on_bad_row=on_bad_row,
                  split=split, limit=limit)
 
@@ -395,9 +589,9 @@ def load_preferences(
     max_response_len: int | None = None, overlength: Overlength = "error", on_bad_row: OnBadRow = "error",
     split: str = "train", limit: int | None = None,
 ) -> tuple[list[PreferenceExample], LoadReport]:
-    """Preference pairs: `prompt`, `chosen`, `rejected`."""
-    required = [(keys.prompt, keys.chosen, keys.rejected)]
-    return _load(source, tokenizer, _parse_preference, required, keys=keys, max_prompt_len=max_prompt_len,
+    """Preference pairs: `prompt`, `chosen`, `rejected`, or only `chosen` and `rejected` (implicit prompt);
+    optional `score_chosen`, `score_rejected`."""
+    return _load(source, tokenizer, [PREFERENCE, IMPLICIT_PREFERENCE], keys=keys, max_prompt_len=max_prompt_len,
                  max_response_len=max_response_len, overlength=overlength, on_bad_row=on_bad_row,
                  split=split, limit=limit)
 
@@ -407,9 +601,12 @@ def load_ranked(
     max_response_len: int | None = None, overlength: Overlength = "error", on_bad_row: OnBadRow = "error",
     split: str = "train", limit: int | None = None,
 ) -> tuple[list[RankedExample], LoadReport]:
-    """Ranked lists: `prompt`, `responses` (>= 2), optional `scores` (else best first)."""
-    required = [(keys.prompt, keys.responses)]
-    return _load(source, tokenizer, _parse_ranked, required, keys=keys, max_prompt_len=max_prompt_len,
+    """Ranked lists: `prompt`, `responses` (>= 2), optional `scores` (else best first); or preference pairs
+    as lists of 2, chosen first, scored by their `score_chosen` / `score_rejected` when they have them."""
+    formats = [_Format("ranked", ("prompt", "responses"), _parse_ranked)] + [
+        dataclasses.replace(pair, parse=functools.partial(_parse_pair_as_ranked, pair.parse))
+        for pair in (PREFERENCE, IMPLICIT_PREFERENCE)]
+    return _load(source, tokenizer, formats, keys=keys, max_prompt_len=max_prompt_len,
                  max_response_len=max_response_len, overlength=overlength, on_bad_row=on_bad_row,
                  split=split, limit=limit)
 
@@ -419,8 +616,8 @@ def load_kto(
     max_response_len: int | None = None, overlength: Overlength = "error", on_bad_row: OnBadRow = "error",
     split: str = "train", limit: int | None = None,
 ) -> tuple[list[KTOExample], LoadReport]:
-    """KTO examples: `prompt`, `response`, boolean `label` (true = desirable)."""
-    required = [(keys.prompt, keys.response, keys.label)]
-    return _load(source, tokenizer, _parse_kto, required, keys=keys, max_prompt_len=max_prompt_len,
+    """KTO examples (unpaired preference): `prompt`, `response` (or `completion`), boolean `label` (true = desirable)."""
+    formats = [_Format("unpaired preference", ("prompt", "response", "label"), _parse_kto)]
+    return _load(source, tokenizer, formats, keys=keys, max_prompt_len=max_prompt_len,
                  max_response_len=max_response_len, overlength=overlength, on_bad_row=on_bad_row,
                  split=split, limit=limit)

@@ -1,7 +1,10 @@
 """Supervised fine-tuning (ALGORITHMS.md §8): negative log-likelihood of the response tokens only.
 
-Examples are `prompt` + `response` rows or `messages` conversations (the prompt rendered with the
-tokenizer's chat template); see `rlhf_ray.data.records`. Each mini-batch is right-padded to its
+Examples are `prompt` + `response` (or `completion`) rows, `messages` conversations (the prompt
+rendered with the tokenizer's chat template) or `text` rows; see `rlhf_ray.data.records`. In a
+multi-turn conversation every assistant turn is trained (`data.sft_turns=all`, the default: its
+tokens carry response_mask 1 inside the prompt, `SFTExample.assistant_mask`) or only the last
+(`last`); the other turns are context. Each mini-batch is right-padded to its
 longest example — no packing: examples are short here, and padding keeps every row's positions
 and attention exactly those of inference. Token losses are aggregated as `algo.loss_agg` says
 (§5.3), normalised over the whole mini-batch. The trained policy is exported to
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import functools
 
+import torch
 from torch import Tensor
 
 from rlhf_ray.algorithms.losses import LossScale
@@ -41,13 +45,17 @@ def sft_objective(agg: str, logprobs: Tensor, batch: OfflineBatch, scale: LossSc
 
 
 def load_examples(cfg: RunConfig, tokenizer, source: str, split: str) -> list[SFTExample]:
-    examples, load_report = load_sft(source, tokenizer, split=split, **loader_options(cfg))
+    examples, load_report = load_sft(source, tokenizer, split=split, sft_turns=cfg.data.sft_turns, **loader_options(cfg))
     report(load_report)
     return examples
 
 
 def collate(pad_id: int, examples: list[SFTExample]) -> OfflineBatch:
+    """K = 1; response_mask is 1 on the response and on the earlier assistant turns inside the prompt."""
     ids, attention, response = pad_candidates([e.prompt_ids for e in examples], [[e.response_ids] for e in examples], pad_id)
+    for b, example in enumerate(examples):
+        if example.assistant_mask is not None:
+            response[b, 0, :len(example.assistant_mask)] = torch.tensor(example.assistant_mask)
     return OfflineBatch(ids, attention, response)
 
 

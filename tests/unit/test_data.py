@@ -415,3 +415,16 @@ def test_concat_prompt_response_masks_by_hand():
     assert mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
     assert response_mask.tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 0, 0]]
     assert ids.shape == mask.shape == response_mask.shape == (2, 5)
+
+
+# ---- detected formats (more in test_formats.py) --------------------------------------------------
+
+def test_bad_rows_name_the_column_a_default_key_fell_back_to(tmp_path, tok):
+    rows = [{"prompt": "p", "completion": "ok", "label": True}, {"prompt": "p", "completion": " ", "label": False}]
+    source = write(tmp_path / "kto", rows)
+    with pytest.raises(DataError) as caught:
+        load_kto(source, tok, max_prompt_len=8)
+    assert (caught.value.row, caught.value.key, caught.value.reason) == (2, "completion", "empty")
+    _, report = load_kto(source, tok, max_prompt_len=8, on_bad_row="skip")
+    assert str(report) == (f"{source} [unpaired preference (standard), response column 'completion']: "
+                           "kept 1/2 rows; dropped empty=1")
