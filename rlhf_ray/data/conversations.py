@@ -71,9 +71,16 @@ def split_shared_text(chosen: str, rejected: str) -> tuple[str, str, str]:
 
 def render_conversation(tokenizer: PreTrainedTokenizerBase, messages: Messages, add_generation_prompt: bool) -> str:
     """The tokenizer's chat template, or `"{role}: {content}\\n"` lines (then `"assistant: "` when the
-    generation prompt is asked for) when it has none."""
+    generation prompt is asked for) when it has none. A template that rejects the messages (Gemma's and
+    Mistral's `raise_exception` on a system turn or roles that do not alternate) raises ValueError."""
     if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        # What a template's raise_exception raises (imported here: only templates need jinja2).
+        from jinja2 import TemplateError
+
+        try:
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        except TemplateError as error:
+            raise ValueError(f"the chat template rejects these messages: {error}") from None
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + ("assistant: " if add_generation_prompt else "")
 
 

@@ -40,8 +40,10 @@ Text rules:
 - A response may be a string or a list of messages ending with an assistant message (TRL's
   conversational format); its content is the response.
 - Prompts are encoded with the tokenizer's own special tokens (e.g. Llama's BOS) unless a chat
-  template rendered them (templates write their specials). Responses are encoded without
-  specials and get `tokenizer.eos_token_id` appended.
+  template rendered them (templates write their specials); a prompt string (or `text`) that already
+  starts with the BOS, rendered with the template before loading, does not get a second one.
+  Responses are encoded without specials and get `tokenizer.eos_token_id` appended (not a second
+  time when their text already ends with the EOS token).
 
 Limits (in tokens):
 - A prompt over `max_prompt_len` follows `overlength`: "error" (DataError), "skip" (dropped and
@@ -57,17 +59,25 @@ makes a key missing from one row null), `wrong_type`, `empty` (empty/whitespace-
 list), `identical_pair` (chosen and rejected give the same token ids), `bad_value` (too few
 ranked responses, scores of the wrong length or not finite, score_chosen < score_rejected,
 conversation not ending with the assistant, no implicit prompt, a chat template that cannot be
-masked turn by turn), `overlength` (prompts; governed by `overlength`, not `on_bad_row`).
+masked turn by turn or that rejects the messages, e.g. Gemma's on a system turn), `overlength`
+(prompts; governed by `overlength`, not `on_bad_row`).
 A column absent from the whole source, or a source with no usable row, is always an error.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import gc
 import math
+import multiprocessing
+import os
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import datasets
@@ -166,6 +176,9 @@ class _BadRow(Exception):
         super().__init__(detail)
         self.reason, self.key, self.detail = reason, key, detail
 
+    def __reduce__(self):  # picklable: a worker process sends it back
+        return _BadRow, (self.reason, self.key, self.detail)
+
 
 @dataclasses.dataclass
 class _Encoder:
@@ -195,11 +208,14 @@ class _Encoder:
         """Prompt ids and rendered text from a string, an HH transcript or a list of chat messages."""
         value = self.parsed(value)
         if isinstance(value, list):
-            text = self.render(open_turn_dropped(_messages(value, key)))
+            try:
+                text = self.render(open_turn_dropped(_messages(value, key)))
+            except ValueError as error:  # the chat template rejects the messages (e.g. Gemma: no system role)
+                raise _BadRow("bad_value", key, str(error)) from None
             ids = self.tokenizer.encode(text, add_special_tokens=False)
         else:
             text = _text(value, key)
-            ids = self.tokenizer.encode(text, add_special_tokens=True)
+            ids = _without_doubled_bos(self.tokenizer, text, self.tokenizer.encode(text, add_special_tokens=True))
         kept = self.fit_prompt(ids, key)
         return kept, text if len(kept) == len(ids) else self.tokenizer.decode(kept)
 
@@ -235,12 +251,23 @@ class _Encoder:
         return self.with_eos(self.tokenizer.encode(_text(value, key), add_special_tokens=False))
 
     def with_eos(self, ids: list[int]) -> list[int]:
-        """Response ids + EOS, cut to their first max_response_len (then without EOS)."""
-        ids = ids + [self.tokenizer.eos_token_id]
+        """Response ids + EOS (unless they already end with it: a text written with its EOS), cut to their
+        first max_response_len (then without EOS)."""
+        eos = self.tokenizer.eos_token_id
+        ids = ids if ids[-1:] == [eos] else ids + [eos]
         if self.max_response_len is not None and len(ids) > self.max_response_len:
             self.row_truncations.append("response")
             ids = ids[: self.max_response_len]
         return ids
+
+
+def _without_doubled_bos(tokenizer: PreTrainedTokenizerBase, text: str, ids: list[int]) -> list[int]:
+    """`ids` (`text` encoded with the tokenizer's specials) without the BOS the tokenizer added when `text`
+    already starts with its own (a prompt rendered with the chat template before it reached the loader)."""
+    bos, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
+    if bos and bos_id is not None and text.startswith(bos) and ids[:2] == [bos_id, bos_id]:
+        return ids[1:]
+    return ids
 
 
 def render_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
@@ -357,6 +384,8 @@ def _parse_text(row: dict[str, Any], enc: _Encoder) -> SFTExample:
     k = enc.keys
     ids = enc.tokenizer.encode(_text(_get(row, k.text), k.text), add_special_tokens=False)
     specials = enc.tokenizer.encode("", add_special_tokens=True)
+    if specials and ids[: len(specials)] == specials:  # text that starts with them (chat template applied): not twice
+        ids = ids[len(specials):]
     prompt_ids, rest = (specials, ids) if specials else (ids[:1], ids[1:])
     return SFTExample(enc.fit_prompt(prompt_ids, k.text), enc.with_eos(rest))
 
@@ -504,17 +533,21 @@ def _load(
     examples: list[Example] = []
     dropped: Counter[str] = Counter()
     truncated: Counter[str] = Counter()
-    for row in _iter_rows(rows):
-        enc.row_truncations.clear()
-        try:
-            examples.append(fmt.parse(row, enc))
-        except _BadRow as bad:
+    workers = _workers(len(rows))
+    outcomes = _parse_rows(rows, fmt, enc) if workers == 1 else _parse_rows_parallel(rows, fmt, enc, workers)
+    try:
+        for outcome in outcomes:  # in row order, whichever process parsed the row
+            if outcome[0]:
+                examples.append(outcome[1])
+                truncated.update(outcome[2])
+                continue
+            _, bad, origin, number = outcome
             policy = overlength if bad.reason == "overlength" else on_bad_row
             if policy == "error":
-                raise _row_error(row, bad) from None
+                raise _row_error(origin, number, bad)
             dropped[bad.reason] += 1
-        else:
-            truncated.update(enc.row_truncations)
+    finally:
+        outcomes.close()  # stops the worker processes when a bad row ends the load early
     report = LoadReport(source, len(rows), len(examples), dict(dropped), dict(truncated),
                         f"{fmt.name} ({enc.form()}){note}")
     if not examples:
@@ -536,16 +569,124 @@ def _check_settings(tokenizer: PreTrainedTokenizerBase, max_prompt_len: int, max
         raise ValueError("the tokenizer has no eos_token_id; responses need one")
 
 
-def _iter_rows(rows: datasets.Dataset, batch_size: int = 1024) -> Iterator[dict[str, Any]]:
-    for batch in rows.iter(batch_size=batch_size):
+def _iter_rows(rows: datasets.Dataset, start: int = 0, stop: int | None = None,
+               batch_size: int = 1024) -> Iterator[dict[str, Any]]:
+    """Rows `start` to `stop` (default: the end) as dicts, read from Arrow a batch at a time."""
+    stop = len(rows) if stop is None else stop
+    for first in range(start, stop, batch_size):
+        batch = rows[first:min(first + batch_size, stop)]
         for i in range(len(batch[ORIGIN_ROW])):
             yield {name: values[i] for name, values in batch.items()}
 
 
-def _row_error(row: dict[str, Any], bad: _BadRow) -> DataError:
+def _row_error(origin: str, number: int, bad: _BadRow) -> DataError:
     fix = ("overlength='skip' or 'truncate_left'" if bad.reason == "overlength"
            else "on_bad_row='skip' drops such rows")
-    return DataError(row[ORIGIN_FILE], bad.reason, f"{bad.detail} ({fix})", row=row[ORIGIN_ROW], key=bad.key)
+    return DataError(origin, bad.reason, f"{bad.detail} ({fix})", row=number, key=bad.key)
+
+
+# ---- parsing rows, in this process or in worker processes ----------------------------------
+#
+# A row's outcome: (True, example, truncations) or (False, _BadRow, origin file, origin row). A source of
+# PARALLEL_MIN_ROWS rows or more is parsed by forked worker processes (Linux), PARALLEL_CHUNK rows per task
+# and at most 2 tasks per worker in flight, so memory stays bounded; the parent takes the outcomes in row
+# order, so examples, counts and the first bad row reported are exactly those of one process. A row that
+# raises anything but a bad row in a worker is parsed again here, to raise with its own traceback.
+
+PARALLEL_MIN_ROWS = 8192  # below this, forking costs more than it saves
+PARALLEL_CHUNK = 1024  # rows per worker task
+MAX_WORKERS = 8
+WORKERS_ENV = "RLHF_RAY_DATA_WORKERS"  # worker processes; 1 parses in this process. Default: usable CPUs, <= 8
+Outcome = tuple[Any, ...]
+
+
+def _workers(rows: int) -> int:
+    """Processes to parse `rows` rows with: 1 (this one) for small sources, off Linux, inside a daemonic process
+    (which may have no children) or with RLHF_RAY_DATA_WORKERS=1."""
+    setting = os.environ.get(WORKERS_ENV, "").strip()
+    if setting:
+        if not setting.isdigit() or int(setting) < 1:
+            raise ValueError(f"{WORKERS_ENV} must be a whole number >= 1, got {setting!r}")
+        workers = int(setting)
+    else:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = min(cpus, MAX_WORKERS)
+    if rows < PARALLEL_MIN_ROWS or not sys.platform.startswith("linux") or multiprocessing.current_process().daemon:
+        return 1
+    return max(1, min(workers, -(-rows // PARALLEL_CHUNK)))
+
+
+def _parse_row(row: dict[str, Any], fmt: _Format, enc: _Encoder) -> Outcome:
+    enc.row_truncations.clear()
+    try:
+        example = fmt.parse(row, enc)
+    except _BadRow as bad:
+        return False, bad, row[ORIGIN_FILE], row[ORIGIN_ROW]
+    return True, example, tuple(enc.row_truncations)
+
+
+def _parse_rows(rows: datasets.Dataset, fmt: _Format, enc: _Encoder) -> Iterator[Outcome]:
+    for row in _iter_rows(rows):
+        yield _parse_row(row, fmt, enc)
+
+
+_worker_state: tuple[datasets.Dataset, _Format, _Encoder] | None = None  # set in each worker process
+
+
+def _start_worker(rows: datasets.Dataset, fmt: _Format, enc: _Encoder) -> None:
+    global _worker_state
+    _worker_state = rows, fmt, enc  # forked: inherited, not pickled
+
+
+def _parse_chunk(start: int, stop: int) -> tuple[int, list[Outcome | None], set[str]]:
+    """In a worker: the outcomes of rows start..stop (None: the row raised; the parent parses it again) and
+    the forms seen."""
+    assert _worker_state is not None
+    rows, fmt, enc = _worker_state
+    enc.forms.clear()
+    outcomes: list[Outcome | None] = []
+    for row in _iter_rows(rows, start, stop):
+        try:
+            outcomes.append(_parse_row(row, fmt, enc))
+        except Exception:  # noqa: BLE001 - the parent parses the row again and raises it
+            outcomes.append(None)
+    return start, outcomes, set(enc.forms)
+
+
+def _parse_rows_parallel(rows: datasets.Dataset, fmt: _Format, enc: _Encoder, workers: int) -> Iterator[Outcome]:
+    starts = iter(range(0, len(rows), PARALLEL_CHUNK))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=_start_worker, initargs=(rows, fmt, enc))
+
+    def submit(start: int) -> Any:
+        return pool.submit(_parse_chunk, start, min(start + PARALLEL_CHUNK, len(rows)))
+
+    try:
+        # Frozen while forking, so the workers' own collections leave the objects they share with this process
+        # unwritten (not copied into each worker); left alone when the application froze objects itself.
+        freeze = gc.get_freeze_count() == 0
+        if freeze:
+            gc.freeze()
+        try:
+            pending = collections.deque(submit(start) for _, start in zip(range(2 * workers), starts))  # forks
+        finally:
+            if freeze:
+                gc.unfreeze()
+        while pending:
+            try:
+                start, outcomes, forms = pending.popleft().result()
+            except BrokenProcessPool as error:
+                raise RuntimeError(f"a data-loading worker process died ({error}); out of memory? "
+                                   f"{WORKERS_ENV}=1 parses in one process") from error
+            if (following := next(starts, None)) is not None:
+                pending.append(submit(following))
+            enc.forms.update(forms)
+            for offset, outcome in enumerate(outcomes):
+                if outcome is None:
+                    outcome = _parse_row(next(_iter_rows(rows, start + offset, start + offset + 1)), fmt, enc)
+                yield outcome
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---- public loaders ----------------------------------------------------------------------
