@@ -721,6 +721,10 @@ def _stage_rules(cfg: RunConfig) -> list[str]:
     if cfg.rm.margin > 0 and cfg.rm.loss == "listwise":
         out.append(f"rm.margin={cfg.rm.margin} applies to pairwise losses only (got rm.loss=listwise); "
                    f"set rm.margin=0 or rm.loss=pairwise|ranked_pairs.")
+    if cfg.data.margin_from_scores and (cfg.rm.loss != "pairwise" or cfg.rm.margin > 0):
+        out.append(f"data.margin_from_scores=true takes each pair's margin from its scores and needs rm.loss=pairwise "
+                   f"and rm.margin=0 (got rm.loss={cfg.rm.loss}, rm.margin={cfg.rm.margin}); change those or set "
+                   f"data.margin_from_scores=false.")
     return out + _override_list_rules(cfg)
 
 

@@ -74,6 +74,7 @@ def test_dump_round_trips(tmp_path):
       "placement.policy.gpus=1"], "rollout.vllm.tensor_parallel_size=2 needs that many GPUs per engine"),
     (["rollout.vllm.tensor_parallel_size=2", "placement.rollout.gpus=2"], "set rollout.weight_sync=nccl"),
     (["rollout.weight_sync=nccl"], "rollout.weight_sync=nccl needs GPUs on the policy and the engines"),
+    (["stage=rm", "data.margin_from_scores=true", "rm.loss=listwise"], "data.margin_from_scores=true takes each pair's margin"),
     (["rollout.weight_sync=cuda_ipc"], "rollout.weight_sync=cuda_ipc needs the policy and the engines on the same GPUs"),
     (["rollout.weight_sync=cuda_ipc", "placement.policy.gpus=1", "placement.rollout.gpus=1", "rollout.num_engines=2",
       "placement.colocate=[[policy, rollout]]"], "feeds engine r from policy rank r: set rollout.num_engines=1"),
