@@ -456,6 +456,11 @@ class RunConfig(Section):
         return resolve_backend(self.rollout.backend, self.placement.rollout.gpus > 0 or _toy_head_size_ok(self))
 
     @property
+    def model_dtype(self) -> str:
+        """The torch dtype name every role loads its model in (deepspeed.precision)."""
+        return {"fp32": "float32", "bf16": "bfloat16"}[self.deepspeed.precision]
+
+    @property
     def probe_tolerance(self) -> float:
         return self.rollout.sync_probe_tol or (1e-4 if self.deepspeed.precision == "fp32" else 5e-2)
 

@@ -28,7 +28,6 @@ import ray
 import torch
 from torch import Tensor
 
-from rlhf_ray.rollout.base import array_to_tensor  # noqa: F401  (the inverse of to_numpy, for receivers)
 
 Bucket = list[tuple[str, Tensor]]
 

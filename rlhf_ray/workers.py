@@ -134,7 +134,7 @@ def _plain_forward(model: torch.nn.Module):
 
 
 def model_dtype(cfg: RunConfig) -> str:
-    return {"fp32": "float32", "bf16": "bfloat16"}[cfg.deepspeed.precision]
+    return cfg.model_dtype
 
 
 def _split(n: int, size: int) -> list[slice]:
@@ -373,10 +373,12 @@ class PolicyWorker(_TrainedRole):
     @torch.no_grad()
     def probe_logprobs(self, probe_ids: list[int]) -> np.ndarray:
         """log π(probe[t] | probe[:t]) at temperature 1, float64 (L-1,); every rank takes part (ZeRO-3)."""
+        from rlhf_ray.rollout.base import probe_logprobs_from_logits
+
         self.model.eval()
         ids = torch.tensor([probe_ids], device=self.model.device)
-        logits = self.model.forward(ids, torch.ones_like(ids), position_ids(torch.ones_like(ids)))[0, :-1].float()
-        return torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None]).squeeze(1).double().cpu().numpy()
+        mask = torch.ones_like(ids)
+        return probe_logprobs_from_logits(self.model.forward(ids, mask, position_ids(mask)), ids)
 
     def _bucket_bytes(self) -> int:
         return int(self.cfg.rollout.sync_bucket_mb * 2**20)
@@ -550,8 +552,12 @@ class RolloutWorker(Worker):
     def receive_from_object_store(self, refs: list, version: int, probe_ids: list[int]) -> tuple[int, np.ndarray]:
         from rlhf_ray.weight_sync import get_weights
 
+        return self._take(get_weights(refs, self.cfg.trainer.timeout_s), version, probe_ids)
+
+    def _take(self, weights, version: int, probe_ids: list[int]) -> tuple[int, np.ndarray]:
+        """Load the policy's full weights, hold `version`; → what `weight_state` reports."""
         self.engine.wake()
-        self.engine.load_weights(get_weights(refs, self.cfg.trainer.timeout_s))
+        self.engine.load_weights(weights)
         self.version = version
         return self.weight_state(probe_ids)
 
@@ -560,10 +566,7 @@ class RolloutWorker(Worker):
         """The colocated policy rank's weights, opened from CUDA IPC handles on the same GPU and copied in."""
         from rlhf_ray.weight_sync import open_cuda_ipc
 
-        self.engine.wake()
-        self.engine.load_weights(open_cuda_ipc(handles))
-        self.version = version
-        return self.weight_state(probe_ids)
+        return self._take(open_cuda_ipc(handles), version, probe_ids)
 
     def join_channel(self, host: str, port: int, world_size: int) -> bool:
         """Join the sync channel: as rank 1 + index, or, for a tensor-parallel vLLM engine, one rank per shard."""
@@ -580,11 +583,11 @@ class RolloutWorker(Worker):
 
     @timed
     def receive_from_channel(self, version: int, probe_ids: list[int]) -> tuple[int, np.ndarray]:
-        self.engine.wake()
-        if self.channel is None:  # tensor-parallel vLLM: its shards receive
-            self.engine.receive_from_channel()
-        else:
-            self.engine.load_weights((name, t) for bucket in self.channel.receive() for name, t in bucket.items())
+        if self.channel is not None:
+            return self._take(((name, t) for bucket in self.channel.receive() for name, t in bucket.items()),
+                              version, probe_ids)
+        self.engine.wake()  # tensor-parallel vLLM: its shards receive
+        self.engine.receive_from_channel()
         self.version = version
         return self.weight_state(probe_ids)
 

@@ -641,7 +641,8 @@ def _start_worker(rows: datasets.Dataset, fmt: _Format, enc: _Encoder) -> None:
 def _parse_chunk(start: int, stop: int) -> tuple[int, list[Outcome | None], set[str]]:
     """In a worker: the outcomes of rows start..stop (None: the row raised; the parent parses it again) and
     the forms seen."""
-    assert _worker_state is not None
+    if _worker_state is None:
+        raise RuntimeError("_parse_chunk runs only in a worker forked by _parse_rows_parallel")
     rows, fmt, enc = _worker_state
     enc.forms.clear()
     outcomes: list[Outcome | None] = []

@@ -62,8 +62,7 @@ def build_engine(cfg: RunConfig, model_path: str, tokenizer_path: str, *, seed: 
     from rlhf_ray.models import load_causal_lm
     from rlhf_ray.rollout.hf import HFRolloutEngine
 
-    dtype = {"fp32": "float32", "bf16": "bfloat16"}[cfg.deepspeed.precision]
-    model = load_causal_lm(model_path, dtype, cfg.model.trust_remote_code)
+    model = load_causal_lm(model_path, cfg.model_dtype, cfg.model.trust_remote_code)
     if cfg.placement.rollout.gpus > 0:
         model = model.cuda()
     return HFRolloutEngine(model, tokenizer, max_batch=max_batch)
@@ -78,7 +77,7 @@ def vllm_options(cfg: RunConfig, model_path: str, seed: int, full_context: bool 
     max_model_len = None if full_context else v.max_model_len or (
         cfg.data.max_prompt_len + r.max_new_tokens if cfg.stage == "ppo" else None)
     return VLLMOptions(
-        model=model_path, tokenizer=model_path, dtype={"fp32": "float32", "bf16": "bfloat16"}[cfg.deepspeed.precision],
+        model=model_path, tokenizer=model_path, dtype=cfg.model_dtype,
         seed=seed, max_model_len=max_model_len,
         tensor_parallel_size=v.tensor_parallel_size, gpu_memory_utilization=v.gpu_memory_utilization,
         kv_cache_mb=v.kv_cache_mb, enable_sleep=v.enable_sleep, enforce_eager=v.enforce_eager,

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rlhf_ray.batch import Samples
+from rlhf_ray.batch import Samples, pad_to
 
 PROBE_LENGTH = 32  # tokens in the sync probe sequence
 
@@ -58,6 +58,14 @@ class RolloutEngine(Protocol):
         """Undo `sleep` before the next generation."""
 
 
+def probe_logprobs_from_logits(logits: Tensor, token_ids: Tensor) -> np.ndarray:
+    """(1, L, V) logits of the probe sequence (1, L) → log π(token_ids[t] | token_ids[:t]), t = 1 … L-1,
+    at temperature 1, float64 (L-1,): what the policy and an HF engine report after a sync."""
+    from rlhf_ray.algorithms.logprobs import logprobs_from_logits
+
+    return logprobs_from_logits(logits[:, :-1], token_ids[:, 1:])[0].double().cpu().numpy()
+
+
 def probe_tokens(vocab_size: int, length: int = PROBE_LENGTH) -> list[int]:
     """The fixed probe sequence: seeded random ids over the whole vocabulary, the same on every process."""
     return np.random.default_rng(20_241_203).integers(0, vocab_size, size=length).tolist()
@@ -87,15 +95,9 @@ def cut_at_first_eos(tokens: Tensor, eos_token_id: int, pad_token_id: int) -> tu
     lengths = torch.where(stopped, first_eos + 1, tokens.shape[1])  # (B,)
     width = max(int(lengths.max()), 1)
     response_mask = (torch.arange(width) < lengths.unsqueeze(-1)).long()  # (B, T)
-    response_ids = torch.where(response_mask.bool(), pad_to_width(tokens, width, pad_token_id), pad_token_id)
+    response_ids = torch.where(response_mask.bool(), pad_to(tokens, width, pad_token_id, left=False)[:, :width],
+                               pad_token_id)
     return response_ids, response_mask, stopped
-
-
-def pad_to_width(tokens: Tensor, width: int, value: int | float) -> Tensor:
-    """Right-pad (or cut) the last dimension to `width`."""
-    if tokens.shape[1] >= width:
-        return tokens[:, :width]
-    return torch.nn.functional.pad(tokens, (0, width - tokens.shape[1]), value=value)
 
 
 def array_to_tensor(array: np.ndarray) -> Tensor:

@@ -28,7 +28,7 @@ from torch import Tensor
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_ray.batch import Samples, pad_to
-from rlhf_ray.rollout.base import SamplingParams, array_to_tensor, cut_at_first_eos, left_pad
+from rlhf_ray.rollout.base import SamplingParams, array_to_tensor, cut_at_first_eos, left_pad, probe_logprobs_from_logits
 
 
 class HFRolloutEngine:
@@ -114,8 +114,7 @@ class HFRolloutEngine:
     def probe_logprobs(self, token_ids: list[int]) -> np.ndarray:
         """log π(token_ids[t] | token_ids[:t]), t = 1 … L-1, at temperature 1, float64 (L-1,)."""
         ids = torch.tensor([token_ids], device=self.model.device)
-        logits = self.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-        return torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None]).squeeze(1).double().cpu().numpy()
+        return probe_logprobs_from_logits(self.model(input_ids=ids, use_cache=False).logits, ids)
 
     def sleep(self) -> None:
         """Nothing to free: HF generate holds no KV cache between calls."""

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from rlhf_ray.batch import Samples
-from rlhf_ray.rollout.base import SamplingParams, array_to_tensor, cut_at_first_eos, left_pad, pad_to_width
+from rlhf_ray.rollout.base import SamplingParams, array_to_tensor, cut_at_first_eos, left_pad
 
 CPU_BLOCK_SIZE = 128  # tokens per KV-cache block: vLLM 0.32's CPU default, set explicitly
 
@@ -88,15 +88,12 @@ class VLLMRolloutEngine:
                                     use_tqdm=False)
         completions = [c for out in outputs for c in out.outputs]  # n per prompt, in order
         prompt_ids, prompt_mask = left_pad([p for p in prompts for _ in range(params.n)], self.pad_token_id)
-        width = max(1, max(len(c.token_ids) for c in completions))
-        tokens = torch.stack([pad_to_width(torch.tensor([list(c.token_ids)], dtype=torch.long), width,
-                                           self.pad_token_id)[0] for c in completions])  # (B, L)
+        tokens = _right_padded([list(c.token_ids) for c in completions], self.pad_token_id, torch.long)  # (B, L)
         response_ids, response_mask, stopped = cut_at_first_eos(tokens, self.eos_token_id, self.pad_token_id)
         logprobs = None
         if params.logprobs and not params.greedy:
-            logprobs = torch.stack([pad_to_width(torch.tensor([_sampled_logprobs(c)]), width, 0.0)[0]
-                                    for c in completions])[:, : response_ids.shape[1]]
-            logprobs = torch.where(response_mask.bool(), logprobs.float(), 0.0)
+            logprobs = _right_padded([_sampled_logprobs(c) for c in completions], 0.0, torch.float32)
+            logprobs = torch.where(response_mask.bool(), logprobs[:, : response_ids.shape[1]], 0.0)
         return Samples(prompt_ids, prompt_mask, response_ids, response_mask, stopped, logprobs=logprobs)
 
     def _sampling(self, params: SamplingParams, seed: int):
@@ -187,6 +184,14 @@ def cpu_max_num_seqs(model_dir: str, kv_bytes: int, max_model_len: int | None, d
     length = max_model_len or config.get("max_position_embeddings", 2048)
     blocks = -(-length // CPU_BLOCK_SIZE)  # the KV cache is allocated in blocks of CPU_BLOCK_SIZE tokens
     return max(1, min(ceiling, kv_bytes // (per_token * blocks * CPU_BLOCK_SIZE)))
+
+
+def _right_padded(rows: list[list], fill: int | float, dtype: torch.dtype) -> Tensor:
+    """Lists of unequal length → (B, max(1, longest)) right-padded with `fill`."""
+    out = torch.full((len(rows), max(1, max(len(r) for r in rows))), fill, dtype=dtype)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=dtype)
+    return out
 
 
 def _sampled_logprobs(completion) -> list[float]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 
 import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -32,6 +31,7 @@ from rlhf_ray.data import (
     render_messages,
 )
 from rlhf_ray.toy.tokenizer import CHARACTERS
+from tests.unit.chat_rows import assistant, system, text, user, write
 
 LIMITS = {"max_prompt_len": 1000, "max_response_len": 200}
 
@@ -298,28 +298,6 @@ def tok(family):
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------------
-
-def write(path, rows):
-    path = path.with_suffix(".jsonl")
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
-
-
-def text(tok, ids):
-    return tok.decode(ids, skip_special_tokens=False)
-
-
-def user(content):
-    return {"role": "user", "content": content}
-
-
-def assistant(content):
-    return {"role": "assistant", "content": content}
-
-
-def system(content):
-    return {"role": "system", "content": content}
-
 
 def render(tok, messages, add_generation_prompt):
     return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)

@@ -4,7 +4,6 @@ and GSM8K. The report names the detected type; HH transcripts become chat messag
 trains every assistant turn, checked token by token; pair scores reach the reward model's margin and
 ranked losses. Toy char tokenizer (one id per character, `<|role|>content` chat template)."""
 
-import json
 import math
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from rlhf_ray.data import (
 from rlhf_ray.toy import build_char_tokenizer, save_toy_models
 from rlhf_ray.trainers import dpo, rm, sft
 from rlhf_ray.workers import _plain_forward, sequence_logprobs
+from tests.unit.chat_rows import assistant, system, text, user, write
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 EOS = "</s>"
@@ -30,28 +30,6 @@ LIMITS = {"max_prompt_len": 200, "max_response_len": 64}
 @pytest.fixture(scope="module")
 def tok():
     return build_char_tokenizer()
-
-
-def write(path, rows):
-    path = path.with_suffix(".jsonl")
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
-
-
-def text(tok, ids):
-    return tok.decode(ids, skip_special_tokens=False)
-
-
-def user(content):
-    return {"role": "user", "content": content}
-
-
-def assistant(content):
-    return {"role": "assistant", "content": content}
-
-
-def system(content):
-    return {"role": "system", "content": content}
 
 
 def fields(tok, example):
