@@ -13,7 +13,7 @@ demo: setup
 	$(PYTHON) launch.py $(ARGS)
 
 test: setup
-	$(PYTHON) -m pytest tests -q $(PYTEST_ARGS)
+	$(PYTHON) -m pytest tests -q --durations=15 $(PYTEST_ARGS)
 
 test-fast: setup
 	$(PYTHON) -m pytest tests/unit -q $(PYTEST_ARGS)

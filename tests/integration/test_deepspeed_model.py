@@ -359,10 +359,11 @@ def test_build_optimizer_skips_decay_on_vectors():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
-def test_init_is_fast_without_shm_build(single_run, pair_run):
+def test_init_builds_no_shm_op(single_run, pair_run):
+    """The CPU path never compiles DeepSpeed's shared-memory op (~30 s with g++ on first use); how long
+    init takes is a benchmark figure (benchmarks/ppo_step.py), not a test."""
     for res in [single_run, *pair_run]:
         assert res["shm_op_disabled"] and not res["shm_op_built"]
-        assert res["init_s"] < 5.0, res["init_s"]
 
 
 def test_each_zero_stage_trains(single_run, pair_run):

@@ -37,6 +37,9 @@ def test_toy_pipeline_runs_end_to_end(ray_session, tmp_path, capsys):
     assert first["eval/reward_mean"] == pytest.approx(first["eval/rm_mean"], abs=1e-5)
     assert {"eval/vowel_mean", "eval/kl_ref"} <= set(final)
     assert first["eval/kl_ref"] == pytest.approx(0.0, abs=1e-4)  # reference = the SFT export = the start
+    # ...and PPO raised the RM's score of its eval responses, with the KL to the SFT policy now above zero
+    assert final["eval/rm_mean"] > first["eval/rm_mean"] + 0.2, (first, final)
+    assert final["eval/kl_ref"] > 0.0
 
     assert exports["sft"] == sft["export"] and exports["rm"] == rm["export"] and exports["ppo"] == ppo["export_policy"]
     for path in (exports["sft"], exports["ppo"]):

@@ -1,12 +1,11 @@
 """launch.py as a new user runs it, with inputs that do not exist: one line per problem on stderr, exit code 2,
-no traceback, and Ray never started — within seconds (before pre-flight: a traceback 10–16 s after Ray started)."""
+no traceback, and Ray never started (before pre-flight: a traceback 10–16 s after Ray started)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,17 +19,15 @@ CASES = {  # override → the field=value its line starts with
 }
 
 
-def _launch(*overrides: str) -> tuple[subprocess.CompletedProcess, float]:
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "launch.py", "--config", "configs/toy_grpo.yaml", *overrides], cwd=ROOT,
+def _launch(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "launch.py", "--config", "configs/toy_grpo.yaml", *overrides], cwd=ROOT,
                           env=os.environ | {"RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True, timeout=60)
-    return done, time.perf_counter() - start
 
 
 @pytest.mark.parametrize("cases", [["model"], ["data"], ["function"], ["model", "data", "function"]],
                          ids=["model", "data", "function", "all"])
 def test_missing_inputs_fail_in_one_line_each_before_ray(cases):
-    done, seconds = _launch(*(CASES[case][0] for case in cases))
+    done = _launch(*(CASES[case][0] for case in cases))
     output = done.stdout + done.stderr
     assert done.returncode == 2, output
     lines = done.stderr.splitlines()
@@ -39,4 +36,3 @@ def test_missing_inputs_fail_in_one_line_each_before_ray(cases):
     assert all("looked for" in line for line in lines)
     assert "Traceback" not in output
     assert done.stdout == "" and "Ray" not in done.stderr  # e.g. "Started a local Ray instance"
-    assert seconds < 10, f"pre-flight took {seconds:.1f}s"

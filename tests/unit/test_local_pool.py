@@ -51,7 +51,7 @@ def test_a_hang_fails_at_the_deadline_and_later_calls_queue_behind_it():
     start = time.monotonic()
     with pytest.raises(PhaseError, match="no answer within 0.5s"):
         group.get(group.call(lambda w: w.hang.remote(release)), "score", 2)
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 30  # the 0.5 s deadline fired (without it the call waits for release)
     queued = group.call(lambda w: w.score.remote([1.0]))
     release.set()  # the hung call returns; the queued one runs after it, as on an actor
     assert group.get(queued, "score", 3) == [[1.5]]

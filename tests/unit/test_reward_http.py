@@ -230,7 +230,8 @@ def test_timeout_is_retried_then_reported():
         assert "failed after 3 attempts: timed out after 0.2 s" in message
         assert reward.counters["timeout"] == 3 and reward.counters["retries"] == 2 and reward.counters["requests"] == 3
         assert len(bodies) == 3
-        assert 0.6 + 0.025 + 0.05 <= elapsed < 5  # 3 timeouts + at least half of each backoff (0.05, 0.1)
+        assert elapsed >= 0.6 + 0.025 + 0.05  # 3 timeouts + at least half of each backoff (0.05, 0.1)
+        assert elapsed < 30  # not seconds where milliseconds were meant (generous: a loaded machine is slow)
 
 
 def test_connection_refused_is_retried_then_reported():
