@@ -527,9 +527,9 @@ class RolloutWorker(Worker):
         self.channel = None
 
     @timed
-    def generate(self, prompts: list[list[int]], params, seed: int) -> dict[str, Any]:
+    def generate(self, prompts: list[list[int]], params, seed: int, first_index: int = 0) -> dict[str, Any]:
         self.engine.wake()
-        samples = self.engine.generate(prompts, params, seed)
+        samples = self.engine.generate(prompts, params, seed, first_index)
         samples.weight_version = self.version
         return samples.to_numpy()
 

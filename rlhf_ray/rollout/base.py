@@ -42,8 +42,12 @@ class SamplingParams:
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Samples:
-        """Sample `params.n` responses per prompt; rows [i·n, (i+1)·n) belong to prompt i."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int, first_index: int = 0) -> Samples:
+        """Sample `params.n` responses per prompt; rows [i·n, (i+1)·n) belong to prompt i. `prompts` are
+        items first_index, first_index + 1, … of a batch seeded with `seed` that several engines share:
+        an engine that seeds each prompt on its own (vLLM) gives every prompt the same samples however
+        the batch is split; one that seeds the whole call (HF generate) seeds it with
+        seed + 7919·first_index, so its samples depend on the split."""
 
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
         """Take the policy's full set of weights, by the trainer's (HF) parameter names."""

@@ -47,8 +47,10 @@ class HFRolloutEngine:
         )
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Samples:
-        """`params.n` samples per prompt, rows [i·n, (i+1)·n) from prompt i."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int, first_index: int = 0) -> Samples:
+        """`params.n` samples per prompt, rows [i·n, (i+1)·n) from prompt i. One torch generator for the
+        call, seeded with seed + 7919·first_index: samples depend on how the batch is split."""
+        seed += 7919 * first_index
         prompt_ids, prompt_mask = left_pad([p for p in prompts for _ in range(params.n)], self.pad_token_id)  # (B, P)
         rows = self.max_batch or prompt_ids.shape[0]
         with torch.random.fork_rng(devices=self._rng_devices()):

@@ -67,6 +67,12 @@ class VLLMOptions:
     trust_remote_code: bool = False
 
 
+def prompt_seeds(seed: int, first_index: int, count: int) -> list[int]:
+    """Seeds of batch items first_index … first_index + count − 1: independent streams, one per prompt
+    (seed + i repeated streams across steps and stopped learning), drawn from the batch's seed."""
+    return np.random.default_rng(seed).integers(2**31, size=first_index + count)[first_index:].tolist()
+
+
 class VLLMRolloutEngine:
     """`RolloutEngine` over `vllm.LLM`."""
 
@@ -78,12 +84,13 @@ class VLLMRolloutEngine:
         self.sleeping = False
         self.llm = _start(options, self.on_gpu)
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int) -> Samples:
-        """`params.n` samples per prompt, rows [i·n, (i+1)·n) from prompt i."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int, first_index: int = 0) -> Samples:
+        """`params.n` samples per prompt, rows [i·n, (i+1)·n) from prompt i; prompt i is item first_index + i
+        of the batch, seeded on its own: the same samples however many engines share the batch."""
         from vllm import TokensPrompt
 
         requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
-        seeds = np.random.default_rng(seed).integers(2**31, size=len(prompts)).tolist()  # independent per prompt
+        seeds = prompt_seeds(seed, first_index, len(prompts))
         outputs = self.llm.generate(requests, [self._sampling(params, seeds[i]) for i in range(len(prompts))],
                                     use_tqdm=False)
         completions = [c for out in outputs for c in out.outputs]  # n per prompt, in order

@@ -73,7 +73,7 @@ class SamplingSession:
         """`params.n` samples per prompt, rows [i·n, (i+1)·n) from prompt i."""
         engines = self.pools["rollout"]
         chunks = [c for c in np.array_split(np.arange(len(prompts)), len(engines)) if len(c)]
-        refs = [engines.workers[e].generate.remote([prompts[i] for i in c], params, seed + 7919 * int(c[0]))
+        refs = [engines.workers[e].generate.remote([prompts[i] for i in c], params, seed, int(c[0]))
                 for e, c in enumerate(chunks)]
         return concat_samples([Samples.from_numpy(p) for p in engines.get(refs, phase, phase)], pad_token_id)
 

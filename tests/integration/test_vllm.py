@@ -8,6 +8,7 @@ default torch.distributed group and makes torch.set_num_threads a no-op, which w
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,8 +47,8 @@ def engine(ray_session, tmp_path_factory):
     ray.kill(worker)
 
 
-def _generate(worker, prompts, params, seed) -> Samples:
-    return Samples.from_numpy(ray.get(worker.generate.remote(prompts, params, seed), timeout=120))
+def _generate(worker, prompts, params, seed, first_index: int = 0) -> Samples:
+    return Samples.from_numpy(ray.get(worker.generate.remote(prompts, params, seed, first_index), timeout=120))
 
 
 def _prompts(tokenizer, texts) -> list[list[int]]:
@@ -97,6 +98,47 @@ def test_streams_are_independent_across_prompts_and_calls(engine):
     assert not torch.equal(a.response_ids[:2], a.response_ids[2:])
 
 
+def test_a_batch_split_across_engines_gives_each_prompt_the_same_samples(engine):
+    """Prompts 2..4 of a batch, generated alone as items first_index=2.. of it (what a second engine
+    gets), equal the whole batch's rows for them: scaling rollout.num_engines changes no sample."""
+    worker, paths = engine
+    tokenizer = load_tokenizer(paths.tokenizer)
+    prompts = _prompts(tokenizer, [f"<|user|>say: {w}<|assistant|>" for w in ("ab", "cde", "fg", "hij", "k")])
+    params = SamplingParams(max_new_tokens=12, n=2)
+    whole = _generate(worker, prompts, params, seed=21)
+    head, tail = _generate(worker, prompts[:2], params, seed=21), _generate(worker, prompts[2:], params, 21, 2)
+    width = whole.response_ids.shape[1]
+    split = [torch.nn.functional.pad(part.response_ids, (0, width - part.response_ids.shape[1])) for part in (head, tail)]
+    assert torch.equal(torch.cat(split), whole.response_ids)
+    unshifted = _generate(worker, prompts[2:], params, seed=21)  # without first_index: other streams
+    assert not torch.equal(unshifted.response_ids[:, :4], tail.response_ids[:, :4])
+
+
+def test_the_vllm_section_reaches_the_live_engine(engine, tmp_path):
+    """rollout.vllm.* and rollout.seed, read back from the running vLLM engine in its actor."""
+    cfg = load_config(CONFIGS / "toy_grpo.yaml", toy_overrides(
+        tmp_path, "rollout.backend=vllm", "rollout.vllm.enforce_eager=false", "rollout.vllm.kv_cache_mb=48",
+        "rollout.vllm.max_model_len=200", "rollout.vllm.threads=1", "rollout.seed=7"))
+    worker = ray.remote(RolloutWorker).options(num_cpus=1).remote(cfg, engine[1], 1)
+    try:
+        def live(w):
+            v = w.engine.llm.llm_engine.vllm_config
+            return {"eager": v.model_config.enforce_eager, "kv_bytes": v.cache_config.kv_cache_memory_bytes,
+                    "max_len": v.model_config.max_model_len, "seed": v.model_config.seed,
+                    "threads": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS")}
+
+        got = ray.get(worker.__ray_call__.remote(live), timeout=300)
+    finally:
+        ray.kill(worker)
+    assert got == {"eager": False, "kv_bytes": 48 * 2**20, "max_len": 200, "seed": 8,  # rollout.seed + engine index
+                   "threads": 1, "omp": "1"}
+    default = ray.get(engine[0].__ray_call__.remote(lambda w: (
+        w.engine.llm.llm_engine.vllm_config.model_config.enforce_eager,
+        w.engine.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes,
+        w.engine.llm.llm_engine.vllm_config.model_config.max_model_len)), timeout=60)
+    assert default == (True, 256 * 2**20, cfg.data.max_prompt_len + cfg.rollout.max_new_tokens)  # CPU: eager
+
+
 def test_a_batch_whose_prefills_exceed_one_step_generates_and_reproduces(engine):
     """256 sequences × ~70 prompt tokens: vLLM's 4,096-token step budget splits the prefills, and a split
     prefill of a seeded request crashed vLLM 0.32 on CPU ('CPU Generator does not use offset') until
@@ -143,13 +185,20 @@ def test_load_weights_and_probe(engine, tmp_path):
     assert np.abs(engine_probe - original).max() > 1e-3  # the probe tells the two weight sets apart
 
 
-def test_zero2_two_ranks_sync_and_probe_every_step(ray_session, tmp_path):
+def test_zero2_two_ranks_two_engines_sync_and_probe_every_step(ray_session, tmp_path):
+    """Two policy ranks, two vLLM engines: before training, the batch split over both engines gives the
+    samples one engine gives for the whole batch; then every step syncs both, probe-verified."""
     cfg = load_config(CONFIGS / "toy_grpo.yaml", toy_overrides(
         tmp_path, "trainer.total_steps=2", "deepspeed.zero_stage=2", "placement.policy.num_workers=2",
-        "trainer.micro_batch_size=4"))
+        "trainer.micro_batch_size=4", "rollout.num_engines=2"))
     trainer = PPOTrainer(cfg, prepare_run(cfg))
     try:
-        assert cfg.rollout_backend == "vllm"
+        assert cfg.rollout_backend == "vllm" and len(trainer.roles.pools["rollout"]) == 2
+        prompts = [p.prompt_ids for p in trainer.train_prompts[:6]]
+        params = SamplingParams(max_new_tokens=12, n=2)
+        two = trainer.roles.generate(prompts, params, 5, "check", trainer.tokenizer.pad_token_id)
+        one = _generate(trainer.roles.pools["rollout"].workers[1], prompts, params, 5)  # the whole batch alone
+        assert torch.equal(two.response_ids, one.response_ids) and torch.equal(two.prompt_ids, one.prompt_ids)
         for step in (1, 2):
             m = trainer.train_step(step)
             assert m["sync/version"] == step and m["sync/probe_gap"] < 1e-4
