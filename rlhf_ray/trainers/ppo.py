@@ -156,7 +156,7 @@ class Roles:
 
         def submit() -> list[ray.ObjectRef]:
             return rollout.call_each(lambda w, job: w.generate.remote(
-                [prompts[i] for i in job[0]], params, seed + 7919 * int(job[0][0]), threads=plan[job[1]]),
+                [prompts[i] for i in job[0]], params, seed, int(job[0][0]), threads=plan[job[1]]),
                 list(zip(chunks, engines)))
 
         first = [submit()]
@@ -307,7 +307,7 @@ class Roles:
         gaps = []
         for i, (held, engine_probe) in enumerate(states):
             gaps.append(float(np.abs(engine_probe - expected).max()))
-            if held != version or gaps[-1] > self.cfg.probe_tolerance:
+            if held != version or not gaps[-1] <= self.cfg.probe_tolerance:  # a NaN gap fails too
                 raise PhaseError("sync", f"rollout[{i}]", step,
                                  f"engine holds version {held} (expected {version}); its probe log-probs differ from "
                                  f"the policy's by up to {gaps[-1]:.3g} (rollout.sync_probe_tol={self.cfg.probe_tolerance:g})")
