@@ -1,0 +1,164 @@
+"""Rollout and model fields reach generation: the sampling settings the trainers build from `rollout`
+(`PPOTrainer.sampling`, `trainers.sampling.sampling_params`) drive a real HF engine that
+`RolloutWorker` builds from the config in-process; the vLLM settings reach `vllm.LLM`'s arguments
+through `build_engine` → `vllm_options` → `_start` (a stand-in `vllm` module records them, so no
+engine starts); the toy model sizes reach the models a run builds; trust_remote_code gates custom code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rlhf_ray.config import load_config
+from rlhf_ray.rollout import build_engine, engine_threads, vllm_options
+from rlhf_ray.toy import build_char_tokenizer, build_policy
+from rlhf_ray.trainers import ppo, sampling
+from rlhf_ray.trainers.common import toy_model
+from rlhf_ray.workers import ModelPaths, RolloutWorker
+
+SIZES = {"hidden_size": 32, "intermediate_size": 32, "num_layers": 1, "num_heads": 1}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory, tokenizer) -> str:
+    path = tmp_path_factory.mktemp("policy")
+    build_policy(tokenizer, seed=0, **SIZES).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer) -> list[list[int]]:
+    return [tokenizer(p)["input_ids"] for p in ("say: abc\n", "hi\n", "count: 1 2 3\n", "x")]
+
+
+def worker_and_params(policy_dir: str, overrides: list[str], engine_index: int = 0):
+    """A rollout engine built by `RolloutWorker` and the sampling settings of the RL trainer, both from one config."""
+    cfg = load_config(None, ["rollout.backend=hf", "rollout.max_new_tokens=12"] + overrides)
+    worker = RolloutWorker(cfg, ModelPaths(policy_dir, policy_dir, policy_dir, policy_dir), engine_index)
+    trainer = SimpleNamespace(cfg=cfg)  # PPOTrainer.sampling reads only the config
+    params = ppo.PPOTrainer.sampling(trainer)
+    assert params == sampling.sampling_params(cfg, n=params.n)  # the data stages map the section the same way
+    return worker, params, cfg
+
+
+def response_ids(samples) -> list[list[int]]:
+    return [ids[m.bool()].tolist() for ids, m in zip(samples.response_ids, samples.response_mask)]
+
+
+def greedy(worker, params, prompts):
+    return response_ids(worker.engine.generate(prompts, SimpleNamespace(**{**params.__dict__, "greedy": True}), 0))
+
+
+@pytest.mark.parametrize("override", ["rollout.top_k=1", "rollout.top_p=0.01"])
+def test_top_k_one_and_tiny_top_p_sample_the_greedy_tokens(policy_dir, prompts, override):
+    worker, params, _ = worker_and_params(policy_dir, [override])
+    sampled = [response_ids(worker.engine.generate(prompts, params, seed)) for seed in (1, 2)]
+    assert sampled[0] == sampled[1] == greedy(worker, params, prompts)
+    plain, plain_params, _ = worker_and_params(policy_dir, [])
+    assert response_ids(plain.engine.generate(prompts, plain_params, 1)) != greedy(plain, plain_params, prompts)
+
+
+def test_suppress_special_tokens_gives_full_length_responses_without_specials(policy_dir, prompts, tokenizer):
+    specials = set(tokenizer.all_special_ids)
+    worker, params, _ = worker_and_params(policy_dir, ["rollout.suppress_special_tokens=true", "rollout.samples_per_prompt=4"])
+    samples = worker.engine.generate(prompts, params, 3)
+    assert samples.response_mask.sum(-1).tolist() == [12] * 16 and not samples.stopped.any()
+    assert not specials & {t for row in response_ids(samples) for t in row}
+    plain, plain_params, _ = worker_and_params(policy_dir, ["rollout.samples_per_prompt=4"])
+    ordinary = plain.engine.generate(prompts, plain_params, 3)  # the same seed without it: specials do appear
+    assert specials & {t for row in response_ids(ordinary) for t in row}
+
+
+def test_rollout_seed_sets_the_samples(policy_dir, prompts):
+    def samples(seed: int | None):
+        worker, params, cfg = worker_and_params(policy_dir, [f"rollout.seed={seed}"] if seed is not None else [])
+        step_seed = ppo.PPOTrainer._seed(SimpleNamespace(cfg=cfg), 1)  # the RL step's seed
+        data_seed = sampling.generation_seed(cfg, 1)  # the data stages' seed
+        return step_seed, data_seed, response_ids(worker.engine.generate(prompts, params, step_seed))
+
+    default, seeded, again = samples(None), samples(7), samples(7)
+    assert seeded == again
+    assert seeded[0] != default[0] and seeded[1] != default[1] and seeded[2] != default[2]
+
+
+# ---- vLLM: options and engine threads ---------------------------------------------------------------
+
+
+def test_vllm_max_model_len_and_threads_in_options():
+    cfg = load_config(None, ["rollout.vllm.max_model_len=300", "rollout.vllm.threads=5", "placement.torch_threads=2"])
+    options = vllm_options(cfg, "m", seed=0)
+    assert options.max_model_len == 300 and options.threads == 5  # vllm.threads beats placement.torch_threads
+    assert vllm_options(cfg, "m", seed=0, full_context=True).max_model_len is None  # a judge: the model's own
+
+
+def test_engine_threads_order():
+    assert engine_threads(load_config(None, ["placement.torch_threads=3"])) == 3
+    assert engine_threads(load_config(None, ["placement.torch_threads=3", "rollout.vllm.threads=2"])) == 2
+    off_policy = load_config(None, ["algo.one_step_off_policy=true", "placement.rollout.cpus=2",
+                                    "algo.recompute_old_logprobs=true"])
+    assert engine_threads(off_policy) == 2
+    assert engine_threads(load_config(None, ["placement.torch_threads=4", "algo.one_step_off_policy=true",
+                                             "placement.rollout.cpus=2"])) == 4
+
+
+# ---- model.toy and model.trust_remote_code --------------------------------------------------------
+
+
+def test_toy_sizes_and_seed_shape_the_models_a_run_builds(tmp_path, tokenizer):
+    cfg = load_config(None, [f"trainer.output_dir={tmp_path}", "model.toy.num_layers=3", "model.toy.intermediate_size=48",
+                             "model.toy.seed=5", "model.toy.hidden_size=32", "model.toy.num_heads=1"])
+    path = toy_model(cfg, "policy")
+    config = json.loads(Path(path, "config.json").read_text())
+    assert config["num_hidden_layers"] == 3 and config["intermediate_size"] == 48
+    from safetensors.torch import load_file
+
+    weights = load_file(f"{path}/model.safetensors")
+    sizes = {"hidden_size": 32, "intermediate_size": 48, "num_layers": 3, "num_heads": 1}
+    same_seed = build_policy(tokenizer, seed=5, **sizes).state_dict()
+    seed_zero = build_policy(tokenizer, seed=0, **sizes).state_dict()
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(weights[name], same_seed[name]) and not torch.equal(weights[name], seed_zero[name])
+
+
+CUSTOM_CONFIG = """from transformers import LlamaConfig
+
+
+class ToyCustomConfig(LlamaConfig):
+    model_type = "toy_custom"
+"""
+CUSTOM_MODEL = """from transformers import LlamaForCausalLM
+
+from .configuration_toy_custom import ToyCustomConfig
+
+
+class ToyCustomForCausalLM(LlamaForCausalLM):
+    config_class = ToyCustomConfig
+"""
+
+
+def test_trust_remote_code_gates_a_model_with_its_own_code(tmp_path, policy_dir):
+    """A model directory whose config names its own classes (auto_map) loads only with trust_remote_code."""
+    model_dir = tmp_path / "custom"
+    build_policy(build_char_tokenizer(), seed=0, **SIZES).save_pretrained(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config |= {"model_type": "toy_custom", "architectures": ["ToyCustomForCausalLM"],
+               "auto_map": {"AutoConfig": "configuration_toy_custom.ToyCustomConfig",
+                            "AutoModelForCausalLM": "modeling_toy_custom.ToyCustomForCausalLM"}}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    (model_dir / "configuration_toy_custom.py").write_text(CUSTOM_CONFIG)
+    (model_dir / "modeling_toy_custom.py").write_text(CUSTOM_MODEL)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        build_engine(load_config(None, ["rollout.backend=hf"]), str(model_dir), policy_dir)
+    engine = build_engine(load_config(None, ["rollout.backend=hf", "model.trust_remote_code=true"]), str(model_dir),
+                          policy_dir)
+    assert type(engine.model).__name__ == "ToyCustomForCausalLM"
