@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from rlhf_ray.config import load_config
@@ -225,6 +226,32 @@ def test_each_dpo_family_loss_raises_the_preferred_response(ray_session, tmp_pat
     assert result["last_loss"] < result["first_loss"]
     history = _rows(cfg.run_dir / "metrics.jsonl")
     assert len(history) == 10 and all(_finite(h) for h in history)
+
+
+@pytest.mark.parametrize("config", ["toy_dpo.yaml", "toy_kto.yaml"])
+def test_offline_stage_resumed_mid_run_equals_the_uninterrupted_run(ray_session, tmp_path, config):
+    """run_dpo → fit, 4 steps, a checkpoint after each; then fit again from step 2's checkpoint: the
+    reference log-probs come from the checkpoint (the policy has moved, so recomputing them would change
+    every later loss), and steps 3-4, the final evaluation and the exported policy equal the first run's."""
+    common = ("trainer.total_steps=4", "trainer.eval_every=2", "checkpoint.every=1", "checkpoint.keep_last=10",
+              "trainer.mini_batch_size=16", "trainer.micro_batch_size=8", "policy_optim.lr=3e-3")
+    first_cfg = _cfg(tmp_path / "a", config, *common)
+    first = run_dpo(first_cfg)
+    step_2 = first_cfg.run_dir / "checkpoints" / "step_00000002"
+    assert {"train_ref", "eval_ref"} <= set(load_file(step_2 / "driver_tensors.safetensors"))
+    resumed_cfg = _cfg(tmp_path / "b", config, *common, f"checkpoint.resume={step_2}")
+    resumed = run_dpo(resumed_cfg)
+    a, b = _rows(first_cfg.run_dir / "metrics.jsonl"), _rows(resumed_cfg.run_dir / "metrics.jsonl")
+    assert [r["step"] for r in b] == [3, 4]
+    for want, got in zip(a[2:], b):
+        for key, value in want.items():
+            if not key.startswith("time/"):
+                assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-7), (got["step"], key)
+    assert resumed["eval_after"]["eval/loss"] == pytest.approx(first["eval_after"]["eval/loss"], rel=1e-6)
+    assert resumed["eval_before"] == pytest.approx(first["eval_before"], rel=1e-9)  # kept in the checkpoint
+    want, got = load_file(f"{first['export']}/model.safetensors"), load_file(f"{resumed['export']}/model.safetensors")
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
 
 
 def test_kto_two_ranks_zero3_equal_one_rank(ray_session, tmp_path):
