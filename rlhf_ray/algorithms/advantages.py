@@ -23,7 +23,6 @@ import torch
 from torch import Tensor
 
 
-@torch.no_grad()
 def compute_gae(
     rewards: Tensor, values: Tensor, response_mask: Tensor, gamma: float, lam: float
 ) -> tuple[Tensor, Tensor]:
@@ -33,34 +32,35 @@ def compute_gae(
     The recursion walks real tokens only (padding is skipped, carrying the next real token's
     V and A through it); V after the last real token is 0; padding gets A = 0 and return 0.
     """
-    real = response_mask.bool()  # (B, T)
-    next_value = values.new_zeros(values.shape[0])  # (B,) V_{t+1}
-    next_advantage = values.new_zeros(values.shape[0])  # (B,) A_{t+1}
-    advantages = torch.zeros_like(values)  # (B, T)
-    for t in reversed(range(values.shape[1])):
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        advantage = delta + gamma * lam * next_advantage
-        advantages[:, t] = torch.where(real[:, t], advantage, 0.0)
-        next_advantage = torch.where(real[:, t], advantage, next_advantage)
-        next_value = torch.where(real[:, t], values[:, t], next_value)
-    returns = torch.where(real, advantages + values, 0.0)
-    return advantages, returns
+    with torch.no_grad():  # a block, not the decorator: mutation testing skips decorated functions
+        real = response_mask.bool()  # (B, T)
+        next_value = values.new_zeros(values.shape[0])  # (B,) V_{t+1}
+        next_advantage = values.new_zeros(values.shape[0])  # (B,) A_{t+1}
+        advantages = torch.zeros_like(values)  # (B, T)
+        for t in reversed(range(values.shape[1])):
+            delta = rewards[:, t] + gamma * next_value - values[:, t]
+            advantage = delta + gamma * lam * next_advantage
+            advantages[:, t] = torch.where(real[:, t], advantage, 0.0)
+            next_advantage = torch.where(real[:, t], advantage, next_advantage)
+            next_value = torch.where(real[:, t], values[:, t], next_value)
+        returns = torch.where(real, advantages + values, 0.0)
+        return advantages, returns
 
 
-@torch.no_grad()
 def reinforce_pp_returns(rewards: Tensor, response_mask: Tensor, gamma: float = 1.0) -> Tensor:
     """REINFORCE++ returns-to-go G_t = rew_t + γ·G_{t+1} over real tokens (§4.2; Hu 2025).
 
     `rewards` (B, T) per-token (KL in the reward, score on the last real token) → (B, T),
     0 on padding. The caller whitens the result over the whole batch with `whiten`.
     """
-    real = response_mask.bool()  # (B, T)
-    next_return = rewards.new_zeros(rewards.shape[0])  # (B,) G_{t+1}
-    returns = torch.zeros_like(rewards)  # (B, T)
-    for t in reversed(range(rewards.shape[1])):
-        next_return = torch.where(real[:, t], rewards[:, t] + gamma * next_return, next_return)
-        returns[:, t] = torch.where(real[:, t], next_return, 0.0)
-    return returns
+    with torch.no_grad():  # a block, not the decorator: mutation testing skips decorated functions
+        real = response_mask.bool()  # (B, T)
+        next_return = rewards.new_zeros(rewards.shape[0])  # (B,) G_{t+1}
+        returns = torch.zeros_like(rewards)  # (B, T)
+        for t in reversed(range(rewards.shape[1])):
+            next_return = torch.where(real[:, t], rewards[:, t] + gamma * next_return, next_return)
+            returns[:, t] = torch.where(real[:, t], next_return, 0.0)
+        return returns
 
 
 def grpo_advantages(scores: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:

@@ -197,7 +197,8 @@ def sequence_mask_weights(
     tokens that are dropped), and the mismatch of `mismatch_metrics`.
     """
     with torch.no_grad():
-        log_rho = _log_rho(old_logprobs, behaviour_logprobs, response_mask)  # (B, T)
+        # not clamped per token (as _log_rho does for exp): the true geometric mean, compared in log space
+        log_rho = _masked((old_logprobs - behaviour_logprobs).detach(), response_mask)  # (B, T)
         lengths = response_mask.sum(dim=-1)  # (B,)
         keep = _inside(log_rho.sum(dim=-1) / lengths.clamp(min=1), low, high)  # (B,)
         weights = _masked(keep[:, None].to(log_rho.dtype).expand_as(log_rho), response_mask)

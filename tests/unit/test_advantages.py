@@ -181,3 +181,49 @@ def test_broadcast_to_tokens():
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     out = broadcast_to_tokens(torch.tensor([2.0, -1.0]), mask)
     torch.testing.assert_close(out, torch.tensor([[2.0, 2.0, 0.0], [-1.0, 0.0, 0.0]]))
+
+
+def test_rloo_at_minimal_group_size_two():
+    # n = 2: the leave-one-out baseline is the other sample: (1 − 4, 4 − 1) = (−3, 3)
+    torch.testing.assert_close(rloo_advantages(torch.tensor([1.0, 4.0]), 2), torch.tensor([-3.0, 3.0]))
+    torch.testing.assert_close(group_advantages(torch.tensor([1.0, 4.0]), 2, "rloo"), torch.tensor([-3.0, 3.0]))
+
+
+def test_whiten_constant_tensor_is_zero_not_nan():
+    # all real entries equal: mean 5, var 0 → (x − 5)/sqrt(0 + ε) = 0, and finite
+    x = torch.tensor([[5.0, 5.0, -3.0], [5.0, 7.0, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    torch.testing.assert_close(whiten(x, mask), torch.zeros(2, 3), atol=0, rtol=0)
+    # scale only: 0 + mean 5 on the real tokens
+    torch.testing.assert_close(whiten(x, mask, shift_mean=False), 5.0 * mask, atol=0, rtol=0)
+
+
+def test_whiten_single_real_token():
+    # one real entry: mean = 4, var = 0 → 0 (a count clamped to 2 would give mean 2, var 4 → 1)
+    x = torch.tensor([[4.0, 9.0]])
+    mask = torch.tensor([[1.0, 0.0]])
+    torch.testing.assert_close(whiten(x, mask), torch.zeros(1, 2), atol=0, rtol=0)
+    torch.testing.assert_close(whiten(x, mask, shift_mean=False), torch.tensor([[4.0, 0.0]]), atol=0, rtol=0)
+
+
+def test_grpo_default_eps_is_tiny():
+    # scores (0, 2): ±1/(sqrt 2 + 1e-6) with the default ε
+    expected = 1.0 / (2.0**0.5 + 1e-6)
+    torch.testing.assert_close(grpo_advantages(torch.tensor([0.0, 2.0]), 2), torch.tensor([-expected, expected]))
+    torch.testing.assert_close(group_advantages(torch.tensor([0.0, 2.0]), 2, "grpo"), torch.tensor([-expected, expected]))
+
+
+@pytest.mark.parametrize("kind", ["dr_grpo", "reinforce_baseline"])
+def test_mean_baselines_accept_groups_of_one(kind):
+    # n = 1: each sample is its own group mean → advantage 0 (no std or leave-one-out needed)
+    assert group_advantages(torch.tensor([1.0, -2.0, 3.0]), 1, kind).tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="groups of 0"):
+        group_advantages(torch.tensor([1.0, 2.0]), 0, kind)
+
+
+def test_broadcast_keeps_the_values_dtype():
+    # a float64 (or bool) mask must not change the dtype of float32 advantages
+    values = torch.tensor([2.0, -1.0])
+    out = broadcast_to_tokens(values, torch.tensor([[1.0, 0.0], [1.0, 1.0]], dtype=torch.float64))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.tensor([[2.0, 0.0], [-1.0, -1.0]]))

@@ -145,3 +145,244 @@ def test_a_rollout_correction_needs_the_engines_behaviour_logprobs():
     make_experience(samples, scored, scores, load_config(None, grpo), 0.0)  # no correction: none needed
     with pytest.raises(ValueError, match="algo.rollout_correction=tis needs the rollout engine's behaviour log-probs"):
         make_experience(samples, scored, scores, cfg, 0.0)
+
+
+# ---- estimator paths of make_experience, score shaping and the helpers (found by mutation testing) ----
+
+
+def _kl_scored(samples: Samples, scores: list[float], values=None) -> Scored:
+    """π_old − π_ref = k1 of (1, 0, 0) on row 0 and (0, −0.5, 0) on row 1 (T = 3)."""
+    old = torch.tensor([[-1.0, -1.0, 0.0], [-1.0, -2.0, 0.0]])
+    ref = torch.tensor([[-2.0, -1.0, 0.0], [-1.0, -1.5, 0.0]])
+    return Scored(old_logprobs=old, ref_logprobs=ref, values=values, scores=torch.tensor(scores),
+                  per_source={"s": torch.tensor(scores), "t": torch.tensor([3.0, 5.0])})
+
+
+def test_reinforce_pp_experience_by_hand():
+    cfg = load_config(None, ["algo.advantage=reinforce_pp", "algo.whiten_advantages=false", "algo.gamma=1"])
+    samples = _samples([2, 3], t=3)
+    scores = torch.tensor([1.0, 2.0])
+    exp, metrics = make_experience(samples, _kl_scored(samples, [1.0, 2.0]), scores, cfg, 0.5)
+    # rewards −0.5·k1 plus the score on the last real token: row 0 (−0.5, 0 + 1, ·), row 1 (0, 0.25, 2)
+    # returns-to-go: row 0 (0.5, 1, 0), row 1 (2.25, 2.25, 2)
+    torch.testing.assert_close(exp.advantages, torch.tensor([[0.5, 1.0, 0.0], [2.25, 2.25, 2.0]]))
+    assert exp.returns is None
+    # adv over the 5 real tokens (0.5, 1, 2.25, 2.25, 2): mean 1.6, population variance 2.575 / 5
+    assert metrics["adv/mean"] == pytest.approx(1.6) and metrics["adv/std"] == pytest.approx(0.515 ** 0.5)
+    assert metrics["kl/ref"] == pytest.approx(0.25)  # summed per sequence (1, −0.5), then mean
+    assert metrics["reward/score_mean"] == 1.5 and metrics["reward/score_std"] == 0.5
+    assert metrics["reward/s_mean"] == 1.5 and metrics["reward/t_mean"] == 4.0
+    assert metrics["response/length_mean"] == 2.5 and metrics["response/truncated_frac"] == 0.5
+    # whitened by default: (x − 1.6)/sqrt(0.515 + 1e-8) on real tokens, 0 on padding
+    cfg = load_config(None, ["algo.advantage=reinforce_pp", "algo.gamma=1"])
+    exp, metrics = make_experience(samples, _kl_scored(samples, [1.0, 2.0]), scores, cfg, 0.5)
+    expected = (torch.tensor([[0.5, 1.0, 1.6], [2.25, 2.25, 2.0]]) - 1.6) / 0.515 ** 0.5
+    torch.testing.assert_close(exp.advantages, expected, atol=1e-5, rtol=0)
+    assert metrics["adv/mean"] == pytest.approx(0.0, abs=1e-6) and metrics["adv/std"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_kl_estimator_and_coefficient_shape_the_token_rewards():
+    # k2: ½ r² = (0.5, 0, 0) and (0, 0.125, 0); β = 1 → rewards row 0 (−0.5, 1), row 1 (0, −0.125, 2)
+    cfg = load_config(None, ["algo.advantage=reinforce_pp", "algo.whiten_advantages=false", "algo.kl.estimator=k2"])
+    samples = _samples([2, 3], t=3)
+    exp, _ = make_experience(samples, _kl_scored(samples, [1.0, 2.0]), torch.tensor([1.0, 2.0]), cfg, 1.0)
+    torch.testing.assert_close(exp.advantages, torch.tensor([[0.5, 1.0, 0.0], [1.875, 1.875, 2.0]]))
+
+
+def test_kl_in_the_loss_leaves_the_rewards_alone():
+    cfg = load_config(None, ["algo.advantage=reinforce_pp", "algo.whiten_advantages=false",
+                             "algo.kl.placement=loss", "algo.kl.estimator=k3"])
+    samples = _samples([2, 3], t=3)
+    exp, metrics = make_experience(samples, _kl_scored(samples, [1.0, 2.0]), torch.tensor([1.0, 2.0]), cfg, 0.5)
+    torch.testing.assert_close(exp.advantages, torch.tensor([[1.0, 1.0, 0.0], [2.0, 2.0, 2.0]]))
+    assert metrics["kl/ref"] == pytest.approx(0.25)  # still reported
+    # without π_old (the update's forward provides it) there is no KL term and no kl/ref metric
+    scored = _kl_scored(samples, [1.0, 2.0])
+    scored.old_logprobs = None
+    exp, metrics = make_experience(samples, scored, torch.tensor([1.0, 2.0]), cfg, 0.5)
+    torch.testing.assert_close(exp.advantages, torch.tensor([[1.0, 1.0, 0.0], [2.0, 2.0, 2.0]]))
+    assert "kl/ref" not in metrics and exp.old_logprobs is None
+
+
+@pytest.mark.parametrize("advantage, extra, expected", [
+    # shaped scores s − β·Σk1 = (1 − 0.5, 2 + 0.25) = (0.5, 2.25)
+    ("rloo", [], 1.75),  # 0.5 − 2.25, not whitened by default
+    ("dr_grpo", [], 0.875),  # 0.5 − mean 1.375
+    ("grpo", [], 0.875 / (1.75 / 2 ** 0.5 + 1e-6)),  # / (sample std + ε)
+    ("grpo", ["algo.whiten_advantages=true"], 1.0),  # ±0.7071 whitened over the 4 real tokens
+    ("reinforce_pp_baseline", [], 1.0),  # ±0.875, whitened by default
+    ("reinforce_pp_baseline", ["algo.whiten_advantages=false"], 0.875),
+])
+def test_group_estimators_in_make_experience(advantage, extra, expected):
+    cfg = load_config(None, [f"algo.advantage={advantage}", "rollout.samples_per_prompt=2"] + extra)
+    samples = _samples([2, 2], t=3)
+    exp, metrics = make_experience(samples, _kl_scored(samples, [1.0, 2.0]), torch.tensor([1.0, 2.0]), cfg, 0.5)
+    torch.testing.assert_close(exp.advantages, expected * torch.tensor([[-1.0, -1.0, 0.0], [1.0, 1.0, 0.0]]),
+                               atol=1e-5, rtol=0)
+    assert metrics["reward/shaped_mean"] == 1.5 and "critic/explained_var" not in metrics
+
+
+def test_gae_experience_with_kl_reward_and_explained_variance():
+    cfg = load_config(None, ["algo.gamma=1", "algo.lam=1", "algo.whiten_advantages=false"])
+    samples = _samples([2], t=2)
+    scored = Scored(old_logprobs=torch.tensor([[-1.0, -1.0]]), ref_logprobs=torch.tensor([[-2.0, -1.0]]),
+                    values=torch.tensor([[0.5, 0.0]]), scores=torch.tensor([2.0]), per_source={})
+    exp, metrics = make_experience(samples, scored, torch.tensor([2.0]), cfg, 0.5)
+    # rewards (−0.5·1, 2): A_1 = 2 − 0 = 2, A_0 = −0.5 + 0 − 0.5 + 2 = 1; returns A + V = (1.5, 2)
+    torch.testing.assert_close(exp.advantages, torch.tensor([[1.0, 2.0]]))
+    torch.testing.assert_close(exp.returns, torch.tensor([[1.5, 2.0]]))
+    assert exp.values is scored.values
+    assert exp.old_logprobs is scored.old_logprobs and exp.ref_logprobs is scored.ref_logprobs
+    # 1 − var(R − V)/var(R) = 1 − var(1, 2)/var(1.5, 2) = 1 − 0.5/0.125 = −3 (sample variances)
+    assert metrics["critic/explained_var"] == pytest.approx(-3.0, rel=1e-6)
+
+
+def test_invalid_samples_leave_the_loss():
+    cfg = load_config(None, ["algo.advantage=grpo", "rollout.samples_per_prompt=2"])
+    samples = _samples([2, 3], t=3)
+    scored = _kl_scored(samples, [1.0, 2.0])
+    scored.valid = torch.tensor([True, False])
+    exp, _ = make_experience(samples, scored, torch.tensor([1.0, 2.0]), cfg, 0.0)
+    assert exp.response_mask.tolist() == [[1, 1, 0], [0, 0, 0]]
+    assert samples.response_mask.tolist() == [[1, 1, 0], [1, 1, 1]]  # the caller's samples untouched
+
+
+def test_shape_scores_order_penalty_then_normalise_then_clip():
+    # missing EOS −1 on the second: (1, 1, 3); batch-normalised: mean 5/3, population std sqrt(8/9)
+    # → (−0.7071, −0.7071, 1.4142); clip 0.5 → (−0.5, −0.5, 0.5)
+    cfg = load_config(None, ["reward.missing_eos_penalty=-1", "reward.normalize=batch", "reward.clip=0.5"])
+    out = shape_scores(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([True, False, True]), torch.tensor([2, 4, 2]),
+                       cfg, RunningMoments())
+    torch.testing.assert_close(out, torch.tensor([-0.5, -0.5, 0.5]))
+    cfg = load_config(None, ["reward.missing_eos_penalty=-1", "reward.normalize=batch"])
+    out = shape_scores(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([True, False, True]), torch.tensor([2, 4, 2]),
+                       cfg, RunningMoments())
+    torch.testing.assert_close(out, torch.tensor([-0.5, -0.5, 1.0]) * 2 ** 0.5, atol=1e-5, rtol=0)
+
+
+def test_shape_scores_running_normalisation_by_hand():
+    cfg = load_config(None, ["reward.normalize=running"])
+    moments = RunningMoments()
+    assert (moments.count, moments.mean, moments.var, moments.std) == (0, 0.0, 1.0, 1.0)
+    ones = torch.ones(2, dtype=torch.bool)
+    # batch (1, 3): running mean 2, variance 1 → (−1, 1)
+    out = shape_scores(torch.tensor([1.0, 3.0]), ones, torch.tensor([2, 2]), cfg, moments)
+    torch.testing.assert_close(out, torch.tensor([-1.0, 1.0]))
+    # then (4, 4): all of (1, 3, 4, 4) → mean 3, population variance 1.5 → (4 − 3)/sqrt(1.5)
+    out = shape_scores(torch.tensor([4.0, 4.0]), ones, torch.tensor([2, 2]), cfg, moments)
+    torch.testing.assert_close(out, torch.full((2,), 1 / 1.5 ** 0.5))
+    assert moments.count == 4 and moments.mean == 3.0 and moments.var == pytest.approx(1.5)
+
+
+def test_overlong_penalty_by_hand():
+    from rlhf_ray.trainers.experience import overlong_penalty
+
+    # max 16, buffer 4, penalty 2: excess over 12 is (0, 2, 8) → (0, −1, −2 capped)
+    out = overlong_penalty(torch.tensor([11, 14, 20]), max_len=16, buffer=4, penalty=2.0)
+    torch.testing.assert_close(out, torch.tensor([0.0, -1.0, -2.0]))
+
+
+def test_token_rewards_of_an_empty_response_do_not_index_out_of_range():
+    mask = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    rewards = token_rewards(torch.tensor([1.0, 3.0]), torch.zeros(2, 2), kl_coef=0.1, mask=mask)
+    torch.testing.assert_close(rewards, torch.tensor([[0.0, 1.0], [3.0, 0.0]]))  # clamped to index 0
+
+
+def test_fill_invalid_with_no_valid_sample_at_all_is_zero():
+    from rlhf_ray.trainers.experience import fill_invalid
+
+    out = fill_invalid(torch.tensor([float("nan"), float("nan")]), torch.tensor([False, False]), 2)
+    torch.testing.assert_close(out, torch.zeros(2))
+    # two valid of three: their mean (1 + 3)/2 = 2 fills the third
+    out = fill_invalid(torch.tensor([1.0, 3.0, float("nan")]), torch.tensor([True, True, False]), 3)
+    torch.testing.assert_close(out, torch.tensor([1.0, 3.0, 2.0]))
+    # one valid of four in a group: the group's mean is that one score (count 1, not clamped higher)
+    out = fill_invalid(torch.tensor([4.0, float("nan"), float("nan"), float("nan")]),
+                       torch.tensor([True, False, False, False]), 4)
+    torch.testing.assert_close(out, torch.full((4,), 4.0))
+
+
+def test_concat_scored_pads_and_sums():
+    from rlhf_ray.trainers.experience import concat_scored
+
+    a = Scored(old_logprobs=torch.tensor([[-1.0, -2.0]]), ref_logprobs=torch.tensor([[-0.5, -0.5]]),
+               values=torch.tensor([[1.0, 2.0]]), scores=torch.tensor([1.0]), per_source={"s": torch.tensor([1.0])},
+               valid=torch.tensor([True]), violations={"nan": 1})
+    b = Scored(old_logprobs=torch.tensor([[-3.0, -4.0, -5.0]]), ref_logprobs=torch.tensor([[-1.0, -1.0, -1.0]]),
+               values=torch.tensor([[3.0, 4.0, 5.0]]), scores=torch.tensor([2.0]), per_source={"s": torch.tensor([7.0])},
+               valid=torch.tensor([False]), violations={"nan": 2, "range": 1})
+    out = concat_scored([a, b])
+    torch.testing.assert_close(out.old_logprobs, torch.tensor([[-1.0, -2.0, 0.0], [-3.0, -4.0, -5.0]]))
+    torch.testing.assert_close(out.ref_logprobs, torch.tensor([[-0.5, -0.5, 0.0], [-1.0, -1.0, -1.0]]))
+    torch.testing.assert_close(out.values, torch.tensor([[1.0, 2.0, 0.0], [3.0, 4.0, 5.0]]))
+    assert out.scores.tolist() == [1.0, 2.0] and out.per_source["s"].tolist() == [1.0, 7.0]
+    assert out.valid.tolist() == [True, False] and out.violations == {"nan": 3, "range": 1}
+    # optional fields stay None
+    a.old_logprobs = b.old_logprobs = a.values = b.values = a.valid = b.valid = None
+    out = concat_scored([a, b])
+    assert out.old_logprobs is None and out.values is None and out.valid is None
+    single = concat_scored([a])  # one round: passed through as it is
+    assert single.old_logprobs is None and single.per_source["s"].tolist() == [1.0]
+    picked = concat_scored([a, b]).select(torch.tensor([1]))
+    assert picked.per_source["s"].tolist() == [7.0] and picked.scores.tolist() == [2.0]
+
+
+def test_nonfinite_counts_per_token_and_per_sequence():
+    from rlhf_ray.trainers.experience import nonfinite_counts
+
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    nan, inf = float("nan"), float("inf")
+    named = {"logprobs": torch.tensor([[0.0, nan, nan], [inf, nan, 0.0]]),  # padding NaNs do not count
+             "values": None,
+             "scores": torch.tensor([nan, 1.0]),  # (B,): every entry counts
+             "clean": torch.zeros(2, 3)}
+    assert list(nonfinite_counts(named, mask).items()) == [("logprobs", 2), ("scores", 1)]
+    assert nonfinite_counts({"clean": torch.zeros(2, 3)}, mask) == {}
+
+
+def test_concat_scored_of_one_full_round():
+    from rlhf_ray.trainers.experience import concat_scored
+
+    part = Scored(old_logprobs=torch.tensor([[-1.0]]), ref_logprobs=torch.tensor([[-2.0]]), values=torch.tensor([[0.5]]),
+                  scores=torch.tensor([1.0]), per_source={"s": torch.tensor([1.0])}, valid=torch.tensor([True]))
+    out = concat_scored([part])
+    assert out.old_logprobs.tolist() == [[-1.0]] and out.values.tolist() == [[0.5]] and out.valid.tolist() == [True]
+    assert out.ref_logprobs.tolist() == [[-2.0]] and out.violations == {}
+
+
+def test_informative_groups_see_small_differences():
+    assert informative_groups(torch.tensor([0.0, 0.5, 0.25, 0.25]), 2).tolist() == [True, False]
+
+
+def test_score_normalisation_is_bounded_for_near_equal_scores():
+    # spread 2e-8: (s − mean)/(std + 1e-8) = ±1e-8/2e-8 = ±0.5, not ±1e-8/(std − ε) ≈ ±inf
+    scores, ones = torch.tensor([0.0, 2e-8]), torch.ones(2, dtype=torch.bool)
+    for normalize in ("batch", "running"):
+        cfg = load_config(None, [f"reward.normalize={normalize}"])
+        out = shape_scores(scores, ones, torch.tensor([2, 2]), cfg, RunningMoments())
+        torch.testing.assert_close(out, torch.tensor([-0.5, 0.5]), atol=1e-3, rtol=0)
+
+
+def test_token_rewards_accept_float64_scores():
+    # the score is cast to the rewards' dtype before it is added at the last real token
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    rewards = token_rewards(torch.tensor([0.5], dtype=torch.float64), torch.zeros(1, 3), kl_coef=0.1, mask=mask)
+    assert rewards.dtype == torch.float32
+    torch.testing.assert_close(rewards, torch.tensor([[0.0, 0.5, 0.0]]))
+
+
+def test_reinforce_pp_experience_uses_the_configured_gamma():
+    # no KL: rewards (0, 1) and (0, 0, 2); γ = 0.5 → returns (0.5, 1) and (0.5, 1, 2)
+    cfg = load_config(None, ["algo.advantage=reinforce_pp", "algo.whiten_advantages=false", "algo.gamma=0.5"])
+    samples = _samples([2, 3], t=3)
+    exp, _ = make_experience(samples, _scored(samples, [1.0, 2.0]), torch.tensor([1.0, 2.0]), cfg, 0.5)
+    torch.testing.assert_close(exp.advantages, torch.tensor([[0.5, 1.0, 0.0], [0.5, 1.0, 2.0]]))
+
+
+def test_explained_variance_with_constant_returns_is_large_and_negative():
+    # returns (2, 2, 2) have no variance: 1 − var(R − V)/(0 + 1e-8) = 1 − 0.0625/1e-8
+    cfg = load_config(None, ["algo.gamma=1", "algo.lam=1", "algo.whiten_advantages=false"])
+    samples = _samples([3], t=3)
+    values = torch.tensor([[0.5, 0.25, 0.0]])
+    _, metrics = make_experience(samples, _scored(samples, [2.0], values), torch.tensor([2.0]), cfg, 0.1)
+    assert metrics["critic/explained_var"] == pytest.approx(1 - 0.0625 / 1e-8, rel=1e-4)

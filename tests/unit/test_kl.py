@@ -98,3 +98,17 @@ def test_controller_state_roundtrips_through_json():
     fixed = FixedKLController(0.0)
     fixed.load_state_dict(json.loads(json.dumps(FixedKLController(0.3).state_dict())))
     assert fixed.value == 0.3
+
+
+def test_k2_uses_the_difference_of_non_zero_log_probs():
+    # r = −1 − (−3) = 2: k1 = 2, k2 = ½·2² = 2; k3 = e⁻² − 1 + 2 = 1 + e⁻²
+    logprobs, ref_logprobs = torch.tensor([[-1.0]]), torch.tensor([[-3.0]])
+    torch.testing.assert_close(kl_k1(logprobs, ref_logprobs), torch.tensor([[2.0]]))
+    torch.testing.assert_close(kl_k2(logprobs, ref_logprobs), torch.tensor([[2.0]]))
+    torch.testing.assert_close(kl_k3(logprobs, ref_logprobs), torch.tensor([[1.0 + math.exp(-2.0)]]))
+
+
+def test_k3_clamps_large_positive_log_ratios_too():
+    # r = +1000 clamps to +20: e⁻²⁰ − 1 + 20 (unclamped it would be 999)
+    k3 = kl_k3(torch.tensor([[0.0]]), torch.tensor([[-1000.0]]))
+    torch.testing.assert_close(k3, torch.tensor([[math.exp(-20.0) + 19.0]]))

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhf_ray.algorithms.logprobs import entropy_from_logits, logprobs_from_logits
+from rlhf_ray.algorithms.logprobs import _map_rows, entropy_from_logits, logprobs_from_logits
 
 
 def test_logprobs_hand_example():
@@ -82,5 +82,20 @@ def test_chunking_gives_same_values_and_gradients(max_chunk_elements):
 
 
 def test_misaligned_labels_rejected():
-    with pytest.raises(ValueError, match="align"):
+    with pytest.raises(ValueError, match=r"^labels \(2, 4\) must match logits \(2, 5, 10\) without the vocabulary dim; align"):
         logprobs_from_logits(torch.zeros(2, 5, 10), torch.zeros(2, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("max_chunk_elements, rows", [(1, [1] * 6), (25, [2, 2, 2]), (40, [4, 2]), (10**6, [6])])
+def test_chunks_never_exceed_the_element_budget(max_chunk_elements, rows):
+    # V = 10: max(1, budget // V) rows per chunk, so a chunk holds ≤ budget elements (or 1 row if V > budget)
+    seen = []
+
+    def record(z: torch.Tensor) -> torch.Tensor:
+        seen.append(z.shape[0])
+        return z.sum(-1)
+
+    logits = torch.arange(60.0).reshape(2, 3, 10)
+    out = _map_rows(record, logits, max_chunk_elements=max_chunk_elements)
+    assert seen == rows
+    torch.testing.assert_close(out, logits.sum(-1))

@@ -16,6 +16,8 @@ from rlhf_ray.algorithms.preference import (
     simpo_loss,
 )
 
+LOG2 = math.log(2.0)
+
 
 def softplus(x: float) -> float:
     """−log σ(−x) = log(1 + eˣ), for hand-computed expectations."""
@@ -188,3 +190,96 @@ def test_rrhf_hand_example():
     torch.testing.assert_close(loss, torch.tensor(0.65))
     torch.testing.assert_close(metrics["rank_loss"], torch.tensor(0.25))
     torch.testing.assert_close(metrics["nll"], torch.tensor(0.4))
+
+
+# ---- cases the hand examples above leave open (found by mutation testing) --------------------
+
+
+def test_ipo_with_a_non_zero_reference():
+    # β = 0.5, target 1/(2β) = 1; chosen: −1 − (−3) = 2, rejected: −2 − (−1.5) = −0.5 → h = 2.5
+    # (h − 1)² = 2.25; implicit rewards β·(2, −0.5) = (1, −0.25)
+    loss, metrics = ipo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-3.0]),
+                             torch.tensor([-1.5]), beta=0.5)
+    torch.testing.assert_close(loss, torch.tensor(2.25))
+    assert metrics["rewards/chosen"] == 1.0 and metrics["rewards/rejected"] == -0.25
+    assert metrics["rewards/accuracy"] == 1.0 and metrics["rewards/margin"] == 1.25
+
+
+def test_dpo_with_non_zero_reference_and_two_pairs():
+    # pair 0: h = (−1 − (−2)) − (−3 − (−2)) = 2, β h = 1 → log(1 + e⁻¹)
+    # pair 1: h = (−4 − (−2)) − (−1 − (−2)) = −3, β h = −1.5 → log(1 + e^1.5)
+    loss, metrics = dpo_loss(torch.tensor([-1.0, -4.0]), torch.tensor([-3.0, -1.0]), torch.tensor([-2.0, -2.0]),
+                             torch.tensor([-2.0, -2.0]), beta=0.5)
+    torch.testing.assert_close(loss, torch.tensor((softplus(-1.0) + softplus(1.5)) / 2))
+    # rewards: chosen β·(1, −2) mean −0.25; rejected β·(−1, 1) mean 0; accuracy ½; margin (1 + (−1.5))/2
+    torch.testing.assert_close(metrics["rewards/chosen"], torch.tensor(-0.25))
+    torch.testing.assert_close(metrics["rewards/rejected"], torch.tensor(0.0))
+    assert metrics["rewards/accuracy"] == 0.5
+    torch.testing.assert_close(metrics["rewards/margin"], torch.tensor(-0.25))
+
+
+def test_kto_reward_metrics_average_each_subset_and_keep_the_dtype():
+    # β = 0.5, r = (1, 3, −2): desirable rewards β·(1, 3) mean 1.0, undesirable β·(−2) = −1
+    logratios = torch.tensor([1.0, 3.0, -2.0], dtype=torch.float64)
+    desirable = torch.tensor([True, True, False])
+    loss, metrics = kto_loss(logratios, desirable, 0.1, beta=0.5, w_d=1.0, w_u=1.0)
+    assert metrics["rewards/chosen"] == 1.0 and metrics["rewards/rejected"] == -1.0
+    # z₀ = 0.1 in the inputs' dtype (float64 0.1, not float32's 0.10000000149)
+    assert metrics["kl"].dtype == torch.float64 and metrics["kl"].item() == 0.1
+    # losses σ(−0.5·0.9), σ(−0.5·2.9), σ(−0.5·(0.1 + 2))
+    expected = (sigmoid(-0.45) + sigmoid(-1.45) + sigmoid(-1.05)) / 3
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_kto_without_undesirable_examples_reports_zero():
+    _, metrics = kto_loss(torch.tensor([1.0, 2.0]), torch.tensor([True, True]), 0.0, beta=1.0, w_d=1.0, w_u=1.0)
+    assert metrics["rewards/chosen"] == 1.5 and metrics["rewards/rejected"] == 0.0
+
+
+def test_bradley_terry_tie_is_not_accurate_and_reward_spread():
+    # diffs (0, 2): a tie does not count as accurate → ½; margin (0 + 2)/2 = 1
+    chosen, rejected = torch.tensor([1.0, 2.0]), torch.tensor([1.0, 0.0])
+    loss, metrics = bradley_terry_loss(chosen, rejected)
+    torch.testing.assert_close(loss, torch.tensor((LOG2 + softplus(-2.0)) / 2))
+    assert metrics["accuracy"] == 0.5 and metrics["margin"] == 1.0
+    # rewards (1, 2, 1, 0): mean 1, sample std sqrt((0 + 1 + 0 + 1)/3)
+    torch.testing.assert_close(metrics["reward_mean"], torch.tensor(1.0))
+    torch.testing.assert_close(metrics["reward_std"], torch.tensor(math.sqrt(2 / 3)))
+
+
+def test_listwise_metrics_against_the_best_other_candidate():
+    # row 0: best 2 vs others (3, 0): max other 3 → not accurate, margin −1
+    # row 1: best 1 vs others (1, −5): a tie is not accurate, margin 0
+    # row 2: best 4 vs others (0, 1): accurate, margin 3
+    scores = torch.tensor([[2.0, 3.0, 0.0], [1.0, 1.0, -5.0], [4.0, 0.0, 1.0]])
+    loss, metrics = listwise_loss(scores)
+    assert metrics["accuracy"] == pytest.approx(1 / 3)
+    torch.testing.assert_close(metrics["margin"], torch.tensor(2 / 3))  # (−1 + 0 + 3)/3
+    expected = sum(torch.logsumexp(row, 0).item() - row[0].item() for row in scores) / 3
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    # row 1 by hand: log(e + e + e⁻⁵) − 1
+    single, _ = listwise_loss(scores[1:2])
+    assert single.item() == pytest.approx(math.log(2 * math.e + math.exp(-5.0)) - 1.0, rel=1e-6)
+
+
+def test_orpo_metrics_and_equal_odds():
+    # p_c = p_r = 0.5: log odds ratio 0 → not accurate; −log σ(0) = ln 2
+    half = torch.tensor([math.log(0.5)])
+    loss, metrics = orpo_loss(half, half, chosen_nll=torch.tensor([0.3, 0.5]), lam=2.0)
+    torch.testing.assert_close(loss, torch.tensor(0.4 + 2.0 * LOG2))
+    assert metrics["rewards/accuracy"] == 0.0
+    torch.testing.assert_close(metrics["nll"], torch.tensor(0.4))
+    torch.testing.assert_close(metrics["odds_ratio_loss"], torch.tensor(LOG2))
+    # a log odds ratio in (0, 1) counts as accurate: p_c = 0.5, p_r = 0.4 → ln(1/(2/3)) = ln 1.5
+    _, metrics = orpo_loss(half, torch.tensor([math.log(0.4)]), chosen_nll=torch.tensor(0.0), lam=1.0)
+    assert metrics["rewards/accuracy"] == 1.0
+    torch.testing.assert_close(metrics["log_odds_ratio"], torch.tensor(math.log(1.5)))
+
+
+@pytest.mark.parametrize("p", [0.5, 0.9, 0.3, 1e-3])
+def test_orpo_log_odds_on_both_branches(p):
+    # log odds(p) − log odds(½) = ln(p/(1 − p)); p = ½ sits exactly on the branch point ℓ = −ln 2
+    chosen = torch.tensor([math.log(p)], dtype=torch.float64)
+    rejected = torch.tensor([math.log(0.5)], dtype=torch.float64)
+    _, metrics = orpo_loss(chosen, rejected, chosen_nll=torch.tensor(0.0, dtype=torch.float64), lam=1.0)
+    assert metrics["log_odds_ratio"].item() == pytest.approx(math.log(p / (1 - p)), abs=1e-12)
