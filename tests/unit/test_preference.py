@@ -101,12 +101,19 @@ def test_dpo_hand_example():
     torch.testing.assert_close(smoothed, torch.tensor(0.9 * softplus(-1.0) + 0.1 * softplus(1.0)))
 
 
-def test_cdpo_with_zero_smoothing_is_dpo():
+def test_cdpo_is_the_label_noise_mixture_of_the_two_orientations():
+    """cDPO ε: (1 − ε)·(−log σ(βh)) + ε·(−log σ(−βh)), written out by hand (not by calling dpo_loss twice):
+    ε = 0 is DPO; ε = ½ is symmetric in chosen and rejected."""
     generator = torch.Generator().manual_seed(1)
-    args = [torch.randn(5, generator=generator) * 3 for _ in range(4)]
-    torch.testing.assert_close(
-        dpo_loss(*args, beta=0.2, label_smoothing=0.0)[0], dpo_loss(*args, beta=0.2)[0]
-    )
+    chosen, rejected, ref_chosen, ref_rejected = [torch.randn(5, generator=generator) * 3 for _ in range(4)]
+    h = (chosen - ref_chosen) - (rejected - ref_rejected)
+    for eps in (0.0, 0.25):
+        by_hand = ((1 - eps) * torch.nn.functional.softplus(-0.2 * h) + eps * torch.nn.functional.softplus(0.2 * h)).mean()
+        loss, _ = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.2, label_smoothing=eps)
+        torch.testing.assert_close(loss, by_hand)
+    half, _ = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=0.2, label_smoothing=0.5)
+    swapped, _ = dpo_loss(rejected, chosen, ref_rejected, ref_chosen, beta=0.2, label_smoothing=0.5)
+    torch.testing.assert_close(half, swapped)
 
 
 def test_ipo_hand_example():
