@@ -547,7 +547,7 @@ def _safe_relative(rel: str) -> bool:
 def _member(directory: str | os.PathLike, name: str, suffix: str) -> Path:
     """`<directory>/<name><suffix>` (no second suffix if `name` has it), refusing names that leave `directory`."""
     rel = name if name.endswith(suffix) else name + suffix
-    if not _safe_relative(rel):
+    if not _safe_relative(rel) or rel.rpartition("/")[2] == suffix:  # "" or "a/" would write a hidden ".json"
         raise CheckpointError(f"{name!r} is not a plain relative name (no '..', no leading '/')")
     return Path(directory) / rel
 

@@ -34,6 +34,9 @@ _NUMBER_IN_TEXT = re.compile(  # a hyphen after a word or digit is a minus, not 
     rf"-?\\[dt]?frac(?:\{{[^{{}}]*\}}|\d){{2}}|(?<![\w.])[+-]?(?:{_DECIMAL})(?:/(?:{_DECIMAL}))?(?!\d)")
 _LEADING_NUMBER = re.compile(rf"\$?\s*({_NUMBER_IN_TEXT.pattern})(?![\w/])")
 _WITH_UNIT = re.compile(r"(\S+)\s+([A-Za-z]+(?:\s+[A-Za-z]+){0,2})(?:\s*\^\s*\d)?")  # "72 clips", "12 cm^2"
+# a unit written onto the number ("12cm", "5kg"): only these, since "3x" or "2pi" is algebra, not 3 or 2
+_ATTACHED_UNIT = re.compile(r"(.+?)(cm|mm|km|m|kg|mg|g|lbs?|oz|ft|yd|mi|ml|l|sec|s|min|hrs?|h|mph|kph)(?:\^\d)?",
+                            re.IGNORECASE)
 _NOT_UNITS = {"and", "or", "to", "plus", "minus", "times"}
 _MAX_NUMBER_CHARS = 64  # longer digit strings compare as text (int() refuses over 4300 digits)
 
@@ -84,7 +87,8 @@ def reference_answer(value: object) -> str:
         return answer
     if _is_plain(text):
         return text
-    raise _unreadable(text, "no '#### <answer>', no \\boxed{...}, no 'answer is', and too long for a plain answer")
+    raise _unreadable(text, "no '#### <answer>', no \\boxed{...}, no 'answer is', and not a plain answer "
+                            "(more than three words, several lines, or an '=' among words)")
 
 
 def final_answer(text: str) -> str | None:
@@ -229,6 +233,9 @@ def _number(s: str) -> Fraction | None:
     unit = _WITH_UNIT.fullmatch(s) if value is None else None
     if unit and not _NOT_UNITS & set(unit[2].lower().split()):
         value = _plain_number(unit[1])
+    attached = _ATTACHED_UNIT.fullmatch(s) if value is None else None
+    if attached and attached[1][-1].isdigit():
+        value = _plain_number(attached[1])
     return value
 
 

@@ -11,6 +11,7 @@ from rlhf_ray.rewards import FunctionReward, RewardError, WeightedSum
 from rlhf_ray.rewards.verifiers import (
     final_answer,
     math_answer,
+    normalise_answer,
     reference_answer,
     same_answer,
 )
@@ -140,8 +141,8 @@ def test_plain_references(reference, gold, wrong):
 # ---- unreadable references: never 0.0 ------------------------------------------------------
 
 @pytest.mark.parametrize("reference, says", [
-    ("Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether.", "too long for a plain"),
-    ("She sold 48 + 24 = 72 clips in total", "too long for a plain"),
+    ("Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether.", "not a plain answer"),
+    ("She sold 48 + 24 = 72 clips in total", "not a plain answer"),
     ("Natalia sold 48+24 clips.\n####", "nothing follows"),
     ("so $\\boxed{\\frac{1}{2}$.", "never closed"),
     ("so $\\boxed{}$.", "empty or never closed"),
@@ -214,3 +215,99 @@ def test_toy_arith_rewards():
     meta = [{"answer": "7"}, {"answer": "12"}, {"answer": "3"}]
     assert exact_answer(["3+4=", "5+7=", "1+2="], [" 7", "12x", "4"], meta) == [1.0, 0.0, 0.0]
     assert digits_format(["", "", ""], ["7", "123", "ab"]) == [1.0, 0.0, 0.0]
+
+
+# ---- normalisation, number parsing and messages, exactly ---------------------------------------
+
+@pytest.mark.parametrize("text, normalised", [
+    ("\u22124", "-4"), ("a\\;b", "a b"), ("(1,\\ 2)", "(1, 2)"), ("\\tfrac{1}{2}", "\\frac{1}{2}"),
+    ("\\dfrac{1}{2}", "\\frac{1}{2}"), ("\\frac12", "\\frac{1}{2}"), ("\\sqrt3", "\\sqrt{3}"), ("x = 5.", "5"),
+    (".5", ".5"), ("Paris.", "Paris"), ("MAX", "MAX"), ("\\text{\\textbf{A}}", "A"),
+    ("\\left( 2, -1 \\right)", "( 2, -1 )"), ("1\\,000", "1,000"), ("30^{\\circ}", "30"), ("25\\%", "25"),
+    ("\\(x\\)", "x"), ("$\\$18.9$", "18.9"),
+])
+def test_normalise_answer(text, normalised):
+    assert normalise_answer(text) == normalised
+
+
+@pytest.mark.parametrize("answer, reference, same", [
+    ("5cm", "5 cm", True),  # a unit glued to the number: not a number, but the same text
+    ("0" * 63 + "7", "7", True), ("0" * 64 + "7", "7", False),  # over 64 characters: compared as text
+    ("1 2", "12.0", False),  # two numbers, not twelve
+    ("3 / 4", "0.75", True), ("- 5", "-5", True), ("1,000/2", "500", True), ("2/1,000", "0.002", True),
+    ("5 or more", "5", False), ("3 plus x", "3", False), ("72 Apples", "72", True),
+    (".5", "0.5", True), ("\\tfrac{3}{4}", "0.75", True),
+])
+def test_same_answer_numbers_and_units(answer, reference, same):
+    assert same_answer(answer, reference) is same
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("\\boxed 5", "5"), ("\\fbox{7}", "7"), ("#### 5\n#### 7", "7"), ("#### 18\nnote\nmore", "18"),
+    ("The answer is 12\nThen 3 more lines\nand 7", "12"), ("the answer was: 9", "9"), ("answer = 4", "4"),
+    ("The answer is Paris\nnot Berlin\nnot Rome", "Paris"),  # the answer's own line only
+])
+def test_final_answer_markers(text, answer):
+    assert final_answer(text) == answer
+
+
+@pytest.mark.parametrize("value, answer", [
+    (1e20, "100000000000000000000"), (1e-7, "0.0000001"), (2.5, "2.5"), (72, "72"), (" 72 \n", "72"),
+    ("New York City", "New York City"), ("x = 5", "x = 5"),
+])
+def test_plain_reference_answers(value, answer):
+    assert reference_answer(value) == answer
+
+
+EXPECTED = ". Expected a GSM8K-style '#### <answer>', a MATH-style '\\boxed{...}', or a plain number or short string"
+
+
+@pytest.mark.parametrize("reference, why", [
+    ("sold 48 clips\n####", "nothing follows its '####'"),
+    ("so \\boxed{}", "its \\boxed{} is empty or never closed"),
+    ("Paris\nLondon", "no '#### <answer>', no \\boxed{...}, no 'answer is', and not a plain answer "
+     "(more than three words, several lines, or an '=' among words)"),
+    ("the New York City", "no '#### <answer>', no \\boxed{...}, no 'answer is', and not a plain answer "
+     "(more than three words, several lines, or an '=' among words)"),
+    ("speed = 5", "no '#### <answer>', no \\boxed{...}, no 'answer is', and not a plain answer "
+     "(more than three words, several lines, or an '=' among words)"),
+])
+def test_unreadable_reference_message_is_exact(reference, why):
+    with pytest.raises(ValueError) as err:
+        reference_answer(reference)
+    assert str(err.value) == f"cannot read the reference answer {reference!r}: {why}{EXPECTED}"
+
+
+def test_unreadable_reference_is_shown_up_to_80_characters():
+    for length, shown in ((78, None), (79, 80)):  # repr adds the two quotes
+        text = "Natalia sold clips " + "y" * (length - 19)
+        with pytest.raises(ValueError) as err:
+            reference_answer(text)
+        expected = repr(text) if shown is None else repr(text)[:shown] + "…"
+        assert str(err.value).startswith(f"cannot read the reference answer {expected}: ")
+
+
+def test_bad_reference_types_and_empty_message_are_exact():
+    with pytest.raises(TypeError) as err:
+        reference_answer(["72"])
+    assert str(err.value) == "reference answer ['72'] is a list, not a number or string"
+    with pytest.raises(ValueError) as err:
+        reference_answer(" \n")
+    assert str(err.value) == "reference answer is empty"
+    with pytest.raises(ValueError) as err:
+        reference_answer(float("inf"))
+    assert str(err.value) == "reference answer inf is not a finite number"
+
+
+@pytest.mark.parametrize("response, score", [
+    ("The answer is 12cm.", 1.0), ("\\boxed{12cm}", 1.0), ("The answer is 12kg", 1.0), ("The answer is 12m^2", 1.0),
+    ("The answer is 12 cm.", 1.0), ("The answer is 13cm", 0.0),
+    ("The answer is 3x", 0.0), ("\\boxed{2\\pi}", 0.0),  # algebra, not a unit: not the number 3 or 2
+])
+def test_a_unit_written_onto_the_number_is_read_as_the_number(response, score):
+    """GSM8K reference `#### 12`: "12cm" said plainly was a false negative while "12 cm" passed."""
+    assert math_answer([""], [response], [{"answer": "#### 12"}]) == [score]
+
+
+def test_algebra_with_a_letter_is_compared_as_text():
+    assert math_answer(["", ""], ["\\boxed{3x}", "\\boxed{3}"], [{"answer": "\\boxed{3x}"}] * 2) == [1.0, 0.0]
