@@ -168,11 +168,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         app: RewardServer = self.server.app
-        with app.track():
+        with app.track():  # done before the answer is sent: a client that got it may send the next one at once
             status, body = self._answer(app)
-            if status != 200:
-                app.count("rejected" if status < 422 else "failed")
-            self._send(status, body)
+        if status != 200:
+            app.count("rejected" if status < 422 else "failed")
+        self._send(status, body)
 
     def _answer(self, app: RewardServer) -> tuple[int, dict[str, Any]]:
         if self.path != "/score":

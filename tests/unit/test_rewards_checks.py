@@ -4,7 +4,6 @@ bad value, the per-sample retry of `mask`, and what the config factory passes to
 
 import math
 import pickle
-from collections import Counter
 
 import numpy as np
 import pytest
