@@ -47,7 +47,7 @@ def compute_gae(
         return advantages, returns
 
 
-def reinforce_pp_returns(rewards: Tensor, response_mask: Tensor, gamma: float = 1.0) -> Tensor:
+def reinforce_pp_returns(rewards: Tensor, response_mask: Tensor, gamma: float) -> Tensor:
     """REINFORCE++ returns-to-go G_t = rew_t + γ·G_{t+1} over real tokens (§4.2; Hu 2025).
 
     `rewards` (B, T) per-token (KL in the reward, score on the last real token) → (B, T),
