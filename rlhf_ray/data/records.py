@@ -395,10 +395,9 @@ def _parse_preference(row: dict[str, Any], enc: _Encoder) -> PreferenceExample:
     repeats the user turn in both), the prompt is their shared turns, rendered with the chat template:
     they keep the roles, and any system or earlier turn, that a prompt string loses."""
     k = enc.keys
-    prompt = _get(row, k.prompt)
     if all(isinstance(v, list) and len(v) > 1 for v in (row.get(k.chosen), row.get(k.rejected))):
-        return _parse_implicit_preference(row, enc)
-    prompt_ids, _ = enc.prompt(prompt, k.prompt)
+        return _parse_implicit_preference(row, enc)  # the prompt column is not read (it may be null)
+    prompt_ids, _ = enc.prompt(_get(row, k.prompt), k.prompt)
     return _pair(row, enc, prompt_ids, _get(row, k.chosen), _get(row, k.rejected))
 
 

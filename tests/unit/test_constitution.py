@@ -5,11 +5,21 @@ template; principles are sampled reproducibly per round."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from rlhf_ray.data import DataError, render_messages
 from rlhf_ray.data.constitution import (
-    FEEDBACK_REVISION, Principle, critique_messages, load_constitution, revision_messages, sample_principles)
+    FEEDBACK_CRITIQUE,
+    FEEDBACK_REVISION,
+    Constitution,
+    Principle,
+    as_messages,
+    critique_messages,
+    load_constitution,
+    revision_messages,
+    sample_principles,
+)
 from rlhf_ray.toy import build_char_tokenizer
 from rlhf_ray.toy.feedback import TOY_CONSTITUTION, write_toy_constitution
 
@@ -76,3 +86,90 @@ def test_principles_are_sampled_per_round_reproducibly(tmp_path):
     assert first == sample_principles(c, 60, seed=0, round_=1)
     assert first != sample_principles(c, 60, seed=0, round_=2) != sample_principles(c, 60, seed=1, round_=2)
     assert {p.name for p in first} == {"vowels", "short", "lowercase"}
+
+
+def write_constitution(tmp_path, data):
+    path = tmp_path / "c.yaml"
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+def constitution_error(tmp_path, data):
+    path = write_constitution(tmp_path, data)
+    with pytest.raises(DataError) as err:
+        load_constitution(path)
+    return str(err.value).removeprefix(f"{path}").removeprefix(", ")
+
+
+@pytest.mark.parametrize("data, message", [
+    ("principles: [a, b", None),  # not YAML
+    ("- a list\n", "key 'principles': needs a non-empty list 'principles' of {name, critique, revision} [missing_key]"),
+    ({"principles": {"name": "a"}}, ("key 'principles': needs a non-empty list 'principles' of {name, critique, "
+                                    "revision} [missing_key]")),
+    ({"principles": ["be nice"]}, ("key 'principles[0]': expected a mapping with critique and revision, got 'be nice' "
+                                  "[wrong_type]")),
+    ({"principles": [{"critique": "c", "revision": "r"}, "x" * 100]},
+     f"key 'principles[1]': expected a mapping with critique and revision, got '{'x' * 59} [wrong_type]"),
+    ({"principles": [{"name": "", "critique": "c", "revision": "r"}]},
+     "key 'principles[0].name': name must be a non-empty string, got '' [wrong_type]"),
+    ({"principles": [{"name": "  ", "critique": "c", "revision": "r"}]},
+     "key 'principles[0].name': name must be a non-empty string, got '  ' [wrong_type]"),
+    ({"principles": [{"name": 7, "critique": "c", "revision": "r"}]},
+     "key 'principles[0].name': name must be a non-empty string, got 7 [wrong_type]"),
+    ({"principles": [{"critique": "c"}]},
+     "key 'principles[0].revision': needs a non-empty string, got None [missing_key]"),
+    ({"principles": [{"critique": ["c"], "revision": "r"}]},
+     "key 'principles[0].critique': needs a non-empty string, got ['c'] [wrong_type]"),
+    ({"principles": [{"name": "a", "critique": "c", "revision": "r"}, {"name": "b", "critique": "c", "revision": "r"},
+                     {"name": "a", "critique": "c", "revision": "r"}]},
+     "key 'principles': principle names repeat: ['a', 'b', 'a'] [bad_value]"),
+    ({"principles": [{"critique": "c", "revision": "r"}], "feedback": {"critique": ""}},
+     "key 'feedback.critique': needs a non-empty string, got '' [wrong_type]"),
+])
+def test_bad_constitutions_say_what_is_wrong(tmp_path, data, message):
+    got = constitution_error(tmp_path, data)
+    if message is None:
+        assert got.startswith(": not YAML/JSON: ") and got.endswith(" [unreadable]")
+    else:
+        assert got == message
+
+
+def test_the_missing_file_message(tmp_path):
+    with pytest.raises(DataError) as err:
+        load_constitution(tmp_path / "none.yaml")
+    assert str(err.value) == f"{tmp_path / 'none.yaml'}: no such constitution file (YAML or JSON) [missing_file]"
+    (tmp_path / "dir.yaml").mkdir()  # a directory is not a constitution file
+    with pytest.raises(DataError, match=r"no such constitution file \(YAML or JSON\) \[missing_file\]$"):
+        load_constitution(tmp_path / "dir.yaml")
+
+
+def test_a_full_constitution_loads_field_by_field(tmp_path):
+    path = write_constitution(tmp_path, "principles:\n"
+                                        "  - name: kind\n    critique: Is it kind?\n    revision: Make it kind.\n"
+                                        "  - critique: Is it short?\n    revision: Make it short.\n"
+                                        "feedback:\n  critique: What is wrong?\n  revision: Fix it.\n")
+    c = load_constitution(str(path))  # a string path works too
+    assert c == Constitution(str(path), (Principle("kind", "Is it kind?", "Make it kind."),
+                                         Principle("principle_1", "Is it short?", "Make it short.")),
+                             Principle("feedback", "What is wrong?", "Fix it."))
+    partial = write_constitution(tmp_path, {"principles": [{"critique": "c", "revision": "r"}],
+                                            "feedback": {"revision": "Do better."}})
+    assert load_constitution(partial).feedback == Principle("feedback", FEEDBACK_CRITIQUE, "Do better.")
+    empty = write_constitution(tmp_path, {"principles": [{"critique": "c", "revision": "r"}], "feedback": None})
+    assert load_constitution(empty).feedback == Principle("feedback", "Critique the response.",
+                                                         "Rewrite the response to address the critique.")
+
+
+def test_sampling_is_uniform_over_principles_by_seed_and_round():
+    principles = tuple(Principle(f"p{i}", "c", "r") for i in range(3))
+    c = Constitution("c.yaml", principles, Principle("feedback", "c", "r"))
+    picks = np.random.default_rng([7, 2]).integers(3, size=9)
+    assert sample_principles(c, 9, seed=7, round_=2) == [principles[i] for i in picks]
+    assert sample_principles(c, 0, seed=7, round_=2) == []
+
+
+def test_a_message_prompt_keeps_only_role_and_content():
+    prompt = [{"role": "system", "content": "s", "name": "x"}, {"role": "user", "content": "u", "weight": 0}]
+    assert as_messages(prompt) == [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    assert as_messages("hi") == [{"role": "user", "content": "hi"}]
+    assert critique_messages(prompt, "r", P)[:2] == as_messages(prompt)

@@ -10,10 +10,12 @@ import pytest
 
 from rlhf_ray.data import (
     DataError,
+    Keys,
     load_kto,
     load_preferences,
     load_prompts,
     load_ranked,
+    load_rows,
     load_sft,
     records,
 )
@@ -212,3 +214,49 @@ def test_worker_count(monkeypatch):
         monkeypatch.setenv(records.WORKERS_ENV, bad)
         with pytest.raises(ValueError, match=records.WORKERS_ENV):
             records._workers(10**6)
+
+
+def test_the_workers_parse_every_row_and_this_process_none(tmp_path, tok, go_parallel, monkeypatch):
+    """Only a row that raised in a worker is parsed again here; otherwise the parent just collects outcomes."""
+    loader, rows, options = MIXED["hh"]
+    source = write(tmp_path, "hh", rows * 2)
+    one = run(loader, source, tok, on_bad_row="skip", **options)
+    parent = multiprocessing.current_process().pid
+    parsed_here = []
+    real = records._parse_row
+
+    def spy(row, fmt, enc):
+        if multiprocessing.current_process().pid == parent:
+            parsed_here.append(row[records.ORIGIN_ROW])
+        return real(row, fmt, enc)
+
+    monkeypatch.setattr(records, "_parse_row", spy)
+    used = go_parallel()
+    assert run(loader, source, tok, on_bad_row="skip", **options) == one
+    assert used == [2] and parsed_here == []
+
+
+def test_a_worker_parses_its_chunk_in_row_order(tmp_path, tok, monkeypatch):
+    """`_parse_chunk` in this process, as a forked worker runs it: outcomes of rows start..stop, None for a row
+    that raised (the parent parses it again), and only the forms seen in this chunk."""
+    source = write(tmp_path, "p", [{"prompt": "a"}, {"prompt": ""}, {"prompt": [user("q")]}, {"prompt": "boom"}])
+    rows = load_rows(source)
+    real = records._parse_prompt
+
+    def parse(row, enc):
+        if row["prompt"] == "boom":
+            raise RuntimeError("boom")
+        return real(row, enc)
+
+    fmt = records._Format("prompt-only", ("prompt",), parse)
+    enc = records._Encoder(tok, Keys(), max_prompt_len=8, max_response_len=None, overlength="error")
+    enc.forms.add("HH-RLHF transcripts")  # seen by an earlier chunk of this worker
+    monkeypatch.setattr(records, "_worker_state", None)
+    records._start_worker(rows, fmt, enc)
+    assert records._worker_state == (rows, fmt, enc)
+    start, outcomes, forms = records._parse_chunk(1, 4)
+    assert start == 1 and len(outcomes) == 3 and forms == {"conversational"}
+    ok, bad, origin, number = outcomes[0]
+    assert (ok, bad.reason, bad.key, origin, number) == (False, "empty", "prompt", source, 2)
+    assert outcomes[1][0] is True and outcomes[1][1].prompt_text == "<|user|>q<|assistant|>" and outcomes[1][2] == ()
+    assert outcomes[2] is None
