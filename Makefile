@@ -3,6 +3,7 @@
 PYTHON ?= python3
 export RAY_AUTH_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
+export PYTHONFAULTHANDLER ?= 1  # a crash (also at interpreter exit) prints every thread's Python stack
 
 .PHONY: setup demo test test-fast mutation
 
