@@ -137,18 +137,13 @@ def test_the_first_line_that_is_not_json_is_named(tmp_path):
     assert str(caught.value).startswith(f"{path}, row 4: not JSON: ")
 
 
-def test_an_unreadable_file_passes_on_the_loaders_error(tmp_path):
-    path = tmp_path / "bad.json"
-    path.write_text('{"a": 1}\n{oops\n')
-    with pytest.raises(DataError) as caught:
-        load_rows(str(path))
-    assert (caught.value.source, caught.value.row, caught.value.reason) == (str(path), None, "unreadable")
-    assert caught.value.detail.startswith("DatasetGenerationError: ") and "blank lines" not in caught.value.detail
-
-
-def test_a_jsonl_file_of_valid_json_that_is_not_rows(tmp_path):
-    path = tmp_path / "array.jsonl"
-    path.write_text('{"a": 1}\n[1, 2]\n')  # every line is JSON, no line is blank
+@pytest.mark.parametrize("name, text", [
+    ("bad.json", '{"a": 1}\n{oops\n'),
+    ("array.jsonl", '{"a": 1}\n[1, 2]\n'),  # every line is JSON (not rows), no line is blank
+], ids=["broken-json", "json-that-is-not-rows"])
+def test_an_unreadable_file_passes_on_the_loaders_error(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
     with pytest.raises(DataError) as caught:
         load_rows(str(path))
     assert (caught.value.source, caught.value.row, caught.value.reason) == (str(path), None, "unreadable")
