@@ -61,8 +61,9 @@ class Samples(TensorRecord):
     response_ids: Tensor  # (B, T) long, right-padded; ends at the first EOS
     response_mask: Tensor  # (B, T) long, 1 on real response tokens incl. the EOS
     stopped: Tensor  # (B,) bool, True when the response ended with EOS (finish reason "stop" vs "length")
-    weight_version: int = 0  # policy version the engine held while generating
     logprobs: Tensor | None = None  # (B, T) float32 behaviour log-probs from the engine's own logits, 0 on padding
+    versions: Tensor | None = None  # (B,) long: the oldest policy version that produced any of the row's tokens
+    token_versions: Tensor | None = None  # (B, T) long: the version that produced each response token (partial rollouts)
 
     @property
     def input_ids(self) -> Tensor:  # (B, P + T)
@@ -112,9 +113,11 @@ def concat_samples(parts: list[Samples], pad_token_id: int) -> Samples:
         response_ids=torch.cat([pad_to(s.response_ids, t, pad_token_id, left=False) for s in parts]),
         response_mask=torch.cat([pad_to(s.response_mask, t, 0, left=False) for s in parts]),
         stopped=torch.cat([s.stopped for s in parts]),
-        weight_version=min(s.weight_version for s in parts),
         logprobs=(torch.cat([pad_to(s.logprobs, t, 0.0, left=False) for s in parts])
                   if all(s.logprobs is not None for s in parts) else None),
+        versions=torch.cat([s.versions for s in parts]) if all(s.versions is not None for s in parts) else None,
+        token_versions=(torch.cat([pad_to(s.token_versions, t, 0, left=False) for s in parts])
+                        if all(s.token_versions is not None for s in parts) else None),
     )
 
 

@@ -82,7 +82,7 @@ class VLLMConfig(Section):
     max_model_len: int | None = Field(None, gt=0, description="vLLM context length; default: data.max_prompt_len + rollout.max_new_tokens in RL, the model's own in the data stages (cai, label) and for judges.")
     enable_sleep: bool = Field(False, description="GPU only: sleep the engine (weights and KV cache freed) while training runs, wake it for generation; for colocation.")
     enforce_eager: bool | None = Field(None, description="Run without CUDA graphs / compilation; null: eager on CPU, graphs on GPU.")
-    threads: int | None = Field(None, gt=0, description="CPU threads of each engine, fixed at start; null: the node's thread budget (on-policy) or placement.rollout.cpus (one-step off-policy).")
+    threads: int | None = Field(None, gt=0, description="CPU threads of each engine, fixed at start; null: the node's thread budget (on-policy) or placement.rollout.cpus (asynchronous: algo.max_staleness >= 1).")
 
 
 class RolloutConfig(Section):
@@ -98,6 +98,8 @@ class RolloutConfig(Section):
     weight_sync: Literal["object_store", "gloo", "nccl", "cuda_ipc"] = Field("object_store", description="Policy → engine weight transport: Ray object store (numpy), a stateless gloo group (CPU), NCCL (GPU policy and engines), or CUDA IPC (policy rank r and engine r colocated on one GPU).")
     sync_probe_tol: float | None = Field(None, gt=0, description="Largest |engine − policy| log-prob on the sync probe sequence after a sync; null: 1e-4 in fp32, 5e-2 in bf16.")
     sync_bucket_mb: float = Field(64.0, gt=0, description="Weights are sent in buckets of about this many MiB.")
+    update_in_flight: Literal["between_requests", "mid_request"] = Field("between_requests", description="With algo.max_staleness >= 1, how new weights meet busy engines: 'between_requests' queues them behind the batches already submitted (each sample is produced by one version; runs are reproducible and resume exactly), 'mid_request' loads them at the next segment boundary of running requests (partial rollouts: fresher samples, each token tagged with its version; timing-dependent).")
+    segment_tokens: int = Field(16, gt=0, description="rollout.update_in_flight=mid_request: tokens a request generates between checks for new weights.")
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="vLLM engine options.")
 
 
@@ -223,6 +225,19 @@ class KLConfig(Section):
 
 
 class AlgoConfig(Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        """`one_step_off_policy: true` (before asynchronous RL) is `max_staleness: 1`."""
+        if isinstance(data, dict) and "one_step_off_policy" in data:
+            data = dict(data)
+            old = data.pop("one_step_off_policy")
+            if old not in (True, False, "true", "false", "True", "False", 0, 1):
+                raise ValueError(f"algo.one_step_off_policy={old!r} must be true or false (it is now algo.max_staleness: 0 or 1)")
+            if old in (True, "true", "True", 1) and not data.get("max_staleness"):
+                data["max_staleness"] = 1
+        return data
+
     advantage: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = Field(
         "gae", description="Advantage estimator; only 'gae' uses a critic.")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount γ.")
@@ -240,7 +255,8 @@ class AlgoConfig(Section):
     dynamic_sampling: bool = Field(False, description="DAPO dynamic sampling: drop prompt groups whose scores are all equal and refill the batch with new prompts.")
     max_refills: int = Field(3, ge=0, description="Extra generation rounds per step for dynamic sampling; groups still missing are filled from dropped ones.")
     mask_truncated: bool = Field(False, description="Leave responses that hit max_new_tokens without EOS out of the loss (DAPO overlong filtering).")
-    one_step_off_policy: bool = Field(False, description="Opt-in: generate batch t+1 while batch t is scored and updated; π_old is then the engine's behaviour log-probs (one policy version behind) and the clipped PPO ratio is the importance-sampling correction.")
+    max_staleness: int = Field(0, ge=0, description="Asynchronous RL: the engines generate up to k batches ahead of the trainer, so a batch trained with policy version v was produced by versions no older than v − k (0: on-policy; 1: one-step off-policy; any k). π_old is then the engine's behaviour log-probs (or see off_policy_objective); older samples are dropped and counted, never used.")
+    off_policy_objective: Literal["behaviour", "decoupled"] = Field("behaviour", description="With max_staleness >= 1: 'behaviour' clips the ratio π_θ/μ against the engine's behaviour log-probs μ; 'decoupled' (AReaL) recomputes the proximal policy π_prox (the policy before this update), clips π_θ/π_prox and weighs each token by π_prox/μ as rollout_correction says (tis: truncated at tis_cap; token_mask / sequence_mask: masked).")
     recompute_old_logprobs: bool = Field(False, description="Always recompute π_old with a policy forward; by default it is skipped when the update is the rollout policy's only one (one epoch, one mini-batch, KL not in the reward), where the training forward's detached log-probs are the same values.")
     rollout_correction: Literal["none", "tis", "token_mask", "sequence_mask"] = Field("none", description="Weigh each token's PPO loss for the rollout engine ≠ trainer mismatch ρ = π_old/μ (ALGORITHMS.md §10): 'tis' min(ρ, tis_cap), 'token_mask' drops tokens with ρ outside [correction_low, correction_high], 'sequence_mask' drops sequences whose geometric-mean ρ is outside.")
     tis_cap: float = Field(2.0, gt=0, description="Truncation cap C of rollout_correction=tis: w = min(ρ, C) (Yao et al. 2025).")
@@ -445,7 +461,7 @@ class RunConfig(Section):
         """π_old = the training forward's log-probs, detached: the update is the rollout policy's only
         one (on-policy, one epoch, one mini-batch) and no KL-shaped reward needs π_old before it."""
         a = self.algo
-        return (not a.recompute_old_logprobs and not a.one_step_off_policy and a.epochs == 1
+        return (not a.recompute_old_logprobs and not a.max_staleness and a.epochs == 1
                 and self.trainer.mini_batch_size == self.sequences_per_step and a.kl.placement == "loss")
 
     @property
@@ -503,7 +519,7 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
         return [msg for check in checks for msg in check(cfg)] + _override_list_rules(cfg)
     checks = [_batch_divisibility, _deepspeed_rules, _placement_rules, _toy_rules, _checkpoint_rules]
     if cfg.stage == "ppo":  # RL-only rules: offline stages ignore these sections
-        checks += [_rollout_rules, _estimator_rules, _kl_rules, _dapo_rules, _hosting_rules, _rollout_correction_rules]
+        checks += [_rollout_rules, _estimator_rules, _kl_rules, _dapo_rules, _hosting_rules, _rollout_correction_rules, _async_rules]
     return [msg for check in checks for msg in check(cfg)] + _stage_rules(cfg)
 
 
@@ -647,9 +663,6 @@ def _placement_rules(cfg: RunConfig) -> list[str]:
 
 def _dapo_rules(cfg: RunConfig) -> list[str]:
     out = []
-    if cfg.algo.one_step_off_policy and cfg.algo.dynamic_sampling:
-        out.append("algo.one_step_off_policy=true generates the next batch before this one is scored, which "
-                   "dynamic sampling's refills need; set algo.dynamic_sampling=false or algo.one_step_off_policy=false.")
     if cfg.algo.dynamic_sampling and cfg.rollout.samples_per_prompt < 2:
         out.append(f"algo.dynamic_sampling=true drops groups of equal scores and needs rollout.samples_per_prompt >= 2 "
                    f"(got {cfg.rollout.samples_per_prompt}).")
@@ -673,9 +686,36 @@ def _rollout_correction_rules(cfg: RunConfig) -> list[str]:
     if a.correction_low >= a.correction_high:
         out.append(f"algo.correction_low={a.correction_low} must be below algo.correction_high={a.correction_high}; "
                    f"set e.g. algo.correction_low=0.5 algo.correction_high=2.")
-    if a.rollout_correction != "none" and a.one_step_off_policy:
-        out.append(f"algo.rollout_correction={a.rollout_correction} does nothing with algo.one_step_off_policy=true: "
-                   f"π_old is then the engine's log-probs μ, so π_old/μ = 1; set algo.rollout_correction=none.")
+    if a.rollout_correction != "none" and a.max_staleness and a.off_policy_objective == "behaviour":
+        out.append(f"algo.rollout_correction={a.rollout_correction} does nothing with algo.max_staleness={a.max_staleness} "
+                   f"and algo.off_policy_objective=behaviour: π_old is then the engine's log-probs μ, so π_old/μ = 1; set "
+                   f"algo.rollout_correction=none, or algo.off_policy_objective=decoupled to weigh by π_prox/μ.")
+    return out
+
+
+def _async_rules(cfg: RunConfig) -> list[str]:
+    """Asynchronous RL (algo.max_staleness) and in-flight weight updates (rollout.update_in_flight)."""
+    a, r, out = cfg.algo, cfg.rollout, []
+    if a.off_policy_objective == "decoupled" and not a.max_staleness:
+        out.append("algo.off_policy_objective=decoupled needs stale samples: set algo.max_staleness >= 1 (on-policy, "
+                   "use algo.rollout_correction alone for the engine ≠ trainer mismatch).")
+    if a.off_policy_objective == "decoupled" and a.rollout_correction == "none":
+        out.append("algo.off_policy_objective=decoupled weighs tokens by π_prox/μ as algo.rollout_correction says; set "
+                   "algo.rollout_correction=tis (truncated at algo.tis_cap; a large cap is the untruncated weight), "
+                   "token_mask or sequence_mask.")
+    if a.max_staleness >= 2 and r.weight_sync != "object_store":
+        out.append(f"algo.max_staleness={a.max_staleness} sends new weights while the engines still generate older "
+                   f"batches, which rollout.weight_sync={r.weight_sync} cannot (its collective needs the busy engines "
+                   f"to join at once, a drain); set rollout.weight_sync=object_store or algo.max_staleness <= 1.")
+    if r.update_in_flight == "mid_request" and not a.max_staleness:
+        out.append("rollout.update_in_flight=mid_request changes weights under running requests, which only happens "
+                   "with asynchronous RL: set algo.max_staleness >= 1 or rollout.update_in_flight=between_requests.")
+    if r.update_in_flight == "mid_request" and r.weight_sync != "object_store":
+        out.append(f"rollout.update_in_flight=mid_request receives weights beside a running request, through "
+                   f"rollout.weight_sync=object_store only (got {r.weight_sync}).")
+    if a.max_staleness and r.vllm.enable_sleep:
+        out.append(f"rollout.vllm.enable_sleep=true sleeps the engines during the update, but with algo.max_staleness="
+                   f"{a.max_staleness} they generate during it; set one of them off.")
     return out
 
 

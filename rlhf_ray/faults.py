@@ -4,12 +4,15 @@
 
 Each spec is `<kind>@<role>[<rank>].<point>[#<n>]`:
 - kind: `crash` (the process exits at once, as if killed), `hang` (sleeps until killed: tests
-  deadlines), `raise` (an exception), `nan` (the call's floating-point results become NaN), or
-  `corrupt` (checkpoint files only: a byte of a written file is flipped);
+  deadlines), `raise` (an exception), `nan` (the call's floating-point results become NaN),
+  `corrupt` (checkpoint files only: a byte of a written file is flipped), or `slow` (every call from
+  the n-th on sleeps a random 0–`RLHF_RAY_FAULTS_SLOW_S` seconds, default 0.5, seeded by the call's
+  count: uneven engines for asynchronous RL; it never stops firing);
 - role: policy, critic, reference, reward, rollout, driver or checkpoint; `[rank]` narrows it to one
   rank (default: every rank);
 - point: the worker method (`generate`, `score`, `compute_logprobs`, `compute_values`, `train`,
-  `receive_from_object_store`, `send_to_object_store`, …), a driver phase, or a checkpoint commit
+  `receive_from_object_store`, `send_to_object_store`, …; `rollout.segment`: a partial rollout's segment
+  boundary), a driver phase, or a checkpoint commit
   point (`after_files`, `after_manifest`, `after_move_aside`, `after_rename`, `after_latest`,
   `during_retention`);
 - n: fire at the n-th call of that point in the process (default 1).
@@ -37,7 +40,8 @@ import numpy as np
 ENV = "RLHF_RAY_FAULTS"
 DIR_ENV = "RLHF_RAY_FAULTS_DIR"
 CRASH_EXIT_CODE = 86
-KINDS = ("crash", "hang", "raise", "nan", "corrupt")
+KINDS = ("crash", "hang", "raise", "nan", "corrupt", "slow")
+SLOW_ENV = "RLHF_RAY_FAULTS_SLOW_S"
 _SPEC = re.compile(r"^(?P<kind>\w+)@(?P<role>\w+)(?:\[(?P<rank>\d+)\])?\.(?P<point>\w+)(?:#(?P<n>\d+))?$")
 _calls: dict[tuple[str, str, str, str], int] = {}
 
@@ -84,6 +88,9 @@ def fire(role: str, point: str, rank: int = 0) -> str | None:
     key = (os.environ.get(ENV, ""), os.environ.get(DIR_ENV, ""), role, point)  # a new spec or run counts afresh
     count = _calls[key] = _calls.get(key, 0) + 1
     for fault in faults:
+        if fault.kind == "slow" and (fault.role, fault.point) == (role, point) and count >= fault.n and fault.rank in (None, rank):
+            time.sleep(float(os.environ.get(SLOW_ENV, "0.5")) * np.random.default_rng([rank, count]).random())
+            continue
         if (fault.role, fault.point, fault.n) == (role, point, count) and fault.rank in (None, rank) and _claim(fault, rank):
             print(f"[faults] injecting {fault.key} (rank {rank})", file=sys.stderr, flush=True)
             if fault.kind == "crash":

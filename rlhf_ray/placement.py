@@ -102,10 +102,11 @@ class WorkerPool(Generic[W]):
 
     def __init__(self, spec: RoleSpec, worker_cls: type[W], pg: PlacementGroup, gpu_share: float,
                  make_args: Callable[[int], tuple], timeout_s: float, max_restarts: int = 0,
-                 max_task_retries: int = 0):
+                 max_task_retries: int = 0, actor_options: dict[str, Any] | None = None):
+        """`actor_options`: class-level Ray options (`ray.remote(**actor_options)`), e.g. concurrency groups."""
         self.spec = spec
         self.timeout_s = timeout_s
-        actor_cls = ray.remote(worker_cls)
+        actor_cls = ray.remote(**actor_options)(worker_cls) if actor_options else ray.remote(worker_cls)
         self.workers = [
             actor_cls.options(
                 num_cpus=spec.cpus,
@@ -157,7 +158,7 @@ def actor_env(spec: RoleSpec) -> dict[str, str]:
     if spec.gpus == 0:
         env["DS_ACCELERATOR"] = "cpu"
         env["CUDA_VISIBLE_DEVICES"] = ""
-    for key in ("RLHF_RAY_FAULTS", "RLHF_RAY_FAULTS_DIR", "PYTHONPATH"):
+    for key in ("RLHF_RAY_FAULTS", "RLHF_RAY_FAULTS_DIR", "RLHF_RAY_FAULTS_SLOW_S", "PYTHONPATH"):
         if key in os.environ:
             env[key] = os.environ[key]
     return env

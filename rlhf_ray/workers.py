@@ -15,10 +15,12 @@ Each worker holds one model (or the reward sources) and answers typed calls with
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
 import resource
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -512,7 +514,12 @@ class RewardWorker(Worker):
 
 
 class RolloutWorker(Worker):
-    """One generation engine (`rlhf_ray.rollout.build_engine`: vLLM or HF) and the policy weight version it holds."""
+    """One generation engine (`rlhf_ray.rollout.build_engine`: vLLM or HF) and the policy weight version it holds.
+
+    Generation and weight loads take turns on the engine (`_turn`). Calls run one at a time in the
+    order the driver sent them, except with rollout.update_in_flight=mid_request: there a weight
+    load arrives beside a running `generate` (Ray concurrency group "sync") and goes in at the next
+    segment boundary, so the request continues under the new weights (`generate_in_segments`)."""
 
     role = "rollout"
 
@@ -525,13 +532,66 @@ class RolloutWorker(Worker):
         self.fixed_threads = self.backend == "vllm"  # vLLM fixes its threads at start (rollout.vllm.threads)
         self.engine = build_engine(cfg, paths.policy, paths.tokenizer, seed=cfg.rollout.seed + engine_index)
         self.channel = None
+        self.partial = cfg.stage == "ppo" and cfg.algo.max_staleness > 0 and cfg.rollout.update_in_flight == "mid_request"
+        self._cv = threading.Condition()
+        self._engine_busy, self._loads_waiting = False, 0
 
     @timed
     def generate(self, prompts: list[list[int]], params, seed: int, first_index: int = 0) -> dict[str, Any]:
-        self.engine.wake()
-        samples = self.engine.generate(prompts, params, seed, first_index)
-        samples.weight_version = self.version
-        return samples.to_numpy()
+        return self._generate(prompts, params, seed, first_index).to_numpy()
+
+    def generate_stamped(self, prompts: list[list[int]], params, seed: int, first_index: int = 0,
+                         threads: int | None = None) -> tuple[dict[str, Any], float, float]:
+        """`generate`, with the wall-clock interval the engine spent on it (the driver's engine-idle share)."""
+        start = time.time()
+        return self.generate(prompts, params, seed, first_index, threads=threads), start, time.time()
+
+    def _generate(self, prompts: list[list[int]], params, seed: int, first_index: int) -> Samples:
+        from rlhf_ray.rollout.partial import generate_in_segments
+
+        with self._turn("generate", loading=False):
+            self.engine.wake()
+            if self.partial:
+                return generate_in_segments(self.engine, prompts, params, seed, first_index,
+                                            self.cfg.rollout.segment_tokens, self._boundary, self.version)
+            samples = self.engine.generate(prompts, params, seed, first_index)
+        samples.versions = torch.full((samples.batch_size,), self.version, dtype=torch.long)
+        return samples
+
+    @contextlib.contextmanager
+    def _turn(self, what: str, loading: bool):
+        """Hold the engine; a weight load goes before generations waiting for it, and is let in by a
+        running generation at its next segment boundary (`_boundary`)."""
+        timeout = self.cfg.trainer.timeout_s
+        with self._cv:
+            self._loads_waiting += loading
+            try:
+                if not self._cv.wait_for(lambda: not self._engine_busy and (loading or not self._loads_waiting), timeout):
+                    raise TimeoutError(f"rollout[{self.engine_index}] {what}: the engine stayed busy for "
+                                       f"trainer.timeout_s={timeout:g} s")
+            finally:
+                self._loads_waiting -= loading
+            self._engine_busy = True
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._engine_busy = False
+                self._cv.notify_all()
+
+    def _boundary(self) -> int:
+        """Between two segments of running requests: let waiting weight loads in; → the version now held."""
+        faults.fire(self.role, "segment", self.rank)
+        with self._cv:
+            if self._loads_waiting:
+                self._engine_busy = False
+                self._cv.notify_all()
+                timeout = self.cfg.trainer.timeout_s
+                if not self._cv.wait_for(lambda: not self._engine_busy and not self._loads_waiting, timeout):
+                    raise TimeoutError(f"rollout[{self.engine_index}] generate: a weight load held the engine for "
+                                       f"more than trainer.timeout_s={timeout:g} s")
+                self._engine_busy = True
+        return self.version
 
     def sleep(self) -> bool:
         """Free the engine's memory while the policy trains (GPU vLLM with rollout.vllm.enable_sleep)."""
@@ -552,14 +612,18 @@ class RolloutWorker(Worker):
     def receive_from_object_store(self, refs: list, version: int, probe_ids: list[int]) -> tuple[int, np.ndarray]:
         from rlhf_ray.weight_sync import get_weights
 
-        return self._take(get_weights(refs, self.cfg.trainer.timeout_s), version, probe_ids)
+        weights = get_weights(refs, self.cfg.trainer.timeout_s)
+        if self.partial:  # fetched before taking the engine from a running request
+            weights = list(weights)
+        return self._take(weights, version, probe_ids)
 
     def _take(self, weights, version: int, probe_ids: list[int]) -> tuple[int, np.ndarray]:
         """Load the policy's full weights, hold `version`; → what `weight_state` reports."""
-        self.engine.wake()
-        self.engine.load_weights(weights)
-        self.version = version
-        return self.weight_state(probe_ids)
+        with self._turn("load weights", loading=True):
+            self.engine.wake()
+            self.engine.load_weights(weights)
+            self.version = version
+            return self.weight_state(probe_ids)
 
     @timed
     def receive_cuda_ipc(self, handles: list, version: int, probe_ids: list[int]) -> tuple[int, np.ndarray]:

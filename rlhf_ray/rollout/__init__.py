@@ -87,13 +87,13 @@ def vllm_options(cfg: RunConfig, model_path: str, seed: int, full_context: bool 
 def engine_threads(cfg: RunConfig) -> int:
     """CPU threads of a vLLM engine, fixed for its life (vLLM on CPU ignores later `torch.set_num_threads`):
     rollout.vllm.threads, else placement.torch_threads, else the node's budget when generation runs alone
-    (on-policy), or the engine's own CPUs when it overlaps training (one-step off-policy)."""
+    (on-policy), or the engine's own CPUs when it overlaps training (asynchronous: algo.max_staleness >= 1)."""
     p = cfg.placement
     if cfg.rollout.vllm.threads:
         return cfg.rollout.vllm.threads
     if p.torch_threads:
         return p.torch_threads
-    if cfg.algo.one_step_off_policy:
+    if cfg.algo.max_staleness:
         return max(1, int(p.rollout.cpus))
     return p.threads_per_node or len(os.sched_getaffinity(0))
 

@@ -42,6 +42,8 @@ class SamplingParams:
 
 
 class RolloutEngine(Protocol):
+    pad_token_id: int  # pads responses (and left-pads prompts)
+
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int, first_index: int = 0) -> Samples:
         """Sample `params.n` responses per prompt; rows [i·n, (i+1)·n) belong to prompt i. `prompts` are
         items first_index, first_index + 1, … of a batch seeded with `seed` that several engines share:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -28,6 +27,7 @@ from rlhf_ray.threads import split_budget
 from rlhf_ray.trainers.checkpointing import RunCheckpoints, StopRequested, stop_requested, with_restarts
 from rlhf_ray.trainers.common import RunInputs, data_keys, prepare_run
 from rlhf_ray.trainers.evaluation import mean_pass_at_k, win_rate
+from rlhf_ray.trainers.rollout_queue import PendingSync, RolloutQueue, fresh_rows
 from rlhf_ray.trainers.experience import (
     Rewards, RunningMoments, Scored, concat_scored, fill_invalid, nonfinite_counts, group_rows, group_stats, informative_groups, make_experience, plan_update,
     shape_scores)
@@ -44,7 +44,8 @@ class Roles:
 
     def __init__(self, cfg: RunConfig, models: ModelPaths, reward_paths: list[str], probe_ids: list[int]):
         self.cfg, self.version, self.probe_ids = cfg, 0, probe_ids
-        self.overlapped = 0  # one-step off-policy rollouts in flight beside the other phases
+        self.overlapped = int(cfg.algo.max_staleness > 0)  # asynchronous: the engines generate beside every phase
+        self.partial_rollouts = cfg.algo.max_staleness > 0 and cfg.rollout.update_in_flight == "mid_request"
         p, timeout = cfg.placement, cfg.placement.timeout_s
         specs = {
             "policy": _spec("policy", p.policy, p.policy.num_workers, p.torch_threads),
@@ -71,7 +72,8 @@ class Roles:
             pg, share = pgs[role]
             restarts = 0 if role in ("policy", "critic") else p.max_restarts  # trained ranks: restart the stage
             retries = restarts if role in ("reference", "reward") else 0  # idempotent calls; rollout re-syncs first
-            self.pools[role] = WorkerPool(spec, cls, pg, share, args, cfg.trainer.timeout_s, restarts, retries)
+            options = {"concurrency_groups": {"sync": 1}} if role == "rollout" and self.partial_rollouts else None
+            self.pools[role] = WorkerPool(spec, cls, pg, share, args, cfg.trainer.timeout_s, restarts, retries, options)
         self._placement_groups = {id(pg): pg for pg, _ in pgs.values()}
         try:
             for role, spec in in_driver.items():  # light roles, no process of their own (built while the actors boot)
@@ -142,38 +144,20 @@ class Roles:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int, step: int | str,
                  pad_token_id: int) -> Samples:
-        return self.submit_generate(prompts, params, seed, step, pad_token_id)()
-
-    def submit_generate(self, prompts: list[list[int]], params: SamplingParams, seed: int, step: int | str,
-                        pad_token_id: int, overlapped: bool = False) -> Callable[[], Samples]:
-        """Start generating; → a function that waits for the samples. `overlapped`: the other phases
-        run meanwhile (one-step off-policy), so the engines get their share of the threads only."""
+        """Generate outside the training loop (evaluation): the prompts split over the engines; an engine
+        restarted meanwhile is re-synced and the call repeated (seeded, so with the same result)."""
         rollout = self.pools["rollout"]
         chunks = np.array_split(np.arange(len(prompts)), len(rollout))
         engines = self.workers("rollout")
-        busy = engines + (self.workers("policy", "reference", "critic") if overlapped else [])
-        plan = self.threads(busy)
-
-        def submit() -> list[ray.ObjectRef]:
-            return rollout.call_each(lambda w, job: w.generate.remote(
-                [prompts[i] for i in job[0]], params, seed, int(job[0][0]), threads=plan[job[1]]),
-                list(zip(chunks, engines)))
-
-        first = [submit()]
-        self.overlapped += overlapped
+        plan = self.threads(engines)
 
         def call() -> list:
-            refs = first.pop() if first else submit()  # a retry after an engine restart submits again
+            refs = [rollout.workers[i].generate.remote([prompts[j] for j in chunk], params, seed, int(chunk[0]),
+                                                       threads=plan[engine])
+                    for i, (chunk, engine) in enumerate(zip(chunks, engines)) if len(chunk)]  # more engines than prompts
             return rollout.get(refs, "rollout", step)
 
-        def result() -> Samples:
-            try:
-                parts = [Samples.from_numpy(p) for p in self._recovering_rollout(call, step)]
-            finally:
-                self.overlapped -= overlapped
-            return concat_samples(parts, pad_token_id)
-
-        return result
+        return concat_samples([Samples.from_numpy(p) for p in self._recovering_rollout(call, step)], pad_token_id)
 
     def _recovering_rollout(self, call, step: int | str):
         """Run `call`; if it failed because a rollout engine died and Ray restarted it, put the engine back
@@ -288,30 +272,71 @@ class Roles:
         return gap
 
     def _sync_once(self, version: int, step: int | str) -> float:
+        return self.finish_sync(self.start_sync(version, step), step)
+
+    def start_sync(self, version: int, step: int | str, engines: list[int] | None = None) -> PendingSync:
+        """Send `version` to the engines (all, or `engines`) without waiting for them to load it."""
         rollout, probe = self.pools["rollout"], self.probe_ids
-        if self.cfg.rollout.weight_sync == "cuda_ipc":  # rank r → engine r, on one GPU
+        engines = list(range(len(rollout))) if engines is None else engines
+        on = lambda fn: {i: fn(rollout.workers[i], i) for i in engines}  # noqa: E731
+        mode, weights = self.cfg.rollout.weight_sync, []
+        if mode == "cuda_ipc":  # rank r → engine r, on one GPU
             sent = self.policy.get(self.policy.call(lambda w: w.send_cuda_ipc.remote(probe)), "sync", step)
-            got = rollout.call_each(lambda w, handles: w.receive_cuda_ipc.remote(handles, version, probe),
-                                    [handles for handles, _ in sent])
+            got = on(lambda w, i: w.receive_cuda_ipc.remote(sent[i][0], version, probe))
             expected = sent[0][1]
-        elif self.cfg.rollout.weight_sync != "object_store":
+        elif mode != "object_store":
             sent = self.policy.call(lambda w: w.send_to_channel.remote(probe))
-            got = rollout.call(lambda w: w.receive_from_channel.remote(version, probe))
+            got = on(lambda w, i: w.receive_from_channel.remote(version, probe))
             expected = self.policy.get(sent, "sync", step)[0]
         else:
-            refs, expected = self.policy.get(self.policy.call(lambda w: w.send_to_object_store.remote(probe)), "sync", step)[0]
-            got = rollout.call(lambda w: w.receive_from_object_store.remote(refs, version, probe))
-        states = rollout.get(got, "sync", step)
+            weights, expected = self.policy.get(self.policy.call(lambda w: w.send_to_object_store.remote(probe)), "sync", step)[0]
+            receive = lambda w: (w.receive_from_object_store.options(concurrency_group="sync")  # noqa: E731
+                                 if self.partial_rollouts else w.receive_from_object_store)
+            got = on(lambda w, i: receive(w).remote(weights, version, probe))
+        return PendingSync(version, got, expected, weights)
+
+    def finish_sync(self, pending: PendingSync, step: int | str) -> float:
+        """Wait for the engines to load `pending`; each must hold its version and give the policy's probe
+        log-probs within rollout.sync_probe_tol. → the largest probe gap."""
+        rollout, engines = self.pools["rollout"], list(pending.refs)
+        states = rollout.get([pending.refs[i] for i in engines], "sync", step)
         if self.cfg.rollout.weight_sync == "cuda_ipc":
             self.policy.get(self.policy.call(lambda w: w.release_cuda_ipc.remote()), "sync", step)
-        gaps = []
-        for i, (held, engine_probe) in enumerate(states):
-            gaps.append(float(np.abs(engine_probe - expected).max()))
-            if held != version or not gaps[-1] <= self.cfg.probe_tolerance:  # a NaN gap fails too
+        gaps = [0.0]
+        for i, (held, engine_probe) in zip(engines, states):
+            gaps.append(float(np.abs(engine_probe - pending.expected).max()))
+            if held != pending.version or not gaps[-1] <= self.cfg.probe_tolerance:  # a NaN gap fails too
                 raise PhaseError("sync", f"rollout[{i}]", step,
-                                 f"engine holds version {held} (expected {version}); its probe log-probs differ from "
-                                 f"the policy's by up to {gaps[-1]:.3g} (rollout.sync_probe_tol={self.cfg.probe_tolerance:g})")
+                                 f"engine holds version {held} (expected {pending.version}); its probe log-probs differ "
+                                 f"from the policy's by up to {gaps[-1]:.3g} (rollout.sync_probe_tol={self.cfg.probe_tolerance:g})")
         return max(gaps)
+
+    def sync_engines(self, version: int, step: int | str, engines: list[int]) -> float:
+        """Put restarted engines back in sync (a new channel first for the collective transports)."""
+        if self.cfg.rollout.weight_sync in ("gloo", "nccl"):
+            self._join_channel()
+            engines = list(range(len(self.pools["rollout"])))  # the channel's broadcast reaches every engine
+        return self.finish_sync(self.start_sync(version, step, engines), step)
+
+    def restarted_engines(self, err: PhaseError, step: int | str) -> list[int]:
+        """The engines Ray restarted after `err` (their process ids changed); re-raises `err` when it was
+        not an engine's death, or none came back."""
+        if "actor died" not in err.cause and "Connection closed" not in err.cause:
+            raise err  # a hang or a bug: no restart would help
+        pids = self._rollout_pids(step)
+        restarted = [i for i, (a, b) in enumerate(zip(pids, self.rollout_pids)) if a != b]
+        if not restarted:
+            raise err
+        self.rollout_pids = pids
+        return restarted
+
+    def submit_part(self, engine: int, prompts: list[list[int]], params: SamplingParams, seed: int, first_index: int,
+                    step: int | str, overlapped: bool) -> ray.ObjectRef:
+        """One engine's share of a rollout batch (its prompts are items first_index… of the batch)."""
+        busy = self.workers("rollout") + (self.workers("policy", "reference", "critic") if overlapped else [])
+        threads = self.threads(busy)[("rollout", engine)]
+        return self.pools["rollout"].workers[engine].generate_stamped.remote(prompts, params, seed, first_index,
+                                                                             threads=threads)
 
     def sleep_engines(self, step: int | str) -> None:
         """GPU vLLM with rollout.vllm.enable_sleep: free the engines' memory for the update (woken by the sync)."""
@@ -396,11 +421,12 @@ class PPOTrainer:
         self.moments = RunningMoments()
         self.violations: Counter = Counter()  # reward-contract violations by kind, over the run
         self.version, self.skipped_in_a_row, self.first_eval = 0, 0, {}
-        self.pending = None  # one-step off-policy: waits for the next batch, generating (its prompts: pending_indices)
-        self.pending_indices: list[int] | None = None
         self.reference_samples: Samples | None = None  # win-rate baseline, computed at the first evaluation
         print(f"rollout: {cfg.rollout.num_engines} {cfg.rollout_backend} engine(s)", flush=True)
         self.roles = Roles(cfg, inputs.models, inputs.reward_paths, probe_tokens(len(self.tokenizer)))
+        self.queue = RolloutQueue(self.roles, cfg.algo.max_staleness, lambda: self.sampling(logprobs=self._engine_logprobs),
+                                  lambda idx: [self.train_prompts[i].prompt_ids for i in idx], self.iterator.next_indices,
+                                  self._seed, self.tokenizer.pad_token_id)
         try:
             trained = {"policy": self.roles.policy} | ({"critic": self.roles.critic} if self.roles.critic else {})
             self.checkpoints = RunCheckpoints(cfg, trained)
@@ -428,14 +454,14 @@ class PPOTrainer:
     @property
     def old_logprobs(self) -> str:
         """Where π_old comes from (`Roles.score`'s `old`)."""
-        if self.cfg.algo.one_step_off_policy:
-            return "engine"
+        if self.cfg.algo.max_staleness:
+            return "engine" if self.cfg.algo.off_policy_objective == "behaviour" else "recompute"
         return "update" if self.cfg.reuses_training_logprobs else "recompute"
 
     def train_step(self, step: int) -> dict[str, float]:
         timer, t0 = Timer(), time.perf_counter()
         samples, scored, metrics = self.collect(step, timer)
-        metrics["rollout/version_lag"] = self.version - samples.weight_version  # 1 when one-step off-policy
+        metrics |= self.queue.metrics(samples, self.version, self.generate_s)  # staleness against the version updated
         with timer.phase("advantages"):
             scores = shape_scores(scored.scores, samples.stopped, samples.response_lengths, self.cfg, self.moments)
             exp, exp_metrics = make_experience(samples, scored, scores, self.cfg, self.kl_ctl.value)
@@ -460,7 +486,9 @@ class PPOTrainer:
         with timer.phase("sync"):
             if not bad:
                 self.version += 1
-                metrics["sync/probe_gap"] = self.roles.sync(self.version, step)
+                self.queue.sync(self.version, step)
+            if self.queue.last_gap is not None:
+                metrics["sync/probe_gap"] = self.queue.last_gap  # asynchronous: the latest sync verified
         metrics |= {f"reward/{k}": v for k, v in self.roles.reward_counters(step).items()}
         metrics["kl/coef"] = self.kl_ctl.value
         if not bad:
@@ -478,38 +506,55 @@ class PPOTrainer:
                              f"(trainer.max_skipped_steps={limit})", restartable=False)
 
     def collect(self, step: int, timer: Timer) -> tuple[Samples, Scored, dict[str, float]]:
-        """Generate and score one batch; with dynamic sampling (DAPO) keep only groups whose scores
-        differ, refilling with new prompts for up to `algo.max_refills` extra rounds, then topping up
-        from the dropped groups so the batch keeps its size."""
+        """Take the next rollout batch and score it, leaving out prompt groups generated by a policy older
+        than algo.max_staleness (counted). With dynamic sampling (DAPO) keep only groups whose scores
+        differ, taking further batches for up to `algo.max_refills` extra rounds, then top up from the
+        dropped groups so the batch keeps its size."""
         algo, n, want = self.cfg.algo, self.cfg.rollout.samples_per_prompt, self.cfg.trainer.prompts_per_step
         kept, dropped, metrics = [], [], {}
-        for round_ in range(1 + (algo.max_refills if algo.dynamic_sampling else 0)):
-            if algo.one_step_off_policy:
-                with timer.phase("rollout"):
-                    samples, metadata = self._overlapped_rollout(step)
-            else:
-                with timer.phase("prompts"):
-                    pending = self._submit_rollout(step, round_)
-                with timer.phase("rollout"):
-                    samples, metadata = pending()
+        self.generate_s = 0.0
+        last = None if algo.dynamic_sampling else self.cfg.trainer.total_steps  # no batch past the last step's
+        for round_ in range(1 + algo.max_refills):
+            with timer.phase("rollout"):
+                batch, samples = self.queue.take(step, last)
+                self.generate_s += batch.generate_s
+                metadata = [self.train_prompts[i].metadata for i in batch.indices for _ in range(n)]
+                samples, metadata = self._fresh(samples, metadata)
+            if not samples.batch_size:
+                continue
             with timer.phase("score"):
                 scored = self.roles.score(samples, metadata, step, old=self.old_logprobs)
                 metrics |= self._reward_contract(scored, step) | _mismatch(samples, scored)
             if round_ == 0:
                 metrics |= group_stats(scored.scores, n) if n > 1 else {}
-            if not algo.dynamic_sampling:
-                return samples, scored, metrics
-            informative = informative_groups(scored.scores, n)
-            for keep, parts in ((informative, kept), (~informative, dropped)):
-                rows = group_rows(torch.nonzero(keep).flatten(), n)
+            keep = informative_groups(scored.scores, n) if algo.dynamic_sampling else torch.ones(samples.batch_size // n, dtype=torch.bool)
+            for mask, parts in ((keep, kept), (~keep, dropped)):
+                rows = group_rows(torch.nonzero(mask).flatten(), n)
                 parts.append((samples.select(rows), scored.select(rows)))
             if sum(s.batch_size for s, _ in kept) >= want * n:
                 break
-        metrics["dynamic/rounds"] = round_ + 1
-        metrics["dynamic/kept_groups"] = sum(s.batch_size for s, _ in kept) // n
+            if not algo.dynamic_sampling and last is not None:
+                last += 1  # stale groups were dropped: one batch more
+        if algo.dynamic_sampling:
+            metrics["dynamic/rounds"] = round_ + 1
+            metrics["dynamic/kept_groups"] = sum(s.batch_size for s, _ in kept) // n
         parts = [p for p in kept + dropped if p[0].batch_size]
+        if sum(s.batch_size for s, _ in parts) < want * n:
+            raise PhaseError("rollout", "driver", step, f"only {sum(s.batch_size for s, _ in parts) // n} of {want} prompt "
+                             f"groups were fresh enough after {round_ + 1} batches (algo.max_staleness="
+                             f"{algo.max_staleness}, {self.queue.stale_dropped} samples dropped as stale)", restartable=False)
         samples = concat_samples([s for s, _ in parts], self.tokenizer.pad_token_id).select(slice(0, want * n))
         return samples, concat_scored([c for _, c in parts]).select(torch.arange(want * n)), metrics
+
+    def _fresh(self, samples: Samples, metadata: list[dict]) -> tuple[Samples, list[dict]]:
+        """The prompt groups every token of which a policy no older than current − max_staleness produced."""
+        n = self.cfg.rollout.samples_per_prompt
+        fresh = fresh_rows(samples.versions, self.version, self.cfg.algo.max_staleness, n)
+        if bool(fresh.all()):
+            return samples, metadata
+        self.queue.stale_dropped += int((~fresh).sum())
+        rows = torch.nonzero(fresh).flatten()
+        return samples.select(rows), [metadata[i] for i in rows.tolist()]
 
     @property
     def _engine_logprobs(self) -> bool:
@@ -517,31 +562,6 @@ class PPOTrainer:
         correction, the mismatch metric against π_old; and always from vLLM, where they cost almost nothing."""
         a = self.cfg.algo
         return self.old_logprobs != "update" or a.rollout_correction != "none" or self.cfg.rollout_backend == "vllm"
-
-    def _submit_rollout(self, step: int, round_: int = 0, overlapped: bool = False,
-                        indices: list[int] | None = None):
-        """Draw the next prompts (or take `indices`) and start generating them; → a function that
-        waits for (samples, per-sample metadata)."""
-        n = self.cfg.rollout.samples_per_prompt
-        indices = self.iterator.next_indices() if indices is None else indices
-        batch = [self.train_prompts[i] for i in indices]
-        metadata = [e.metadata for e in batch for _ in range(n)]
-        wait = self.roles.submit_generate([e.prompt_ids for e in batch],
-                                          self.sampling(logprobs=self._engine_logprobs),
-                                          self._seed(step) + 7_777_777 * round_, step, self.tokenizer.pad_token_id,
-                                          overlapped)
-        return lambda: (wait(), metadata)
-
-    def _overlapped_rollout(self, step: int) -> tuple[Samples, list[dict]]:
-        """One-step off-policy: this step's batch was started during the previous step (with the
-        weights before its update); start the next one now, to run beside this step's score and update.
-        A resumed run regenerates the batch that was in flight (same prompts and seed, current weights)."""
-        wait = self.pending or self._submit_rollout(step, indices=self.pending_indices)
-        self.pending, self.pending_indices = None, None
-        if step < self.cfg.trainer.total_steps:
-            self.pending_indices = list(self.iterator.next_indices())
-            self.pending = self._submit_rollout(step + 1, overlapped=True, indices=self.pending_indices)
-        return wait()
 
     def _reward_contract(self, scored: Scored, step: int) -> dict[str, float]:
         """Count violations; fail the step past reward.max_masked_frac; give masked samples their group's
@@ -563,6 +583,7 @@ class PPOTrainer:
         if not self.eval_prompts:
             return {}
         t, tag = self.cfg.trainer, f"eval@{step}"
+        self.queue.verify_syncs(tag)  # the engines hold the weights evaluated
         prompts = [e.prompt_ids for e in self.eval_prompts]
         params = self.sampling(greedy=t.eval_greedy, n=t.eval_samples)
         seed = self.cfg.rollout.seed + 10**6
@@ -612,7 +633,7 @@ class PPOTrainer:
             self.logger.log(step, metrics)
             last = metrics
             if self.checkpoints.due(step) or stop_requested():
-                saved = self.checkpoints.save(step, self.state_dict(step))
+                saved = self.checkpoints.save(step, self.state_dict(step), self.queue.tensors())
                 if stop_requested():
                     raise StopRequested(step, saved)
         final_eval = self.evaluate(t.total_steps)
@@ -624,22 +645,22 @@ class PPOTrainer:
         return {"step": step, "version": self.version, "iterator": self.iterator.state_dict(),
                 "kl_ctl": self.kl_ctl.state_dict(), "moments": vars(self.moments), "violations": dict(self.violations),
                 "skipped_in_a_row": self.skipped_in_a_row, "first_eval": self.first_eval,
-                "pending_indices": self.pending_indices}
+                "rollout_queue": self.queue.state_dict(step)}
 
     def _resume(self) -> int:
         """Load the checkpoint `checkpoint.resume` selects and put the engines in sync; → the first step to run."""
         restored = self.checkpoints.restore()
         if restored is None:
             return 1
-        state, _ = restored
+        state, tensors = restored
         self.iterator.load_state_dict(state["iterator"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         vars(self.moments).update(state["moments"])
         self.violations = Counter(state["violations"])
         self.skipped_in_a_row, self.first_eval = state["skipped_in_a_row"], state["first_eval"]
         self.version = state["version"]
-        self.pending_indices = state.get("pending_indices")
         self.roles.sync(self.version, "resume")
+        self.queue.load_state_dict(state["rollout_queue"], tensors)
         return state["step"] + 1
 
     def _summarise(self, first: dict, final: dict, last: dict, exported: dict) -> dict[str, float]:
@@ -653,6 +674,7 @@ class PPOTrainer:
                 *[(f"eval {k.removeprefix('eval/')}, after", v) for k, v in final.items()
                   if k.startswith(("eval/pass@", "eval/win_rate"))],
                 ("median step time (s)", float(np.median([h["time/step"] for h in self.logger.history]))),
+                *self._async_rows(),
                 ("run directory", str(self.cfg.run_dir))]
         rows += [(f"exported {k}", v) for k, v in exported.items()]
         self.logger.close()  # the progress bar ends before the table
@@ -662,6 +684,18 @@ class PPOTrainer:
                 "first_reward": first_train.get("reward/score_mean"), "last_reward": last.get("reward/score_mean"),
                 **{f"export_{k}": v for k, v in exported.items()},
                 "eval_first": first, "eval_final": final}  # every eval metric, for the pipeline's summary
+
+    def _async_rows(self) -> list[tuple[str, float]]:
+        """Asynchronous RL at a glance: how stale the trained samples were and who waited for whom."""
+        h = self.logger.history
+        if not self.cfg.algo.max_staleness or not h:
+            return []
+        mean = lambda key: float(np.mean([m[key] for m in h if key in m]))  # noqa: E731
+        return [(f"staleness mean / max (k={self.cfg.algo.max_staleness})",
+                 f"{mean('rollout/version_lag_mean'):.2f} / {max(m['rollout/version_lag'] for m in h):g}"),
+                ("samples dropped as stale", self.queue.stale_dropped),
+                ("trainer idle share (waiting for rollouts)", mean("perf/trainer_idle_share")),
+                ("engine idle share", h[-1].get("perf/engine_idle_share"))]
 
     def close(self) -> None:
         self.roles.shutdown()
@@ -678,9 +712,8 @@ def _mismatch(samples: Samples, scored: Scored) -> dict[str, float]:
 
 def _throughput(samples: Samples, timer: Timer, step_s: float) -> dict[str, float]:
     tokens = float(samples.attention_mask.sum())
-    response = float(samples.response_mask.sum())
     return timer.times | {"time/step": step_s, "perf/tokens_per_s": tokens / step_s,
-                          "perf/response_tokens_per_s": response / max(timer.times["time/rollout"], 1e-9)}
+                          "perf/trainer_idle_share": timer.times["time/rollout"] / step_s}
 
 
 def run_ppo(cfg: RunConfig) -> dict[str, float]:

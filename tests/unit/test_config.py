@@ -113,7 +113,14 @@ def test_dump_round_trips(tmp_path):
     (["placement.reference.gpus=1"], "is unused: with placement.reference_in_policy=true (the default)"),
     (["placement.reward_in_driver=true", "reward.sources.0.kind=model", "reward.sources.0.path=toy"],
      "placement.reward_in_driver=true, but reward source(s) ['vowel'] hold a model"),
-    (["algo.one_step_off_policy=true", "algo.dynamic_sampling=true"], "set algo.dynamic_sampling=false or algo.one_step_off_policy=false"),
+    (["algo.max_staleness=2", "rollout.weight_sync=gloo"], "set rollout.weight_sync=object_store or algo.max_staleness <= 1"),
+    (["algo.max_staleness=-1"], "algo.max_staleness=-1"),
+    (["algo.off_policy_objective=decoupled", "algo.rollout_correction=tis"], "needs stale samples: set algo.max_staleness >= 1"),
+    (["algo.off_policy_objective=decoupled", "algo.max_staleness=1"], "set algo.rollout_correction=tis"),
+    (["rollout.update_in_flight=mid_request"], "set algo.max_staleness >= 1 or rollout.update_in_flight=between_requests"),
+    (["rollout.update_in_flight=mid_request", "algo.max_staleness=1", "rollout.weight_sync=gloo"],
+     "through rollout.weight_sync=object_store only (got gloo)"),
+    (["rollout.segment_tokens=0"], "rollout.segment_tokens=0"),
 ])
 def test_broken_configs_name_field_value_and_fix(overrides, expected):
     with pytest.raises(ConfigError) as err:
@@ -181,12 +188,21 @@ def test_partial_sections_keep_their_own_defaults(tmp_path):
     assert cfg.policy_optim.lr == 1e-5 and cfg.policy_optim.warmup_steps == 2
 
 
+def test_one_step_off_policy_is_max_staleness_one():
+    """The field before asynchronous RL keeps working: true is max_staleness 1, false leaves it alone."""
+    assert load_config(None, ["algo.one_step_off_policy=true"]).algo.max_staleness == 1
+    assert load_config(None, ["algo.one_step_off_policy=false"]).algo.max_staleness == 0
+    assert load_config(None, ["algo.one_step_off_policy=true", "algo.max_staleness=3"]).algo.max_staleness == 3
+    with pytest.raises(ConfigError, match="must be true or false"):
+        load_config(None, ["algo.one_step_off_policy=2"])
+
+
 def test_which_updates_reuse_their_forward_for_old_logprobs_and_where_light_roles_run():
     grpo = ["algo.advantage=grpo", "rollout.samples_per_prompt=4", "trainer.prompts_per_step=4",
             "trainer.mini_batch_size=16", "algo.kl.placement=loss", "algo.kl.estimator=k3"]
     assert load_config(None, grpo).reuses_training_logprobs
     for extra in (["algo.epochs=2"], ["trainer.mini_batch_size=8"], ["algo.kl.placement=reward"],
-                  ["algo.recompute_old_logprobs=true"], ["algo.one_step_off_policy=true"]):
+                  ["algo.recompute_old_logprobs=true"], ["algo.max_staleness=1"]):
         assert not load_config(None, grpo + extra).reuses_training_logprobs, extra
     assert load_config(None, []).reward_in_driver  # the default rule-function source
     model_rm = ["reward.sources.0.kind=model", "reward.sources.0.path=toy"]
@@ -199,7 +215,7 @@ def test_which_updates_reuse_their_forward_for_old_logprobs_and_where_light_role
     (["algo.tis_cap=0"], "algo.tis_cap=0: Input should be greater than 0"),
     (["algo.correction_low=0"], "algo.correction_low=0.0 must be > 0"),
     (["algo.correction_low=2", "algo.correction_high=1.5"], "algo.correction_low=2.0 must be below algo.correction_high=1.5"),
-    (["algo.rollout_correction=tis", "algo.one_step_off_policy=true"], "algo.rollout_correction=tis does nothing with"),
+    (["algo.rollout_correction=tis", "algo.max_staleness=2"], "algo.rollout_correction=tis does nothing with"),
 ])
 def test_rollout_correction_configs_name_the_field(overrides, expected):
     with pytest.raises(ConfigError) as err:

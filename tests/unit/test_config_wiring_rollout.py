@@ -104,10 +104,10 @@ def test_vllm_max_model_len_and_threads_in_options():
 def test_engine_threads_order():
     assert engine_threads(load_config(None, ["placement.torch_threads=3"])) == 3
     assert engine_threads(load_config(None, ["placement.torch_threads=3", "rollout.vllm.threads=2"])) == 2
-    off_policy = load_config(None, ["algo.one_step_off_policy=true", "placement.rollout.cpus=2",
+    off_policy = load_config(None, ["algo.max_staleness=1", "placement.rollout.cpus=2",
                                     "algo.recompute_old_logprobs=true"])
     assert engine_threads(off_policy) == 2
-    assert engine_threads(load_config(None, ["placement.torch_threads=4", "algo.one_step_off_policy=true",
+    assert engine_threads(load_config(None, ["placement.torch_threads=4", "algo.max_staleness=2",
                                              "placement.rollout.cpus=2"])) == 4
 
 
