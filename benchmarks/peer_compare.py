@@ -6,6 +6,7 @@
     python benchmarks/peer_compare.py --steps 40 --threads 2 --only rlhf_ray,trl,floor
     python benchmarks/peer_compare.py --threads 1 --variant GRPO:zero0:deepspeed.zero_stage=0   # a config change, alongside
     python benchmarks/peer_compare.py --scaling --threads 1   # step time vs response length, batch and model size (~6 min)
+    python benchmarks/peer_compare.py --workload gen --threads 2 --only rlhf_ray,rlhf_ray+k1,rlhf_ray+k2,rlhf_ray+k4,trl,floor
 
 The workload is `configs/bench_grpo.yaml` (PPO variant: `configs/bench_ppo.yaml`); every contender
 reads its hyper-parameters from that config, loads the same model files (built once, offline) and
@@ -13,8 +14,8 @@ the same prompts (`benchmarks/data/bench_prompts.jsonl`). Contenders, each in it
 
 - `rlhf_ray`: GRPO through launch.py's code path (`init_ray` + `PPOTrainer` on local Ray, every
   role an actor, as in production); `placement.threads_per_node` = the thread setting.
-- `rlhf_ray+offpolicy`: the same with `algo.one_step_off_policy=true` (opt-in: the rollout of
-  batch t+1 runs beside the score and update of batch t; π_old = the engine's log-probs).
+- `rlhf_ray+k1`, `+k2`, `+k4`: the same with `algo.max_staleness=k` (asynchronous RL: the engines
+  generate k batches ahead of the trainer; π_old = the engine's log-probs).
 - `trl`: TRL `GRPOTrainer` on CPU (`use_cpu`, `num_generations`, batch 32, 32 completion tokens,
   β, special tokens suppressed through `generation_kwargs` so every completion has 32 tokens).
 - `floor`: one process, plain PyTorch + HF generate, the same math as few passes as it needs: the
@@ -57,17 +58,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-GRPO_CONFIG = ROOT / "configs" / "bench_grpo.yaml"
+WORKLOAD_ENV = "PEER_COMPARE_WORKLOAD"  # the parent's --workload, inherited by every contender's process
+WORKLOADS = {  # --workload → (GRPO config, model size)
+    "toy": (ROOT / "configs" / "bench_grpo.yaml", "1M"),
+    "gen": (ROOT / "configs" / "bench_grpo_gen.yaml", "20M"),  # generation-heavy: 20M params, 128 tokens, vLLM
+}
+GRPO_CONFIG, MODEL_SIZE = WORKLOADS[os.environ.get(WORKLOAD_ENV, "toy")]
 PPO_CONFIG = ROOT / "configs" / "bench_ppo.yaml"
 PROMPTS = ROOT / "benchmarks" / "data" / "bench_prompts.jsonl"
 GROUPS = {  # group → (config, contenders; those named rlhf_ray* are the ratios' numerators)
-    "GRPO": (GRPO_CONFIG, ["rlhf_ray", "rlhf_ray+offpolicy", "trl", "floor", "floor_recompute"]),
+    "GRPO": (GRPO_CONFIG, ["rlhf_ray", "rlhf_ray+k1", "rlhf_ray+k2", "rlhf_ray+k4", "trl", "floor", "floor_recompute"]),
     "PPO": (PPO_CONFIG, ["rlhf_ray_ppo", "floor_ppo", "floor_ppo_recompute"]),
 }
-BUILTIN_VARIANTS = {"rlhf_ray+offpolicy": ["algo.one_step_off_policy=true"]}  # contender → config overrides
+BUILTIN_VARIANTS = {f"rlhf_ray+k{k}": [f"algo.max_staleness={k}"] for k in (1, 2, 4)}  # contender → config overrides
 MODEL_SIZES = {  # name → toy Llama sizes (hidden, intermediate, layers, heads); ~params with the char vocab
     "1M": (128, 512, 4, 4),
     "10M": (256, 1024, 10, 4),
+    "20M": (512, 1536, 6, 8),  # head size 64: vLLM's CPU kernels run it
     "50M": (512, 2048, 12, 8),
 }
 
@@ -789,8 +796,8 @@ def print_ratios(all_summaries: dict[tuple[str, int], dict[str, dict[str, Any]]]
 
 
 def compare(args, work: Path) -> dict[str, Any]:
-    models = build_models(work, "1M")
-    print(f"model: {count_params(models['policy']):,} parameters (policy); work dir {work}"
+    models = build_models(work, MODEL_SIZE)
+    print(f"workload {os.environ.get(WORKLOAD_ENV, 'toy')} ({GRPO_CONFIG.name}); model: {count_params(models['policy']):,} parameters (policy); work dir {work}"
           + (f"; contender environment {args.env}" if args.env else ""))
     summaries = {}
     for group, (_, names) in GROUPS.items():
@@ -881,6 +888,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment of every contender's process (Ray actors inherit it), e.g. "
                         "OMP_WAIT_POLICY=PASSIVE (repeatable)")
+    parser.add_argument("--workload", choices=list(WORKLOADS), default="toy",
+                        help="toy: the 1M-param workload; gen: generation-heavy (20M params, 128 tokens, vLLM; GRPO only)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 6 measured steps, 2 warm-up, chunks of 3")
     parser.add_argument("--scaling", action="store_true", help="step time vs response length, batch and model size "
                         "(rlhf_ray and the floor, GRPO; the last --threads setting; --steps/2 measured steps per point, "
@@ -907,6 +916,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
         return child_main(args)
+    if args.workload != os.environ.get(WORKLOAD_ENV, "toy"):  # the module-level choice: run again under it
+        return subprocess.call([sys.executable, *sys.argv], env={**os.environ, WORKLOAD_ENV: args.workload})
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Writing model shards" bars in the tables
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if not PROMPTS.exists():

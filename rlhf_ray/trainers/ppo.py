@@ -123,8 +123,8 @@ class Roles:
 
     def threads(self, busy: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
         """Torch threads of each worker busy at once: placement.torch_threads, or its node's share."""
-        if self.overlapped:
-            busy = busy + self.workers("rollout")
+        if self.overlapped:  # asynchronous: the engines generate beside every phase
+            busy = list(dict.fromkeys(busy + self.workers("rollout")))
         if self.cfg.placement.torch_threads:
             return {w: self.cfg.placement.torch_threads for w in busy}
         return split_budget(busy, self.node_of, self.budget)
@@ -487,8 +487,8 @@ class PPOTrainer:
             if not bad:
                 self.version += 1
                 self.queue.sync(self.version, step)
-            if self.queue.last_gap is not None:
-                metrics["sync/probe_gap"] = self.queue.last_gap  # asynchronous: the latest sync verified
+            if (gap := self.queue.pop_gap()) is not None:  # asynchronous: the syncs verified during this step
+                metrics["sync/probe_gap"] = gap
         metrics |= {f"reward/{k}": v for k, v in self.roles.reward_counters(step).items()}
         metrics["kl/coef"] = self.kl_ctl.value
         if not bad:
@@ -515,6 +515,8 @@ class PPOTrainer:
         self.generate_s = 0.0
         last = None if algo.dynamic_sampling else self.cfg.trainer.total_steps  # no batch past the last step's
         for round_ in range(1 + algo.max_refills):
+            with timer.phase("prompts"):  # draw and submit the batches the queue is short of
+                self.queue.fill(step, last)
             with timer.phase("rollout"):
                 batch, samples = self.queue.take(step, last)
                 self.generate_s += batch.generate_s

@@ -86,6 +86,7 @@ class RolloutQueue:
         self.syncs: deque[PendingSync] = deque()
         self.next_id, self.seq = 1, 0
         self.stale_dropped = 0
+        self.gaps: list[float] = []  # probe gaps of the syncs verified since `pop_gap`
         self.busy_s, self.started = 0.0, None  # engine-seconds generating; first submission (wall clock)
 
     # --- submitting and taking batches --------------------------------------------------------
@@ -177,7 +178,8 @@ class RolloutQueue:
         """Send `version` to the engines. On-policy, or through a collective channel, wait for them to
         load it (→ the probe gap); else queue it behind the batches in flight (→ None: verified later)."""
         if self.k == 0 or self.roles.cfg.rollout.weight_sync != "object_store":
-            return self.roles.sync(version, step)
+            self.gaps.append(self.roles.sync(version, step))
+            return self.gaps[-1]
         pending = self.roles.start_sync(version, step)
         pending.seq = self._next_seq()
         self.syncs.append(pending)
@@ -190,7 +192,12 @@ class RolloutQueue:
         gaps = []
         while self.syncs and (before is None or self.syncs[0].seq < before):
             gaps.append(self.roles.finish_sync(self.syncs.popleft(), step))
-        self.last_gap = max(gaps) if gaps else getattr(self, "last_gap", None)
+        self.gaps += gaps
+        return max(gaps) if gaps else None
+
+    def pop_gap(self) -> float | None:
+        """The largest probe gap verified since the last call (None: no sync was verified)."""
+        gaps, self.gaps = self.gaps, []
         return max(gaps) if gaps else None
 
     # --- metrics and checkpoints -------------------------------------------------------------
