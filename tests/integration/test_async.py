@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from rlhf_ray.config import load_config
+from rlhf_ray.placement import PhaseError
 from rlhf_ray.trainers.common import prepare_run
 from rlhf_ray.trainers.ppo import PPOTrainer
 from tests.integration.helpers import policy_weights, toy_overrides
@@ -82,24 +83,54 @@ def _fit(cfg) -> tuple[list[dict], dict]:
         trainer.close()
 
 
-def test_resume_with_batches_in_flight_equals_the_uninterrupted_run(ray_session, tmp_path):
-    """k = 2: a checkpoint after step 3 holds the two batches the engines were generating (with the
-    older policies); a run resumed from it trains on exactly those, so every later metric and the final
-    weights equal the uninterrupted run's."""
-    common = ("algo.max_staleness=2", "trainer.total_steps=6", "checkpoint.every=3", "checkpoint.keep_last=5", *FAST)
-    rows, weights = _fit(load_config(CONFIGS / "toy_grpo.yaml", toy_overrides(tmp_path / "a", *common)))
-    first = load_config(CONFIGS / "toy_grpo.yaml", toy_overrides(tmp_path / "a", *common))
-    resumed_cfg = load_config(CONFIGS / "toy_grpo.yaml", toy_overrides(
-        tmp_path / "b", *common, f"checkpoint.resume={first.run_dir / 'checkpoints' / 'step_00000003'}"))
-    resumed_rows, resumed_weights = _fit(resumed_cfg)
-    assert [r["step"] for r in resumed_rows] == [4, 5, 6]
-    by_step = {r["step"]: r for r in rows}
-    for row in resumed_rows:
+RESUME = ("algo.max_staleness=2", "trainer.total_steps=6", "checkpoint.every=1", "checkpoint.keep_last=10", *FAST)
+
+
+def _resume_cfg(tmp_path, *extra: str):
+    return load_config(CONFIGS / "toy_grpo.yaml", toy_overrides(tmp_path, *RESUME, *extra))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_session, tmp_path_factory):
+    """k = 2, 6 steps, a checkpoint after each (each holding the two batches then in flight)."""
+    cfg = _resume_cfg(tmp_path_factory.mktemp("uninterrupted"))
+    rows, weights = _fit(cfg)
+    return {"rows": rows, "weights": weights, "ckpt": cfg.run_dir / "checkpoints"}
+
+
+def _assert_same(uninterrupted: dict, rows: list[dict], weights: dict, from_step: int) -> None:
+    by_step = {r["step"]: r for r in uninterrupted["rows"]}
+    assert [r["step"] for r in rows if r["step"] >= from_step] == list(range(from_step, 7))
+    for row in rows:
         for key, value in row.items():
             if isinstance(value, float) and not key.startswith(("time/", "perf/")):
                 assert value == pytest.approx(by_step[row["step"]][key], rel=1e-6, abs=1e-7), (row["step"], key)
-    for name in weights:
-        np.testing.assert_array_equal(weights[name], resumed_weights[name], err_msg=name)
+    for name in uninterrupted["weights"]:
+        np.testing.assert_array_equal(uninterrupted["weights"][name], weights[name], err_msg=name)
+
+
+@pytest.mark.parametrize("resume_step", [1, 3, 4])
+def test_resume_with_batches_in_flight_equals_the_uninterrupted_run(uninterrupted, tmp_path, resume_step):
+    """A checkpoint after step s holds the batches the engines were generating with the older
+    policies (one after step 1, two later); a run resumed from it trains on exactly those, so every
+    later metric and the final weights equal the uninterrupted run's."""
+    path = uninterrupted["ckpt"] / f"step_{resume_step:08d}"
+    rows, weights = _fit(_resume_cfg(tmp_path, f"checkpoint.resume={path}"))
+    _assert_same(uninterrupted, rows, weights, resume_step + 1)
+
+
+def test_a_crash_with_batches_in_flight_resumed_with_auto_equals_the_uninterrupted_run(uninterrupted, tmp_path,
+                                                                                       monkeypatch):
+    """The stage fails in step 4's update with two batches in flight; run again with
+    checkpoint.resume=auto it continues from step 3's checkpoint and ends as the uninterrupted run."""
+    monkeypatch.setenv("RLHF_RAY_FAULTS", "raise@policy.train#4")
+    monkeypatch.setenv("RLHF_RAY_FAULTS_DIR", str(tmp_path / "faults"))
+    cfg = _resume_cfg(tmp_path, "checkpoint.resume=auto")
+    with pytest.raises(PhaseError) as err:
+        _fit(cfg)
+    assert (err.value.phase, err.value.step) == ("update", 4), str(err.value)
+    rows, weights = _fit(cfg)
+    _assert_same(uninterrupted, rows, weights, 1)
 
 
 def test_an_engine_killed_with_batches_in_flight_loses_none(ray_session, tmp_path, monkeypatch):
