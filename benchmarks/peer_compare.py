@@ -776,7 +776,9 @@ def print_group(title: str, summary: dict[str, dict[str, Any]]) -> None:
         if "compute" in s:
             comp = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in s["compute"].items())
             busy = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in s["busy"].items())
-            print(f"  {name} compute on the critical path (ms): {comp}; orchestration share {s['orchestration'] * 100:.0f}%")
+            share = (f"orchestration share {s['orchestration'] * 100:.0f}%" if s["orchestration"] >= 0 else
+                     "phases overlap (asynchronous), so no critical-path share")
+            print(f"  {name} compute (ms): {comp}; {share}")
             print(f"  {name} worker busy (ms): {busy}")
             print(f"  {name} start-up detail (s): " + ", ".join(f"{k} {v:.1f}" for k, v in s['startup_detail'].items())
                   + "; memory per role (PSS MiB): " + ", ".join(

@@ -64,14 +64,17 @@ class Samples(TensorRecord):
     logprobs: Tensor | None = None  # (B, T) float32 behaviour log-probs from the engine's own logits, 0 on padding
     versions: Tensor | None = None  # (B,) long: the oldest policy version that produced any of the row's tokens
     token_versions: Tensor | None = None  # (B, T) long: the version that produced each response token (partial rollouts)
+    observation_mask: Tensor | None = None  # (B, T) long, 1 on environment tokens between turns (attended, never trained)
+    env_rewards: Tensor | None = None  # (B, T) float: an environment's reward for each turn, at the turn's last policy token
 
     @property
     def input_ids(self) -> Tensor:  # (B, P + T)
         return torch.cat([self.prompt_ids, self.response_ids], dim=1)
 
     @property
-    def attention_mask(self) -> Tensor:  # (B, P + T)
-        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+    def attention_mask(self) -> Tensor:  # (B, P + T): prompt, policy and (multi-turn) environment tokens
+        response = self.response_mask if self.observation_mask is None else self.response_mask | self.observation_mask
+        return torch.cat([self.prompt_mask, response], dim=1)
 
     @property
     def response_lengths(self) -> Tensor:  # (B,)
@@ -116,9 +119,17 @@ def concat_samples(parts: list[Samples], pad_token_id: int) -> Samples:
         logprobs=(torch.cat([pad_to(s.logprobs, t, 0.0, left=False) for s in parts])
                   if all(s.logprobs is not None for s in parts) else None),
         versions=torch.cat([s.versions for s in parts]) if all(s.versions is not None for s in parts) else None,
-        token_versions=(torch.cat([pad_to(s.token_versions, t, 0, left=False) for s in parts])
-                        if all(s.token_versions is not None for s in parts) else None),
+        token_versions=_cat_optional([s.token_versions for s in parts], t, 0),
+        observation_mask=_cat_optional([s.observation_mask for s in parts], t, 0),
+        env_rewards=_cat_optional([s.env_rewards for s in parts], t, 0.0),
     )
+
+
+def _cat_optional(parts: list[Tensor | None], width: int, value: int | float) -> Tensor | None:
+    """(B_i, T_i) parts right-padded to `width` and stacked; None unless every part has one."""
+    if any(p is None for p in parts):
+        return None
+    return torch.cat([pad_to(p, width, value, left=False) for p in parts])
 
 
 # ---------------------------------------------------------------------------------------------

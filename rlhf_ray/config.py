@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 TOY = "toy"
 TRAINED_ROLES = ("policy", "critic")
 ROLES = ("policy", "critic", "reference", "reward", "rollout")
+ENV_RETURN = "rlhf_ray.envs:env_return"  # the reward source that carries a multi-turn environment's rewards
 
 
 class ConfigError(ValueError):
@@ -72,7 +73,7 @@ class DataConfig(Section):
     margin_from_scores: bool = Field(False, description="Reward model, rm.loss=pairwise: each pair's Bradley–Terry margin is its row's score_chosen − score_rejected (UltraFeedback) instead of rm.margin.")
     toy_train_size: int = Field(512, gt=0, description="Rows generated per toy training file.")
     toy_eval_size: int = Field(64, gt=0, description="Rows generated per toy eval file.")
-    toy_task: Literal["vowel", "arith"] = Field("vowel", description="Toy prompts: 'vowel' (reward the share of vowels) or 'arith' (single-digit sums, exact-answer reward).")
+    toy_task: Literal["vowel", "arith", "guess", "calc"] = Field("vowel", description="Toy prompts: 'vowel' (reward the share of vowels), 'arith' (single-digit sums, exact-answer reward), or for the toy agents (rollout.env) 'guess' (rlhf_ray.envs.toy:GuessingGame) and 'calc' (CalculatorArithmetic).")
 
 
 class VLLMConfig(Section):
@@ -100,6 +101,10 @@ class RolloutConfig(Section):
     sync_bucket_mb: float = Field(64.0, gt=0, description="Weights are sent in buckets of about this many MiB.")
     update_in_flight: Literal["between_requests", "mid_request"] = Field("between_requests", description="With algo.max_staleness >= 1, how new weights meet busy engines: 'between_requests' queues them behind the batches already submitted (each sample is produced by one version; runs are reproducible and resume exactly), 'mid_request' loads them at the next segment boundary of running requests (partial rollouts: fresher samples, each token tagged with its version; timing-dependent).")
     segment_tokens: int = Field(16, gt=0, description="rollout.update_in_flight=mid_request: tokens a request generates between checks for new weights.")
+    env: str | None = Field(None, description="Multi-turn RL: an environment class `module:Class` (reset(prompt, metadata) → first observation; step(action) → observation, reward, done, info); each sample is an episode of policy turns (up to max_new_tokens each) and environment replies. null: single-turn.")
+    env_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the environment class.")
+    max_turns: int = Field(4, gt=0, description="rollout.env: policy turns per episode at most.")
+    max_trajectory_tokens: int | None = Field(None, gt=0, description="rollout.env: policy + environment tokens of an episode at most; null: max_turns × max_new_tokens × 2.")
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="vLLM engine options.")
 
 
@@ -519,7 +524,7 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
         return [msg for check in checks for msg in check(cfg)] + _override_list_rules(cfg)
     checks = [_batch_divisibility, _deepspeed_rules, _placement_rules, _toy_rules, _checkpoint_rules]
     if cfg.stage == "ppo":  # RL-only rules: offline stages ignore these sections
-        checks += [_rollout_rules, _estimator_rules, _kl_rules, _dapo_rules, _hosting_rules, _rollout_correction_rules, _async_rules]
+        checks += [_rollout_rules, _estimator_rules, _kl_rules, _dapo_rules, _hosting_rules, _rollout_correction_rules, _async_rules, _env_rules]
     return [msg for check in checks for msg in check(cfg)] + _stage_rules(cfg)
 
 
@@ -690,6 +695,22 @@ def _rollout_correction_rules(cfg: RunConfig) -> list[str]:
         out.append(f"algo.rollout_correction={a.rollout_correction} does nothing with algo.max_staleness={a.max_staleness} "
                    f"and algo.off_policy_objective=behaviour: π_old is then the engine's log-probs μ, so π_old/μ = 1; set "
                    f"algo.rollout_correction=none, or algo.off_policy_objective=decoupled to weigh by π_prox/μ.")
+    return out
+
+
+def _env_rules(cfg: RunConfig) -> list[str]:
+    """Multi-turn environments (rollout.env)."""
+    r, out = cfg.rollout, []
+    if r.env is None:
+        return out
+    if ":" not in r.env:
+        out.append(f"rollout.env={r.env!r} must be an import path `module:Class`, e.g. rlhf_ray.envs.toy:GuessingGame.")
+    if not any(s.kind == "function" and s.path == ENV_RETURN for s in cfg.reward.sources):
+        out.append(f"rollout.env={r.env} scores episodes with the environment's rewards, which reach training through "
+                   f"the reward source {{kind: function, path: {ENV_RETURN}}}; add it to reward.sources.")
+    if r.update_in_flight == "mid_request":
+        out.append("rollout.env runs whole policy turns; rollout.update_in_flight=mid_request splits them: set "
+                   "rollout.update_in_flight=between_requests.")
     return out
 
 

@@ -65,6 +65,8 @@ METRICS: dict[str, str] = {
     "sync/version": "policy weight version held by every rollout engine after the sync",
     "policy/kl_ref": "the update's own k1 KL(π_θ‖π_ref) per sequence before its step (kl/ref when π_old comes from the update)",
     "rollout/version_lag": "staleness: policy versions between the oldest weights that generated a sample of the batch and the ones updated (≤ algo.max_staleness)",
+    "rollout/turns_mean": "multi-turn (rollout.env): policy turns per episode",
+    "rollout/env_token_share": "multi-turn: share of the tokens after the prompt that the environment wrote (attended, not trained)",
     "rollout/version_lag_mean": "staleness averaged over the batch's samples",
     "rollout/stale_dropped": "cumulative samples left out because a policy older than algo.max_staleness produced them (0 by construction; a guard)",
     "rollout/in_flight": "rollout batches submitted to the engines after this one was taken (≤ algo.max_staleness)",

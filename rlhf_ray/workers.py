@@ -495,6 +495,8 @@ class RewardWorker(Worker):
         responses = [self.tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
                      for ids, m in zip(samples.response_ids, samples.response_mask)]
         meta = [{**m, "stopped": bool(s)} for m, s in zip(metadata, samples.stopped.tolist())]
+        if samples.env_rewards is not None:  # multi-turn: the episode's return, for the env_return source
+            meta = [{**m, "env_return": float(r)} for m, r in zip(meta, samples.env_rewards.sum(-1).tolist())]
         if self.on_error == "mask":
             total, per_source, valid, violations = self.sources.score_tolerant(prompts, responses, meta)
         else:
@@ -532,30 +534,53 @@ class RolloutWorker(Worker):
         self.fixed_threads = self.backend == "vllm"  # vLLM fixes its threads at start (rollout.vllm.threads)
         self.engine = build_engine(cfg, paths.policy, paths.tokenizer, seed=cfg.rollout.seed + engine_index)
         self.channel = None
+        self.paths, self.env_parts = paths, None  # rollout.env: (tokenizer, environment factory), built on first use
         self.partial = cfg.stage == "ppo" and cfg.algo.max_staleness > 0 and cfg.rollout.update_in_flight == "mid_request"
         self._cv = threading.Condition()
         self._engine_busy, self._loads_waiting = False, 0
 
     @timed
-    def generate(self, prompts: list[list[int]], params, seed: int, first_index: int = 0) -> dict[str, Any]:
-        return self._generate(prompts, params, seed, first_index).to_numpy()
+    def generate(self, prompts: list[list[int]], params, seed: int, first_index: int = 0,
+                 metadata: list[dict] | None = None) -> dict[str, Any]:
+        """Samples of `prompts`; with rollout.env and the prompts' `metadata`, whole episodes (multi-turn)."""
+        return self._generate(prompts, params, seed, first_index, metadata).to_numpy()
 
     def generate_stamped(self, prompts: list[list[int]], params, seed: int, first_index: int = 0,
-                         threads: int | None = None) -> tuple[dict[str, Any], float, float]:
+                         metadata: list[dict] | None = None, threads: int | None = None) -> tuple[dict[str, Any], float, float]:
         """`generate`, with the wall-clock interval the engine spent on it (the driver's engine-idle share)."""
         start = time.time()
-        return self.generate(prompts, params, seed, first_index, threads=threads), start, time.time()
+        return self.generate(prompts, params, seed, first_index, metadata, threads=threads), start, time.time()
 
-    def _generate(self, prompts: list[list[int]], params, seed: int, first_index: int) -> Samples:
+    def _generate(self, prompts: list[list[int]], params, seed: int, first_index: int,
+                  metadata: list[dict] | None = None) -> Samples:
         from rlhf_ray.rollout.partial import generate_in_segments
 
         with self._turn("generate", loading=False):
             self.engine.wake()
-            if self.partial:
+            if self.cfg.rollout.env is not None and metadata is not None:
+                samples = self._episodes(prompts, params, seed, first_index, metadata)
+            elif self.partial:
                 return generate_in_segments(self.engine, prompts, params, seed, first_index,
                                             self.cfg.rollout.segment_tokens, self._boundary, self.version)
-            samples = self.engine.generate(prompts, params, seed, first_index)
+            else:
+                samples = self.engine.generate(prompts, params, seed, first_index)
         samples.versions = torch.full((samples.batch_size,), self.version, dtype=torch.long)
+        return samples
+
+    def _episodes(self, prompts: list[list[int]], params, seed: int, first_index: int, metadata: list[dict]) -> Samples:
+        """Multi-turn: one episode per sample with a fresh environment (`rlhf_ray.rollout.multiturn`)."""
+        from rlhf_ray.envs import load_environment
+        from rlhf_ray.models import load_tokenizer
+        from rlhf_ray.rollout import max_trajectory_tokens
+        from rlhf_ray.rollout.multiturn import run_episodes
+
+        r = self.cfg.rollout
+        if self.env_parts is None:
+            self.env_parts = (load_tokenizer(self.paths.tokenizer, self.cfg.model.trust_remote_code),
+                              load_environment(r.env, **r.env_kwargs))
+        tokenizer, make_env = self.env_parts
+        samples, _ = run_episodes(self.engine, tokenizer, prompts, metadata, make_env, params, seed, first_index,
+                                  r.max_turns, max_trajectory_tokens(self.cfg))
         return samples
 
     @contextlib.contextmanager

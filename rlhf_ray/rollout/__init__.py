@@ -71,17 +71,34 @@ def build_engine(cfg: RunConfig, model_path: str, tokenizer_path: str, *, seed: 
 def vllm_options(cfg: RunConfig, model_path: str, seed: int, full_context: bool = False):
     from rlhf_ray.rollout.vllm import VLLMOptions
 
-    v, r = cfg.rollout.vllm, cfg.rollout
+    v = cfg.rollout.vllm
     # RL prompts are capped at data.max_prompt_len; the data stages' conversations (CAI critiques and
     # revisions, labelling) and a judge's templates are not: they get the model's own context (None)
     max_model_len = None if full_context else v.max_model_len or (
-        cfg.data.max_prompt_len + r.max_new_tokens if cfg.stage == "ppo" else None)
+        cfg.data.max_prompt_len + rollout_tokens(cfg) if cfg.stage == "ppo" else None)
     return VLLMOptions(
         model=model_path, tokenizer=model_path, dtype=cfg.model_dtype,
         seed=seed, max_model_len=max_model_len,
         tensor_parallel_size=v.tensor_parallel_size, gpu_memory_utilization=v.gpu_memory_utilization,
         kv_cache_mb=v.kv_cache_mb, enable_sleep=v.enable_sleep, enforce_eager=v.enforce_eager,
         threads=engine_threads(cfg), trust_remote_code=cfg.model.trust_remote_code)
+
+
+def rollout_tokens(cfg: RunConfig) -> int:
+    """Tokens after the prompt a rollout may hold: one response, or (rollout.env) a whole episode plus
+    room for the environment's first observation (FIRST_OBSERVATION_TOKENS)."""
+    r = cfg.rollout
+    if r.env is None:
+        return r.max_new_tokens
+    return max_trajectory_tokens(cfg) + FIRST_OBSERVATION_TOKENS
+
+
+FIRST_OBSERVATION_TOKENS = 64  # what `reset` may add to the prompt, within the engine's context (vLLM)
+
+
+def max_trajectory_tokens(cfg: RunConfig) -> int:
+    r = cfg.rollout
+    return r.max_trajectory_tokens or r.max_turns * r.max_new_tokens * 2
 
 
 def engine_threads(cfg: RunConfig) -> int:

@@ -124,10 +124,19 @@ def shape_scores(scores: torch.Tensor, stopped: torch.Tensor, lengths: torch.Ten
     return scores
 
 
-def token_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, mask: torch.Tensor) -> torch.Tensor:
-    """rew_t = −β·kl_t, plus the sequence score at the last real response token (§2). (B, T)"""
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, mask: torch.Tensor,
+                  turn_rewards: torch.Tensor | None = None) -> torch.Tensor:
+    """rew_t = −β·kl_t, plus the sequence score at the last real response token (§2). (B, T)
+
+    Multi-turn (`turn_rewards`, (B, T): each turn's environment reward at its last policy token; the
+    mask then has holes where the environment's tokens are): those rewards stay at their turns and the
+    rest of the score, score − Σ turn rewards, goes to the last policy token, so the sum is the score."""
     rewards = -kl_coef * kl * mask
-    last = (mask.sum(-1).long() - 1).clamp(min=0)
+    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    last = (mask.bool() * positions).argmax(-1)  # the last real token, wherever the holes are (0 if none)
+    if turn_rewards is not None:
+        rewards = rewards + turn_rewards.to(rewards.dtype) * mask
+        scores = scores - (turn_rewards * mask).sum(-1)
     return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
 
 
@@ -142,9 +151,10 @@ def make_experience(samples: Samples, scored: Scored, scores: torch.Tensor, cfg:
         kl = kl_penalty(scored.old_logprobs, scored.ref_logprobs, algo.kl.estimator) * mask
     returns = None
     if algo.advantage == "gae":
-        advantages, returns = compute_gae(token_rewards(scores, kl, beta, mask), scored.values, mask, algo.gamma, algo.lam)
+        rewards = token_rewards(scores, kl, beta, mask, samples.env_rewards)
+        advantages, returns = compute_gae(rewards, scored.values, mask, algo.gamma, algo.lam)
     elif algo.advantage == "reinforce_pp":
-        advantages = reinforce_pp_returns(token_rewards(scores, kl, beta, mask), mask, algo.gamma)
+        advantages = reinforce_pp_returns(token_rewards(scores, kl, beta, mask, samples.env_rewards), mask, algo.gamma)
     else:
         shaped = scores - beta * kl.sum(-1)
         kind = "reinforce_baseline" if algo.advantage == "reinforce_pp_baseline" else algo.advantage

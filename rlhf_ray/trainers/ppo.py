@@ -143,7 +143,7 @@ class Roles:
     # --- phases -----------------------------------------------------------------------------
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int, step: int | str,
-                 pad_token_id: int) -> Samples:
+                 pad_token_id: int, metadata: list[dict] | None = None) -> Samples:
         """Generate outside the training loop (evaluation): the prompts split over the engines; an engine
         restarted meanwhile is re-synced and the call repeated (seeded, so with the same result)."""
         rollout = self.pools["rollout"]
@@ -153,6 +153,7 @@ class Roles:
 
         def call() -> list:
             refs = [rollout.workers[i].generate.remote([prompts[j] for j in chunk], params, seed, int(chunk[0]),
+                                                       [metadata[j] for j in chunk] if metadata else None,
                                                        threads=plan[engine])
                     for i, (chunk, engine) in enumerate(zip(chunks, engines)) if len(chunk)]  # more engines than prompts
             return rollout.get(refs, "rollout", step)
@@ -331,12 +332,13 @@ class Roles:
         return restarted
 
     def submit_part(self, engine: int, prompts: list[list[int]], params: SamplingParams, seed: int, first_index: int,
-                    step: int | str, overlapped: bool) -> ray.ObjectRef:
-        """One engine's share of a rollout batch (its prompts are items first_index… of the batch)."""
+                    step: int | str, overlapped: bool, metadata: list[dict] | None = None) -> ray.ObjectRef:
+        """One engine's share of a rollout batch (its prompts are items first_index… of the batch; their
+        metadata goes with them for an environment, rollout.env)."""
         busy = self.workers("rollout") + (self.workers("policy", "reference", "critic") if overlapped else [])
         threads = self.threads(busy)[("rollout", engine)]
         return self.pools["rollout"].workers[engine].generate_stamped.remote(prompts, params, seed, first_index,
-                                                                             threads=threads)
+                                                                             metadata, threads=threads)
 
     def sleep_engines(self, step: int | str) -> None:
         """GPU vLLM with rollout.vllm.enable_sleep: free the engines' memory for the update (woken by the sync)."""
@@ -426,7 +428,8 @@ class PPOTrainer:
         self.roles = Roles(cfg, inputs.models, inputs.reward_paths, probe_tokens(len(self.tokenizer)))
         self.queue = RolloutQueue(self.roles, cfg.algo.max_staleness, lambda: self.sampling(logprobs=self._engine_logprobs),
                                   lambda idx: [self.train_prompts[i].prompt_ids for i in idx], self.iterator.next_indices,
-                                  self._seed, self.tokenizer.pad_token_id)
+                                  self._seed, self.tokenizer.pad_token_id,
+                                  (lambda idx: [self.train_prompts[i].metadata for i in idx]) if cfg.rollout.env else None)
         try:
             trained = {"policy": self.roles.policy} | ({"critic": self.roles.critic} if self.roles.critic else {})
             self.checkpoints = RunCheckpoints(cfg, trained)
@@ -589,7 +592,8 @@ class PPOTrainer:
         prompts = [e.prompt_ids for e in self.eval_prompts]
         params = self.sampling(greedy=t.eval_greedy, n=t.eval_samples)
         seed = self.cfg.rollout.seed + 10**6
-        samples = self.roles.generate(prompts, params, seed, tag, self.tokenizer.pad_token_id)
+        episodes = [e.metadata for e in self.eval_prompts] if self.cfg.rollout.env else None  # multi-turn
+        samples = self.roles.generate(prompts, params, seed, tag, self.tokenizer.pad_token_id, episodes)
         metadata = [e.metadata for e in self.eval_prompts for _ in range(t.eval_samples)]
         scored = self.roles.score(samples, metadata, tag, with_values=False)
         mask = samples.response_mask.float()

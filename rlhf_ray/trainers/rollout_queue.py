@@ -19,6 +19,7 @@ again (by that newer version, and tagged so).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from collections.abc import Callable
@@ -36,8 +37,7 @@ if TYPE_CHECKING:
     from rlhf_ray.rollout.base import SamplingParams
     from rlhf_ray.trainers.ppo import Roles
 
-SAMPLE_FIELDS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "stopped", "logprobs", "versions",
-                 "token_versions")
+SAMPLE_FIELDS = tuple(f.name for f in dataclasses.fields(Samples))
 
 
 @dataclass
@@ -79,9 +79,10 @@ class RolloutQueue:
 
     def __init__(self, roles: Roles, max_staleness: int, params: Callable[[], SamplingParams],
                  prompts: Callable[[list[int]], list[list[int]]], draw: Callable[[], list[int]],
-                 seed: Callable[[int], int], pad_token_id: int):
+                 seed: Callable[[int], int], pad_token_id: int,
+                 metadata: Callable[[list[int]], list[dict]] | None = None):
         self.roles, self.k, self.params, self.prompts, self.draw = roles, max_staleness, params, prompts, draw
-        self.seed, self.pad = seed, pad_token_id
+        self.seed, self.pad, self.metadata = seed, pad_token_id, metadata  # metadata: for environments (rollout.env)
         self.batches: deque[Batch] = deque()
         self.syncs: deque[PendingSync] = deque()
         self.next_id, self.seq = 1, 0
@@ -108,10 +109,11 @@ class RolloutQueue:
         chunk = batch.chunks[engine]
         if not len(chunk):  # more engines than prompts
             return
-        prompts = self.prompts([batch.indices[i] for i in chunk])
+        indices = [batch.indices[i] for i in chunk]
+        metadata = self.metadata(indices) if self.metadata else None
         self.started = self.started or time.time()
-        batch.refs[engine] = self.roles.submit_part(engine, prompts, self.params(), batch.seed, int(chunk[0]), step,
-                                                    overlapped=self.k > 0)
+        batch.refs[engine] = self.roles.submit_part(engine, self.prompts(indices), self.params(), batch.seed, int(chunk[0]),
+                                                    step, overlapped=self.k > 0, metadata=metadata)
 
     def take(self, step: int, last_id: int | None = None) -> tuple[Batch, Samples]:
         """Top the queue up, then the oldest batch's samples (waiting for them), every sync before it verified."""
@@ -208,6 +210,11 @@ class RolloutQueue:
         elapsed = time.time() - self.started if self.started else 0.0
         engines = len(self.roles.pools["rollout"])
         out = {"perf/response_tokens_per_s": float(samples.response_mask.sum()) / max(generate_s, 1e-9)}
+        if samples.observation_mask is not None:  # multi-turn: a policy turn starts where a policy token follows a non-policy one
+            policy = samples.response_mask.bool()
+            starts = policy[:, :1].sum() + (policy[:, 1:] & ~policy[:, :-1]).sum()
+            out["rollout/turns_mean"] = starts.item() / samples.batch_size
+            out["rollout/env_token_share"] = (samples.observation_mask.sum() / samples.attention_mask[:, samples.prompt_ids.shape[1]:].sum()).item()
         if samples.token_versions is not None:  # partial rollouts: rows whose tokens came from more than one version
             newest = torch.where(samples.response_mask.bool(), samples.token_versions, -1).max(-1).values
             out["rollout/mixed_version_share"] = (newest != samples.versions).float().mean().item()

@@ -162,3 +162,21 @@ def test_trust_remote_code_gates_a_model_with_its_own_code(tmp_path, policy_dir)
     engine = build_engine(load_config(None, ["rollout.backend=hf", "model.trust_remote_code=true"]), str(model_dir),
                           policy_dir)
     assert type(engine.model).__name__ == "ToyCustomForCausalLM"
+
+
+def test_environment_fields_reach_the_episode_budget_the_engine_context_and_the_environment():
+    """rollout.max_trajectory_tokens caps an episode and sizes vLLM's context (+ room for the first
+    observation); rollout.env_kwargs construct the environment the rollout worker steps."""
+    from rlhf_ray.envs import load_environment
+    from rlhf_ray.rollout import FIRST_OBSERVATION_TOKENS, max_trajectory_tokens
+
+    agent = ["rollout.env=rlhf_ray.envs.toy:GuessingGame", "reward.sources.0.path=rlhf_ray.envs:env_return",
+             "rollout.max_turns=3", "rollout.max_new_tokens=4"]
+    default = load_config(None, agent)
+    assert max_trajectory_tokens(default) == 3 * 4 * 2
+    capped = load_config(None, [*agent, "rollout.max_trajectory_tokens=10", "rollout.env_kwargs={n: 5, max_guesses: 2}"])
+    assert max_trajectory_tokens(capped) == 10
+    assert vllm_options(capped, "m", seed=0).max_model_len == capped.data.max_prompt_len + 10 + FIRST_OBSERVATION_TOKENS
+    env = load_environment(capped.rollout.env, **capped.rollout.env_kwargs)()
+    env.reset("", {"secret": 3})
+    assert env.n == 5 and env.max_guesses == 2

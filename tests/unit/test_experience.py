@@ -386,3 +386,20 @@ def test_explained_variance_with_constant_returns_is_large_and_negative():
     values = torch.tensor([[0.5, 0.25, 0.0]])
     _, metrics = make_experience(samples, _scored(samples, [2.0], values), torch.tensor([2.0]), cfg, 0.1)
     assert metrics["critic/explained_var"] == pytest.approx(1 - 0.0625 / 1e-8, rel=1e-4)
+
+
+def test_token_rewards_with_environment_turns_keep_turn_rewards_in_place_and_the_rest_at_the_last_policy_token():
+    """Multi-turn: policy, policy, observation, observation, policy, padding. The score goes to the last
+    policy token (index 4, not mask.sum − 1 = 2); a turn's reward stays on its last token, and the sum
+    of the rewards is the score."""
+    from rlhf_ray.trainers.experience import token_rewards
+
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0, 0.0]])
+    zero_kl = torch.zeros(1, 6)
+    assert token_rewards(torch.tensor([2.0]), zero_kl, 0.1, mask).tolist() == [[0, 0, 0, 0, 2.0, 0]]
+    turns = torch.tensor([[0.0, 0.25, 0.0, 0.0, 1.0, 0.0]])
+    rewards = token_rewards(torch.tensor([2.0]), zero_kl, 0.1, mask, turns)
+    assert rewards.tolist() == [[0, 0.25, 0, 0, 1.75, 0]] and rewards.sum().item() == 2.0
+    kl = torch.tensor([[0.5, 0.5, 9.0, 9.0, 0.5, 9.0]])  # observation / padding KL never counts
+    with_kl = token_rewards(torch.tensor([2.0]), kl, 0.1, mask, turns)[0].tolist()
+    assert with_kl == pytest.approx([-0.05, 0.2, 0.0, 0.0, 1.7, 0.0], abs=1e-6)
