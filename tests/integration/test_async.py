@@ -53,16 +53,16 @@ def test_k_step_async_grpo_raises_reward_within_the_staleness_bound(ray_session,
 @pytest.mark.parametrize("config, extra", [
     ("toy_ppo.yaml", []),
     ("toy_rloo.yaml", []),
-    ("toy_reinforce_pp.yaml", []),
-    ("toy_grpo.yaml", ["algo.advantage=dr_grpo", "algo.loss_agg=seq-mean-token-sum-norm"]),
     ("toy_reinforce_pp.yaml", ["algo.advantage=reinforce_pp_baseline", "rollout.samples_per_prompt=4",
                                "trainer.prompts_per_step=4"]),
     ("toy_grpo.yaml", ["algo.off_policy_objective=decoupled", "algo.rollout_correction=tis"]),
     ("toy_grpo.yaml", ["algo.dynamic_sampling=true", "algo.max_refills=1"]),
 ])
 def test_every_estimator_trains_with_stale_batches(ray_session, tmp_path, config, extra):
-    """PPO with its critic, every critic-free estimator, the decoupled objective and DAPO's dynamic
-    sampling (its refills come from the queue) run with k = 2 inside the bound, with finite losses."""
+    """PPO with its critic, RLOO, REINFORCE++-baseline (GRPO: the test above), the decoupled objective
+    and DAPO's dynamic sampling (its refills come from the queue) run with k = 2 inside the bound, with
+    finite losses. (Dr. GRPO and plain REINFORCE++ take the same path as GRPO and REINFORCE++-baseline
+    through the queue; they ran green when this was written and are left out for CI time.)"""
     history = _run(_trainer(tmp_path, config, "algo.max_staleness=2", *extra), 6)
     lags = [h["rollout/version_lag"] for h in history]
     if "algo.dynamic_sampling=true" in extra:  # a refill takes the next batch early: it is fresher
