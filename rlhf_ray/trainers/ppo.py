@@ -44,7 +44,7 @@ class Roles:
 
     def __init__(self, cfg: RunConfig, models: ModelPaths, reward_paths: list[str], probe_ids: list[int]):
         self.cfg, self.version, self.probe_ids = cfg, 0, probe_ids
-        self.overlapped = int(cfg.algo.max_staleness > 0)  # asynchronous: the engines generate beside every phase
+        self.asynchronous = cfg.algo.max_staleness > 0  # the engines generate beside every phase
         self.partial_rollouts = cfg.algo.max_staleness > 0 and cfg.rollout.update_in_flight == "mid_request"
         p, timeout = cfg.placement, cfg.placement.timeout_s
         specs = {
@@ -123,7 +123,7 @@ class Roles:
 
     def threads(self, busy: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
         """Torch threads of each worker busy at once: placement.torch_threads, or its node's share."""
-        if self.overlapped:  # asynchronous: the engines generate beside every phase
+        if self.asynchronous:  # the engines generate beside every phase
             busy = list(dict.fromkeys(busy + self.workers("rollout")))
         if self.cfg.placement.torch_threads:
             return {w: self.cfg.placement.torch_threads for w in busy}
@@ -162,22 +162,15 @@ class Roles:
 
     def _recovering_rollout(self, call, step: int | str):
         """Run `call`; if it failed because a rollout engine died and Ray restarted it, put the engine back
-        in sync (the weights of the current version; a new sync channel) and run `call` once more. The
+        in sync (`sync_engines`: the weights of the current version) and run `call` once more. The
         engines are seeded per call, so the retried result is the one the failed call would have given."""
         try:
             return call()
         except PhaseError as err:
-            if "actor died" not in err.cause and "Connection closed" not in err.cause:
-                raise  # a hang or a bug: no restart would help
-            pids = self._rollout_pids(step)
-            if pids == self.rollout_pids:
-                raise
-            print(f"{err}\nrollout engine restarted; re-syncing weights (version {self.version}) and retrying",
-                  flush=True)
-            self.rollout_pids = pids
-            if self.cfg.rollout.weight_sync in ("gloo", "nccl"):
-                self._join_channel()
-            self._sync_once(self.version, step)
+            restarted = self.restarted_engines(err, step)
+            print(f"{err}\nrollout engine(s) {restarted} restarted; re-syncing weights (version {self.version}) "
+                  f"and retrying", flush=True)
+            self.sync_engines(self.version, step, restarted)
             return call()
 
     def _rollout_pids(self, step: int | str) -> list[int]:
@@ -332,10 +325,10 @@ class Roles:
         return restarted
 
     def submit_part(self, engine: int, prompts: list[list[int]], params: SamplingParams, seed: int, first_index: int,
-                    step: int | str, overlapped: bool, metadata: list[dict] | None = None) -> ray.ObjectRef:
+                    step: int | str, metadata: list[dict] | None = None) -> ray.ObjectRef:
         """One engine's share of a rollout batch (its prompts are items first_index… of the batch; their
         metadata goes with them for an environment, rollout.env)."""
-        busy = self.workers("rollout") + (self.workers("policy", "reference", "critic") if overlapped else [])
+        busy = self.workers("rollout") + (self.workers("policy", "reference", "critic") if self.asynchronous else [])
         threads = self.threads(busy)[("rollout", engine)]
         return self.pools["rollout"].workers[engine].generate_stamped.remote(prompts, params, seed, first_index,
                                                                              metadata, threads=threads)
@@ -464,7 +457,6 @@ class PPOTrainer:
     def train_step(self, step: int) -> dict[str, float]:
         timer, t0 = Timer(), time.perf_counter()
         samples, scored, metrics = self.collect(step, timer)
-        metrics |= self.queue.metrics(samples, self.version, self.generate_s)  # staleness against the version updated
         with timer.phase("advantages"):
             scores = shape_scores(scored.scores, samples.stopped, samples.response_lengths, self.cfg, self.moments)
             exp, exp_metrics = make_experience(samples, scored, scores, self.cfg, self.kl_ctl.value)
@@ -515,14 +507,14 @@ class PPOTrainer:
         dropped groups so the batch keeps its size."""
         algo, n, want = self.cfg.algo, self.cfg.rollout.samples_per_prompt, self.cfg.trainer.prompts_per_step
         kept, dropped, metrics = [], [], {}
-        self.generate_s = 0.0
+        generate_s = 0.0  # the engines' own generation time of the batches taken
         last = None if algo.dynamic_sampling else self.cfg.trainer.total_steps  # no batch past the last step's
         for round_ in range(1 + algo.max_refills):
             with timer.phase("prompts"):  # draw and submit the batches the queue is short of
                 self.queue.fill(step, last)
             with timer.phase("rollout"):
                 batch, samples = self.queue.take(step, last)
-                self.generate_s += batch.generate_s
+                generate_s += batch.generate_s
                 metadata = [self.train_prompts[i].metadata for i in batch.indices for _ in range(n)]
                 samples, metadata = self._fresh(samples, metadata)
             if not samples.batch_size:
@@ -549,6 +541,7 @@ class PPOTrainer:
                              f"groups were fresh enough after {round_ + 1} batches (algo.max_staleness="
                              f"{algo.max_staleness}, {self.queue.stale_dropped} samples dropped as stale)", restartable=False)
         samples = concat_samples([s for s, _ in parts], self.tokenizer.pad_token_id).select(slice(0, want * n))
+        metrics |= self.queue.metrics(samples, self.version, generate_s)  # staleness against the version updated
         return samples, concat_scored([c for _, c in parts]).select(torch.arange(want * n)), metrics
 
     def _fresh(self, samples: Samples, metadata: list[dict]) -> tuple[Samples, list[dict]]:

@@ -113,7 +113,7 @@ class RolloutQueue:
         metadata = self.metadata(indices) if self.metadata else None
         self.started = self.started or time.time()
         batch.refs[engine] = self.roles.submit_part(engine, self.prompts(indices), self.params(), batch.seed, int(chunk[0]),
-                                                    step, overlapped=self.k > 0, metadata=metadata)
+                                                    step, metadata=metadata)
 
     def take(self, step: int, last_id: int | None = None) -> tuple[Batch, Samples]:
         """Top the queue up, then the oldest batch's samples (waiting for them), every sync before it verified."""
@@ -176,26 +176,22 @@ class RolloutQueue:
 
     # --- weights -------------------------------------------------------------------------------
 
-    def sync(self, version: int, step: int) -> float | None:
+    def sync(self, version: int, step: int) -> None:
         """Send `version` to the engines. On-policy, or through a collective channel, wait for them to
-        load it (→ the probe gap); else queue it behind the batches in flight (→ None: verified later)."""
+        load it; else queue it behind the batches in flight (verified later). Gaps: `pop_gap`."""
         if self.k == 0 or self.roles.cfg.rollout.weight_sync != "object_store":
             self.gaps.append(self.roles.sync(version, step))
-            return self.gaps[-1]
+            return
         pending = self.roles.start_sync(version, step)
         pending.seq = self._next_seq()
         self.syncs.append(pending)
         self.roles.version = version
-        return None
 
-    def verify_syncs(self, step: int | str, before: int | None = None) -> float | None:
+    def verify_syncs(self, step: int | str, before: int | None = None) -> None:
         """Check the syncs the engines have reached (all with `before` None): version held and probe
-        log-probs equal the policy's; → the largest probe gap, None when none was checked."""
-        gaps = []
+        log-probs equal the policy's."""
         while self.syncs and (before is None or self.syncs[0].seq < before):
-            gaps.append(self.roles.finish_sync(self.syncs.popleft(), step))
-        self.gaps += gaps
-        return max(gaps) if gaps else None
+            self.gaps.append(self.roles.finish_sync(self.syncs.popleft(), step))
 
     def pop_gap(self) -> float | None:
         """The largest probe gap verified since the last call (None: no sync was verified)."""
