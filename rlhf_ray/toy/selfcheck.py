@@ -58,7 +58,7 @@ def run_checks(out_dir: Path, seed: int) -> None:
     _check(tokenizer.decode(ids) == ROUND_TRIP_TEXT, "tokenizer decode(encode(s)) != s")
     _check(len(ids) == len(ROUND_TRIP_TEXT), "tokenizer is not one id per character")
     chat = tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
-    _check(chat == "<|user|>say: hi\n<|assistant|>", f"chat template gave {chat!r}")
+    _check(chat == "<|user|>say: hi\n</s><|assistant|>", f"chat template gave {chat!r}")
     print(f"tokenizer  vocab {len(tokenizer)}  pad/bos/eos ids "
           f"{tokenizer.pad_token_id}/{tokenizer.bos_token_id}/{tokenizer.eos_token_id}")
 

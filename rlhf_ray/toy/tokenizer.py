@@ -16,10 +16,13 @@ PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 CHARACTERS = ("\n",) + tuple(chr(code) for code in range(32, 127))
 
-# `<|role|>content` per message; the generation prompt opens the assistant turn.
+# `<|role|>content</s>` per message, as Zephyr's template writes turns: every turn ends with EOS, so
+# a policy's turn ends where generation stops (multi-turn SFT trains it, multi-turn RL samples it);
+# the generation prompt opens the assistant turn. Roles other than system/user/assistant (e.g.
+# "tool") are written as characters.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>' + message['content'] }}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + eos_token }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )

@@ -106,8 +106,9 @@ def test_cai_given_critiques_stand_in_for_the_first_critique(cai_run):
     for t in given:
         first = t["steps"][0]
         assert (first["principle"], first["critique_prompt"], first["critique"]) == ("feedback", None, t["given_critique"])
-        assert first["revision_prompt"].startswith("<|system|>be brief<|user|>say: hi\n<|assistant|>hmm<|user|>Critique it."
-                                                   if t["prompt"] == CHAT else "<|user|>say: abc\n<|assistant|>xyz")
+        assert first["revision_prompt"].startswith(
+            "<|system|>be brief</s><|user|>say: hi\n</s><|assistant|>hmm</s><|user|>Critique it.</s>"
+            if t["prompt"] == CHAT else "<|user|>say: abc\n</s><|assistant|>xyz</s><|user|>Critique it.</s>")
 
 
 def test_cai_writes_sft_data_and_revision_pairs_the_loaders_read(cai_run):

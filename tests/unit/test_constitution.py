@@ -73,8 +73,8 @@ def test_conversations_are_the_documented_turns():
         {"role": "assistant", "content": "too few"}, {"role": "user", "content": P.revision}]
     tok = build_char_tokenizer()
     assert render_messages(tok, revision_messages("say: ab\n", "xy", P, "too few")) == (
-        "<|user|>say: ab\n<|assistant|>xy<|user|>Which letters are not vowels?<|assistant|>too few"
-        "<|user|>Rewrite it with more vowels.<|assistant|>")
+        "<|user|>say: ab\n</s><|assistant|>xy</s><|user|>Which letters are not vowels?</s>"
+        "<|assistant|>too few</s><|user|>Rewrite it with more vowels.</s><|assistant|>")
     tok.chat_template = None  # without a template: role lines, then the assistant's turn opened
     assert render_messages(tok, critique_messages("hi", "yo", P)) == (
         "user: hi\nassistant: yo\nuser: Which letters are not vowels?\nassistant: ")

@@ -131,7 +131,7 @@ def test_chat_messages_use_the_chat_template(tmp_path, tok):
     source = write(tmp_path / "chat", [{"prompt": messages, "id": 7}])
     [example], _ = load_prompts(source, tok, max_prompt_len=64)
     rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    assert rendered == "<|system|>be brief<|user|>hi<|assistant|>"
+    assert rendered == "<|system|>be brief</s><|user|>hi</s><|assistant|>"
     assert example.prompt_text == rendered
     assert decode(tok, example.prompt_ids) == rendered
     assert example.prompt_ids[-1] == tok.convert_tokens_to_ids("<|assistant|>")  # one token
@@ -143,7 +143,8 @@ def test_sft_conversation_splits_off_the_last_assistant_turn(tmp_path, tok):
                     {"role": "user", "content": "more"}, {"role": "assistant", "content": "eee"}]
     source = write(tmp_path / "sft", [{"messages": conversation}])
     [example], _ = load_sft(source, tok, max_prompt_len=64)
-    assert decode(tok, example.prompt_ids) == "<|user|>say: ab\n<|assistant|>aa<|user|>more<|assistant|>"
+    assert decode(tok, example.prompt_ids) == (
+        "<|user|>say: ab\n</s><|assistant|>aa</s><|user|>more</s><|assistant|>")
     assert decode(tok, example.response_ids) == "eee" + EOS
 
 

@@ -106,8 +106,8 @@ def test_role_lines_without_a_template(tok):
 
 
 def test_the_template_with_and_without_the_generation_prompt(tok):
-    assert render_conversation(tok, [user("hi")], add_generation_prompt=False) == "<|user|>hi"
-    assert render_conversation(tok, [user("hi")], add_generation_prompt=True) == "<|user|>hi<|assistant|>"
+    assert render_conversation(tok, [user("hi")], add_generation_prompt=False) == "<|user|>hi</s>"
+    assert render_conversation(tok, [user("hi")], add_generation_prompt=True) == "<|user|>hi</s><|assistant|>"
 
 
 def test_a_template_that_raises_is_a_value_error(tok):
@@ -123,11 +123,12 @@ def test_a_template_that_raises_is_a_value_error(tok):
 def test_masks_of_a_direct_call(tok):
     messages = [user("hi"), assistant("yo"), user("ok"), assistant("bye")]
     got_ids, mask = context_with_assistant_mask(tok, messages)
-    assert got_ids == ids(tok, "<|user|>hi<|assistant|>yo<|user|>ok<|assistant|>")
-    assert mask == [0, 0, 0, 0] + [1, 1] + [0] * 4
+    assert got_ids == ids(tok, "<|user|>hi</s><|assistant|>yo</s><|user|>ok</s><|assistant|>")
+    # The </s> closing the user turns is context; the one closing the assistant's turn is trained.
+    assert mask == [0, 0, 0, 0, 0] + [1, 1, 1] + [0] * 5
     # One message before the reply: no earlier assistant turn, nothing masked.
     got_ids, mask = context_with_assistant_mask(tok, [user("hi"), assistant("yo")])
-    assert (got_ids, mask) == (ids(tok, "<|user|>hi<|assistant|>"), [0] * 4)
+    assert (got_ids, mask) == (ids(tok, "<|user|>hi</s><|assistant|>"), [0] * 5)
 
 
 def test_the_eos_closing_a_turn_is_trained_and_what_follows_is_not(tok):

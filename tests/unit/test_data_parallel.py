@@ -258,5 +258,5 @@ def test_a_worker_parses_its_chunk_in_row_order(tmp_path, tok, monkeypatch):
     assert start == 1 and len(outcomes) == 3 and forms == {"conversational"}
     ok, bad, origin, number = outcomes[0]
     assert (ok, bad.reason, bad.key, origin, number) == (False, "empty", "prompt", source, 2)
-    assert outcomes[1][0] is True and outcomes[1][1].prompt_text == "<|user|>q<|assistant|>" and outcomes[1][2] == ()
+    assert outcomes[1][0] is True and outcomes[1][1].prompt_text == "<|user|>q</s><|assistant|>" and outcomes[1][2] == ()
     assert outcomes[2] is None

@@ -260,7 +260,8 @@ def test_a_null_prompt_falls_back_to_the_messages_without_the_final_reply(tmp_pa
             {"prompt": "plain", "messages": [user("ignored")], "id": 2},
             {"prompt": None, "messages": [user("q"), assistant("")], "id": 3}]
     examples, report = load_prompts(write(tmp_path / "p", rows), tok, max_prompt_len=64)
-    assert [e.prompt_text for e in examples] == ["<|system|>s<|user|>q<|assistant|>", "plain", "<|user|>q<|assistant|>"]
+    assert [e.prompt_text for e in examples] == ["<|system|>s</s><|user|>q</s><|assistant|>", "plain",
+                                                 "<|user|>q</s><|assistant|>"]
     assert examples[0].prompt == [system("s"), user("q")]
     assert [e.metadata for e in examples] == [{"id": 1}, {"id": 2}, {"id": 3}]
     assert report.format == "prompt-only (conversational)"
@@ -271,17 +272,18 @@ def test_messages_column_prompts(tmp_path, tok):
             {"messages": [user("q"), assistant("a"), user("more"), assistant("b")]}]
     examples, report = load_prompts(write(tmp_path / "m", rows), tok, max_prompt_len=64)
     assert [e.prompt_text for e in examples] == [
-        "<|user|>q<|assistant|>", "<|user|>only<|assistant|>", "<|user|>q<|assistant|>a<|user|>more<|assistant|>"]
+        "<|user|>q</s><|assistant|>", "<|user|>only</s><|assistant|>",
+        "<|user|>q</s><|assistant|>a</s><|user|>more</s><|assistant|>"]
     assert report.format == "language modeling (conversational)"
     [greeting], _ = load_prompts(write(tmp_path / "g", [{"messages": [assistant("welcome")]}]), tok, max_prompt_len=64)
-    assert greeting.prompt_text == "<|assistant|>welcome<|assistant|>"  # a single message is never dropped
+    assert greeting.prompt_text == "<|assistant|>welcome</s><|assistant|>"  # a single message is never dropped
 
 
 def test_a_cut_prompt_text_is_the_decoded_kept_tokens(tmp_path, tok):
     rows = [{"prompt": [user("abcdefgh")]}]
     [example], report = load_prompts(write(tmp_path / "p", rows), tok, max_prompt_len=6, overlength="truncate_left")
-    assert example.prompt_ids == ids(tok, "<|user|>abcdefgh<|assistant|>")[-6:]
-    assert example.prompt_text == "defgh<|assistant|>" and report.truncated == {"prompt": 1}
+    assert example.prompt_ids == ids(tok, "<|user|>abcdefgh</s><|assistant|>")[-6:]
+    assert example.prompt_text == "efgh</s><|assistant|>" and report.truncated == {"prompt": 1}
     [fits], report = load_prompts(write(tmp_path / "q", [{"prompt": "abcdef"}]), tok, max_prompt_len=6)
     assert fits.prompt_text == "abcdef" and report.truncated == {}
 
@@ -314,7 +316,7 @@ def test_prompt_strings_get_the_tokenizers_bos_once(tmp_path, bos_tok):
                                                 [1] + ids(bos_tok, " b")]
     assert [e.response_ids for e in examples] == [ids(bos_tok, "c") + [2]] * 3  # responses: no BOS
     [chat], _ = load_sft(write(tmp_path / "c", [{"prompt": [user("q")], "response": "c"}]), bos_tok, **LIMITS)
-    assert chat.prompt_ids == ids(bos_tok, "<|user|>q<|assistant|>")  # the template's own specials only
+    assert chat.prompt_ids == ids(bos_tok, "<|user|>q</s><|assistant|>")  # the template's own specials only
 
 
 def test_a_text_that_is_only_a_bos_keeps_one(tmp_path, bos_tok):
@@ -363,8 +365,8 @@ def test_sft_prompt_completion_rows_fall_back_to_messages(tmp_path, tok):
             {"prompt": None, "response": None, "messages": [user("q"), assistant("a"), user("q2"), assistant("b")]}]
     examples, report = load_sft(write(tmp_path / "s", rows), tok, **LIMITS)
     assert examples[0] == SFTExample(ids(tok, "p"), ids(tok, "r" + EOS))
-    assert examples[1] == SFTExample(ids(tok, "<|user|>q<|assistant|>a<|user|>q2<|assistant|>"), ids(tok, "b" + EOS),
-                                     [0, 0, 0, 1, 0, 0, 0, 0])
+    assert examples[1] == SFTExample(ids(tok, "<|user|>q</s><|assistant|>a</s><|user|>q2</s><|assistant|>"),
+                                     ids(tok, "b" + EOS), [0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0])
     assert report.format == "prompt-completion (conversational)"
     [last], _ = load_sft(write(tmp_path / "l", rows[1:]), tok, sft_turns="last", **LIMITS)
     assert last.assistant_mask is None and last.prompt_ids == examples[1].prompt_ids
@@ -373,17 +375,17 @@ def test_sft_prompt_completion_rows_fall_back_to_messages(tmp_path, tok):
 def test_a_mask_conversation_that_is_too_long_follows_overlength(tmp_path, tok):
     rows = [{"messages": [user("q" * 10), assistant("a"), user("r"), assistant("b")]}]
     source = write(tmp_path / "s", rows)
-    with pytest.raises(DataError, match=r"row 1, key 'messages': prompt has 16 tokens > max_prompt_len=8"):
+    with pytest.raises(DataError, match=r"row 1, key 'messages': prompt has 19 tokens > max_prompt_len=8"):
         load_sft(source, tok, max_prompt_len=8)
     [cut], _ = load_sft(source, tok, max_prompt_len=8, overlength="truncate_left")
-    assert cut.prompt_ids == ids(tok, "q" * 3 + "<|assistant|>a<|user|>r<|assistant|>")
-    assert cut.assistant_mask == [0, 0, 0, 0, 1, 0, 0, 0]
+    assert cut.prompt_ids == ids(tok, "</s><|assistant|>a</s><|user|>r</s><|assistant|>")
+    assert cut.assistant_mask == [0, 0, 1, 1, 0, 0, 0, 0]  # the user turn's </s> is context, the assistant's trained
 
 
 def test_hh_transcript_in_a_messages_column(tmp_path, tok):
     rows = [{"messages": "\n\nHuman: hi\n\nAssistant: yo"}]
     [example], report = load_sft(write(tmp_path / "s", rows), tok, **LIMITS)
-    assert example == SFTExample(ids(tok, "<|user|>hi<|assistant|>"), ids(tok, "yo" + EOS))
+    assert example == SFTExample(ids(tok, "<|user|>hi</s><|assistant|>"), ids(tok, "yo" + EOS))
     assert report.format == "language modeling (HH-RLHF transcripts)"
 
 

@@ -2,7 +2,7 @@
 and conversational), Anthropic HH-RLHF transcripts, UltraFeedback binarized (with scores), no_robots
 and GSM8K. The report names the detected type; HH transcripts become chat messages; multi-turn SFT
 trains every assistant turn, checked token by token; pair scores reach the reward model's margin and
-ranked losses. Toy char tokenizer (one id per character, `<|role|>content` chat template)."""
+ranked losses. Toy char tokenizer (one id per character, `<|role|>content</s>` chat template)."""
 
 import math
 from pathlib import Path
@@ -46,7 +46,7 @@ def fields(tok, example):
 # ---- TRL's documented types, standard and conversational (https://huggingface.co/docs/trl/dataset_formats) ----
 
 Q = [user("What color is the sky?")]
-Q_TEXT = "<|user|>What color is the sky?<|assistant|>"
+Q_TEXT = "<|user|>What color is the sky?</s><|assistant|>"
 TRL_EXAMPLES = {
     "language-modeling": (load_sft, {"text": "The sky is blue."},
                           "language modeling (standard)", {"prompt": "T", "response": "he sky is blue." + EOS}),
@@ -145,8 +145,8 @@ def test_hh_pairs_render_every_earlier_turn_with_the_chat_template(tmp_path, tok
     assert report.format == "preference, implicit prompt (HH-RLHF transcripts)"
     for pair, messages in zip(pairs, HH_PROMPTS):
         assert text(tok, pair.prompt_ids) == tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    assert text(tok, pairs[1].prompt_ids) == ("<|user|>Hi!<|assistant|>Hello. How can I help?"
-                                              "<|user|>Name a colour.\nOne word.<|assistant|>")
+    assert text(tok, pairs[1].prompt_ids) == ("<|user|>Hi!</s><|assistant|>Hello. How can I help?</s>"
+                                              "<|user|>Name a colour.\nOne word.</s><|assistant|>")
     assert [text(tok, p.chosen_ids) for p in pairs] == ["4." + EOS, "Blue." + EOS]
     assert [text(tok, p.rejected_ids) for p in pairs] == ["5." + EOS, "I will not." + EOS]
     # Without a chat template the messages become role lines.
@@ -163,7 +163,7 @@ def test_hh_prompts_for_rl_and_hh_prompt_columns(tmp_path, tok):
     # Derived sets that split HH into prompt / chosen / rejected keep the transcript in the prompt.
     row = {"prompt": "\n\nHuman: What is 2+2?\n\nAssistant:", "chosen": " 4.", "rejected": " 5."}
     [pair], _ = load_preferences(write(tmp_path / "split", [row]), tok, **LIMITS)
-    assert text(tok, pair.prompt_ids) == "<|user|>What is 2+2?<|assistant|>"
+    assert text(tok, pair.prompt_ids) == "<|user|>What is 2+2?</s><|assistant|>"
 
 
 def test_pairs_without_a_shared_prompt_are_bad_rows_named_by_row(tmp_path, tok):
@@ -198,7 +198,7 @@ def test_ultrafeedback_pairs_keep_their_scores_and_their_conversation(tmp_path, 
     source = write(tmp_path / "uf", UF_ROWS)
     pairs, report = load_preferences(source, tok, **LIMITS)
     assert report.format == "preference (conversational)"
-    assert text(tok, pairs[0].prompt_ids) == "<|user|>What is 2+2?<|assistant|>"
+    assert text(tok, pairs[0].prompt_ids) == "<|user|>What is 2+2?</s><|assistant|>"
     assert (text(tok, pairs[0].chosen_ids), text(tok, pairs[0].rejected_ids)) == ("4" + EOS, "5" + EOS)
     assert [p.scores for p in pairs] == [[8.0, 5.5], [9.0, 2.0]]
     # The same file as ranked lists of 2 (RRHF, listwise RM), and its `messages` for SFT.
@@ -224,7 +224,7 @@ def test_no_robots_rows_train_on_their_messages(tmp_path, tok):
            "messages": [system("You are a poet."), user("Write a haiku."), assistant("Old pond, a frog jumps")]}
     [example], report = load_sft(write(tmp_path / "no_robots", [row]), tok, **LIMITS)
     assert report.format == "language modeling (conversational)"
-    assert text(tok, example.prompt_ids) == "<|system|>You are a poet.<|user|>Write a haiku.<|assistant|>"
+    assert text(tok, example.prompt_ids) == "<|system|>You are a poet.</s><|user|>Write a haiku.</s><|assistant|>"
     assert text(tok, example.response_ids) == "Old pond, a frog jumps" + EOS
     assert example.assistant_mask is None  # one assistant turn: nothing to train inside the prompt
 
@@ -243,9 +243,10 @@ def test_gsm8k_questions_are_rl_prompts_with_their_answer_as_metadata(tmp_path, 
 
 CONVERSATION = [system("be brief"), user("hi"), assistant("yo"), user("and?"), assistant("ok!"), user("bye"),
                 assistant("ciao")]
-# The prompt of the last turn in pieces: (text, trained). Only the earlier assistant contents are trained.
-PIECES = [("<|system|>be brief<|user|>hi<|assistant|>", 0), ("yo", 1), ("<|user|>and?<|assistant|>", 0),
-          ("ok!", 1), ("<|user|>bye<|assistant|>", 0)]
+# The prompt of the last turn in pieces: (text, trained). Only the earlier assistant contents and the </s> closing
+# them are trained; the </s> closing a system or user turn is context.
+PIECES = [("<|system|>be brief</s><|user|>hi</s><|assistant|>", 0), ("yo</s>", 1), ("<|user|>and?</s><|assistant|>", 0),
+          ("ok!</s>", 1), ("<|user|>bye</s><|assistant|>", 0)]
 
 
 def expand(tok, pieces):
@@ -262,12 +263,12 @@ def test_every_assistant_turn_is_masked_token_by_token(tmp_path, tok):
     [example], _ = load_sft(source, tok, **LIMITS)  # sft_turns="all" is the default
     ids, mask = expand(tok, PIECES)
     assert example.prompt_ids == ids and example.assistant_mask == mask
-    assert [t for t, m in zip(tok.convert_ids_to_tokens(ids), mask) if m] == list("yook!")
+    assert [t for t, m in zip(tok.convert_ids_to_tokens(ids), mask) if m] == ["y", "o", EOS, "o", "k", "!", EOS]
     assert text(tok, example.response_ids) == "ciao" + EOS
-    # The batch's response_mask: 1 on "yo", "ok!" and "ciao</s>", 0 on every other token.
+    # The batch's response_mask: 1 on "yo</s>", "ok!</s>" and "ciao</s>", 0 on every other token.
     batch = sft.collate(tok.pad_token_id, [example])
     assert batch.response_mask[0, 0].tolist() == mask + [1] * 5
-    assert batch.response_lengths.tolist() == [[10.0]]
+    assert batch.response_lengths.tolist() == [[12.0]]
     # sft_turns="last": the same tokens, only the last turn trained.
     [last], _ = load_sft(source, tok, sft_turns="last", **LIMITS)
     assert last.prompt_ids == ids and last.assistant_mask is None
@@ -313,7 +314,8 @@ def test_masks_follow_a_left_cut_and_a_first_assistant_message_is_context(tmp_pa
     assert (cut.prompt_ids, cut.assistant_mask) == (ids[-20:], mask[-20:]) and report.truncated == {"prompt": 1}
     greeting = write(tmp_path / "greeting", [{"messages": [assistant("welcome"), user("hi"), assistant("yo")]}])
     [example], _ = load_sft(greeting, tok, **LIMITS)
-    assert example.assistant_mask is None and text(tok, example.prompt_ids) == "<|assistant|>welcome<|user|>hi<|assistant|>"
+    assert example.assistant_mask is None
+    assert text(tok, example.prompt_ids) == "<|assistant|>welcome</s><|user|>hi</s><|assistant|>"
 
 
 def test_a_template_that_rewrites_history_cannot_be_masked(tmp_path):

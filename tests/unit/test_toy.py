@@ -68,9 +68,9 @@ def test_tokenizer_ids_and_specials(tokenizer):
 def test_chat_template(tokenizer):
     messages = [{"role": "user", "content": "say: ab\n"}, {"role": "assistant", "content": "ae"}]
     text = tokenizer.apply_chat_template(messages, tokenize=False)
-    assert text == "<|user|>say: ab\n<|assistant|>ae"
+    assert text == "<|user|>say: ab\n</s><|assistant|>ae</s>"
     prompt = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
-    assert prompt == "<|user|>say: ab\n<|assistant|>"
+    assert prompt == "<|user|>say: ab\n</s><|assistant|>"
     assert tokenizer(prompt)["input_ids"][0] == 5 and tokenizer(prompt)["input_ids"][-1] == 6
 
 
