@@ -66,6 +66,7 @@ class Samples(TensorRecord):
     token_versions: Tensor | None = None  # (B, T) long: the version that produced each response token (partial rollouts)
     observation_mask: Tensor | None = None  # (B, T) long, 1 on environment tokens between turns (attended, never trained)
     env_rewards: Tensor | None = None  # (B, T) float: an environment's reward for each turn, at the turn's last policy token
+    tool_counts: Tensor | None = None  # (B, 1 + K) long: an episode's tool calls, then its failed calls per kind (rlhf_ray.envs.tools.FAILURE_KINDS)
 
     @property
     def input_ids(self) -> Tensor:  # (B, P + T)
@@ -122,6 +123,7 @@ def concat_samples(parts: list[Samples], pad_token_id: int) -> Samples:
         token_versions=_cat_optional([s.token_versions for s in parts], t, 0),
         observation_mask=_cat_optional([s.observation_mask for s in parts], t, 0),
         env_rewards=_cat_optional([s.env_rewards for s in parts], t, 0.0),
+        tool_counts=torch.cat([s.tool_counts for s in parts]) if all(s.tool_counts is not None for s in parts) else None,
     )
 
 

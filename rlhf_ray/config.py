@@ -104,6 +104,7 @@ class RolloutConfig(Section):
     env: str | None = Field(None, description="Multi-turn RL: an environment class `module:Class` (reset(prompt, metadata) → first observation; step(action) → observation, reward, done, info); each sample is an episode of policy turns (up to max_new_tokens each) and environment replies. null: single-turn.")
     env_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the environment class.")
     max_turns: int = Field(4, gt=0, description="rollout.env: policy turns per episode at most.")
+    env_turns: Literal["auto", "chat", "raw"] = Field("auto", description="rollout.env: how the environment's replies join an episode: 'chat' as turns of the tokenizer's chat template (the environment's observation_role, e.g. 'tool', else 'user'; the policy's turn closed by the template), 'raw' as their plain text's tokens; 'auto': chat when the tokenizer has a chat template.")
     max_trajectory_tokens: int | None = Field(None, gt=0, description="rollout.env: policy + environment tokens of an episode at most; null: max_turns × max_new_tokens × 2.")
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="vLLM engine options.")
 
@@ -374,6 +375,7 @@ class DPOConfig(Section):
 
 
 class PipelineConfig(Section):
+    stages: list[Literal["sft", "rm", "ppo"]] = Field(default_factory=lambda: ["sft", "rm", "ppo"], description="Stages in order: [sft, rm, ppo] (RLHF with a learned reward model) or [sft, ppo] (SFT, then RL on the config's own reward sources: verifiers, functions, environments).")
     sft: list[str] = Field(default_factory=list, description="section.field=value overrides of the SFT stage, applied on top of this config's sections.")
     rm: list[str] = Field(default_factory=list, description="Overrides of the reward-model stage (its rm.init is wired to the SFT export).")
     ppo: list[str] = Field(default_factory=list, description="Overrides of the PPO stage (policy and reference = SFT export, critic and reward.sources[0] = RM export).")
@@ -748,10 +750,15 @@ def _checkpoint_rules(cfg: RunConfig) -> list[str]:
 
 
 def _toy_rules(cfg: RunConfig) -> list[str]:
-    toy = cfg.model.toy
+    toy, task, out = cfg.model.toy, cfg.data.toy_task, []
     if toy.hidden_size % toy.num_heads:
-        return [f"model.toy.num_heads={toy.num_heads} must divide model.toy.hidden_size={toy.hidden_size}."]
-    return []
+        out.append(f"model.toy.num_heads={toy.num_heads} must divide model.toy.hidden_size={toy.hidden_size}.")
+    stages = {"guess": ("ppo",), "calc": ("ppo", "sft")}.get(task)  # toy agent tasks: calc has SFT demonstrations
+    if stages and TOY in (cfg.data.train, cfg.data.eval) and cfg.stage not in stages:
+        stages = "ppo (and sft: its cold-start demonstrations)" if task == "calc" else "ppo"
+        out.append(f"data.toy_task={task} is a toy agent task with data for stage {stages}, not stage {cfg.stage}; "
+                   f"use a toy task of that stage (vowel) or point data.train at your own file.")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -806,25 +813,32 @@ def _override_list_rules(cfg: RunConfig) -> list[str]:
 
 
 def _pipeline_rules(cfg: RunConfig) -> list[str]:
+    stages = cfg.pipeline.stages
+    if stages not in (["sft", "rm", "ppo"], ["sft", "ppo"]):
+        return [f"pipeline.stages={stages} is not a pipeline this runs; use [sft, rm, ppo] or [sft, ppo]."]
+    out = _override_list_rules(cfg)
+    if cfg.pipeline.rm and "rm" not in stages:
+        out.append(f"pipeline.rm overrides are set but pipeline.stages={stages} has no rm stage; remove them or add rm.")
     try:
         pipeline_stage_configs(cfg)
     except ConfigError as err:
-        return _override_list_rules(cfg) + str(err).splitlines()
-    return _override_list_rules(cfg)
+        return out + str(err).splitlines()
+    return out
 
 
 def pipeline_exports(cfg: RunConfig) -> dict[str, str]:
     """Where each pipeline stage exports its model: <run_dir>/<stage>/export/<policy|reward>."""
-    return {"sft": str(cfg.run_dir / "sft" / "export" / "policy"),
-            "rm": str(cfg.run_dir / "rm" / "export" / "reward"),
-            "ppo": str(cfg.run_dir / "ppo" / "export" / "policy")}
+    exports = {"sft": str(cfg.run_dir / "sft" / "export" / "policy"),
+               "rm": str(cfg.run_dir / "rm" / "export" / "reward"),
+               "ppo": str(cfg.run_dir / "ppo" / "export" / "policy")}
+    return {stage: exports[stage] for stage in cfg.pipeline.stages}
 
 
 def pipeline_stage_configs(cfg: RunConfig) -> dict[str, RunConfig]:
     """The validated config of each stage of a pipeline run: this config's sections, then
     `pipeline.<stage>` overrides, then the wiring (run directory, and each stage's models
     from the exports before it). One ConfigError names every stage's problems."""
-    return _build_each("pipeline", PIPELINE_STAGES, lambda stage: _pipeline_stage_raw(cfg, stage))
+    return _build_each("pipeline", tuple(cfg.pipeline.stages), lambda stage: _pipeline_stage_raw(cfg, stage))
 
 
 def _build_each(section: str, stages: tuple[str, ...], make_raw) -> dict[str, RunConfig]:
@@ -857,7 +871,8 @@ def _stage_raw(cfg: RunConfig, stage: str, overrides: list[str], wired: tuple[st
 
 
 def _pipeline_stage_raw(cfg: RunConfig, stage: str) -> dict[str, Any]:
-    return _wire(_stage_raw(cfg, stage, getattr(cfg.pipeline, stage), PIPELINE_WIRED[stage], "pipeline"), cfg, stage)
+    wired = PIPELINE_WIRED[stage] if "rm" in cfg.pipeline.stages else PIPELINE_WIRED[stage][:5]  # no RM to wire
+    return _wire(_stage_raw(cfg, stage, getattr(cfg.pipeline, stage), wired, "pipeline"), cfg, stage)
 
 
 def _wire(raw: dict[str, Any], cfg: RunConfig, stage: str) -> dict[str, Any]:
@@ -868,7 +883,9 @@ def _wire(raw: dict[str, Any], cfg: RunConfig, stage: str) -> dict[str, Any]:
         raw["checkpoint"]["export_hf"] = True  # the next stage loads the export
     if stage == "rm":
         raw["rm"]["init"] = exports["sft"]
-    if stage == "ppo":
+    if stage == "ppo" and "rm" not in exports:  # [sft, ppo]: RL on the config's own reward sources
+        raw["model"] |= {"policy": exports["sft"], "reference": exports["sft"]}
+    elif stage == "ppo":
         raw["model"] |= {"policy": exports["sft"], "reference": exports["sft"], "critic": exports["rm"]}
         sources = raw["reward"]["sources"]
         weight = sources[0]["weight"] if sources else 1.0

@@ -21,6 +21,7 @@ run writes before it reads them (exports, a round's pairs) are skipped.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -37,7 +38,7 @@ OFFLINE_VALUES = ("1", "ON", "YES", "TRUE")  # what huggingface_hub reads as tru
 class Need(NamedTuple):
     field: str  # dotted config field, e.g. reward.sources.0.path
     value: str
-    kind: str  # "model" | "tokenizer" | "data" | "function" | "file" | "checkpoint" | "env"
+    kind: str  # "model" | "tokenizer" | "data" | "function" | "file" | "checkpoint" | "env" | "chat_template"
 
 
 def preflight_problems(cfg: RunConfig) -> list[str]:
@@ -82,6 +83,9 @@ def stage_needs(cfg: RunConfig) -> list[Need]:
         if cfg.uses_critic and cfg.model.critic:
             needs.append(Need("model.critic", cfg.model.critic, "model"))
         needs += _reward_needs(cfg)
+        if cfg.rollout.env and cfg.rollout.env_turns == "chat":
+            tokenizer = _policy_needs(cfg)[1]
+            needs.append(Need(tokenizer.field, tokenizer.value, "chat_template"))
     return needs
 
 
@@ -252,8 +256,21 @@ def check_env(need: Need) -> str | None:
     return f"the environment variable {need.value} is unset or empty; export {need.value}=<token> before launching"
 
 
+def check_chat_template(need: Need) -> str | None:
+    """rollout.env_turns=chat: a local tokenizer directory must carry a chat template (hub ids load later)."""
+    path = Path(need.value).expanduser()
+    if need.value == TOY or not path.is_dir() or check_tokenizer(need):
+        return None  # the toy's has one; a hub id or a missing tokenizer is reported elsewhere
+    config = path / "tokenizer_config.json"
+    if (path / "chat_template.jinja").exists() or (path / "chat_template.json").exists() or \
+            (config.exists() and json.loads(config.read_text()).get("chat_template")):
+        return None
+    return ("has no chat template, which rollout.env_turns=chat renders the environment's replies with; "
+            "set rollout.env_turns=raw (replies as plain text) or use a chat model's tokenizer")
+
+
 CHECKS = {"model": check_model, "tokenizer": check_tokenizer, "data": check_data, "function": check_function,
-          "file": check_file, "checkpoint": check_checkpoint, "env": check_env}
+          "file": check_file, "checkpoint": check_checkpoint, "env": check_env, "chat_template": check_chat_template}
 
 
 def _relative_note(path: Path) -> str:

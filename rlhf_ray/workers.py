@@ -534,7 +534,7 @@ class RolloutWorker(Worker):
         self.fixed_threads = self.backend == "vllm"  # vLLM fixes its threads at start (rollout.vllm.threads)
         self.engine = build_engine(cfg, paths.policy, paths.tokenizer, seed=cfg.rollout.seed + engine_index)
         self.channel = None
-        self.paths, self.env_parts = paths, None  # rollout.env: (tokenizer, environment factory), built on first use
+        self.paths, self.env_parts = paths, None  # rollout.env: (tokenizer, environment factory, reply format), built on first use
         self.partial = cfg.stage == "ppo" and cfg.algo.max_staleness > 0 and cfg.rollout.update_in_flight == "mid_request"
         self._cv = threading.Condition()
         self._engine_busy, self._loads_waiting = False, 0
@@ -573,14 +573,15 @@ class RolloutWorker(Worker):
         from rlhf_ray.models import load_tokenizer
         from rlhf_ray.rollout import max_trajectory_tokens
         from rlhf_ray.rollout.multiturn import run_episodes
+        from rlhf_ray.rollout.turns import turn_format
 
         r = self.cfg.rollout
         if self.env_parts is None:
-            self.env_parts = (load_tokenizer(self.paths.tokenizer, self.cfg.model.trust_remote_code),
-                              load_environment(r.env, **r.env_kwargs))
-        tokenizer, make_env = self.env_parts
+            tokenizer = load_tokenizer(self.paths.tokenizer, self.cfg.model.trust_remote_code)
+            self.env_parts = (tokenizer, load_environment(r.env, **r.env_kwargs), turn_format(tokenizer, r.env_turns))
+        tokenizer, make_env, turns = self.env_parts
         samples, _ = run_episodes(self.engine, tokenizer, prompts, metadata, make_env, params, seed, first_index,
-                                  r.max_turns, max_trajectory_tokens(self.cfg))
+                                  r.max_turns, max_trajectory_tokens(self.cfg), turns=turns)
         return samples
 
     @contextlib.contextmanager

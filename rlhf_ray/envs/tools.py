@@ -19,7 +19,8 @@ and a subprocess (not multiprocessing's spawn/forkserver) never re-imports the c
 (a Ray worker's, a pytest run's). The worker runs in its own session, so a kill on a missed
 deadline reaches whatever the tool started; after a timeout or a crash the worker is killed and the
 next call starts a fresh one. A call's deadline excludes worker start-up (bounded separately).
-Calls are serialised by a lock: one worker per sandbox. This isolates the trainer from crashes,
+Calls are serialised by a lock: one worker per sandbox; a `SandboxPool` of several sandboxes runs
+the calls of concurrent episodes side by side. This isolates the trainer from crashes,
 hangs and floods; it is not a security boundary (the tool runs with the trainer's permissions).
 """
 
@@ -30,6 +31,7 @@ import functools
 import inspect
 import json
 import os
+import queue
 import re
 import select
 import signal
@@ -422,13 +424,49 @@ def _failure(kind: str, error: str) -> ToolResult:
     return ToolResult(ok=False, output="", error=error, kind=kind)
 
 
+class SandboxPool:
+    """`size` sandboxes that take calls concurrently, each with its own worker process (started on its
+    first call, so a pool costs only the processes its concurrency needs). A call takes the most recently
+    freed sandbox and waits for one when all are busy; `counters` add up over the pool."""
+
+    def __init__(self, tools: Sequence[str], size: int, **limits: Any):
+        if size < 1:
+            raise ValueError(f"a sandbox pool needs size >= 1, got {size}")
+        self.sandboxes = [ToolSandbox(tools, **limits) for _ in range(size)]
+        self._free: queue.LifoQueue[ToolSandbox] = queue.LifoQueue()  # the last used first: its worker is warm
+        for sandbox in self.sandboxes:
+            self._free.put(sandbox)
+
+    def run(self, call: ToolCall) -> ToolResult:
+        return self._with_free(lambda sandbox: sandbox.run(call))
+
+    def call(self, name: str, arguments: dict | str) -> ToolResult:
+        return self._with_free(lambda sandbox: sandbox.call(name, arguments))
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return {key: sum(s.counters[key] for s in self.sandboxes) for key in self.sandboxes[0].counters}
+
+    def close(self) -> None:
+        for sandbox in self.sandboxes:
+            sandbox.close()
+
+    def _with_free(self, use: Callable[[ToolSandbox], ToolResult]) -> ToolResult:
+        sandbox = self._free.get()
+        try:
+            return use(sandbox)
+        finally:
+            self._free.put(sandbox)
+
+
 # ---- environments whose turns call tools --------------------------------------------------------
 
 @functools.cache
-def shared_sandbox(tools: tuple[str, ...], timeout_s: float, max_output_chars: int) -> ToolSandbox:
-    """One sandbox per tool set and limits in this process, shared by the environments of all its
-    trajectories: environments are per trajectory, and a worker process each would be wasteful."""
-    return ToolSandbox(tools, timeout_s=timeout_s, max_output_chars=max_output_chars)
+def shared_sandbox(tools: tuple[str, ...], timeout_s: float, max_output_chars: int, workers: int = 4) -> SandboxPool:
+    """One pool of sandboxes per tool set and limits in this process, shared by the environments of all
+    its trajectories (environments are per trajectory; a worker process each would be wasteful), with
+    `workers` worker processes at most, so that tool calls of concurrent episodes run side by side."""
+    return SandboxPool(tools, workers, timeout_s=timeout_s, max_output_chars=max_output_chars)
 
 
 def format_tool_results(results: list[ToolResult]) -> str:
@@ -444,23 +482,31 @@ class ToolEnvironment:
     ends whatever the turn holds. Subclasses list their tools in `tools`.
 
     `info` of every step: turns so far, tool_calls (attempted, malformed included), tool_errors,
-    tool_used (at least one call succeeded: the "tool-use share" metric), turn_limit (ended by max_turns)."""
+    tool_failures (failed calls by kind), tool_used (at least one call succeeded: the "tool-use share"
+    metric), turn_limit (ended by max_turns). Tool results are observations in the "tool" role (a
+    chat template's tool turn, `rollout.env_turns`)."""
+
+    observation_role = "tool"
 
     tools: tuple[str, ...] = ()  # "module:function" paths, importable in the worker process
     timeout_s: float = 5.0  # per call
     max_output_chars: int = 1024  # per call; longer outputs fail as output_too_large
+    sandbox_workers: int = 4  # tool calls of concurrent episodes that run at once (worker processes)
 
-    def __init__(self, max_turns: int = 4, sandbox: ToolSandbox | None = None):
+    def __init__(self, max_turns: int = 4, sandbox: ToolSandbox | SandboxPool | None = None):
         if max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, got {max_turns}")
         self.max_turns = max_turns
-        self.sandbox = sandbox or shared_sandbox(tuple(self.tools), self.timeout_s, self.max_output_chars)
+        self.sandbox = sandbox or shared_sandbox(tuple(self.tools), self.timeout_s, self.max_output_chars,
+                                                 self.sandbox_workers)
         self.prompt, self.metadata, self.done = "", {}, True
         self.turns = self.tool_calls = self.tool_errors = 0
+        self.tool_failures: dict[str, int] = {}
 
     def reset(self, prompt: str, metadata: dict) -> str:
         self.prompt, self.metadata, self.done = prompt, dict(metadata), False
         self.turns = self.tool_calls = self.tool_errors = 0
+        self.tool_failures = {}
         return ""
 
     def step(self, action: str) -> StepResult:
@@ -471,6 +517,9 @@ class ToolEnvironment:
             results = [self.sandbox.run(call) for call in calls]
             self.tool_calls += len(results)
             self.tool_errors += sum(not r.ok for r in results)
+            for result in results:
+                if result.kind is not None:
+                    self.tool_failures[result.kind] = self.tool_failures.get(result.kind, 0) + 1
             return StepResult(format_tool_results(results), 0.0, False, self._info(turn_limit=False))
         self.done = True
         return StepResult("", self.final_reward(strip_tool_calls(action)), True, self._info(turn_limit=bool(calls)))
@@ -480,4 +529,5 @@ class ToolEnvironment:
 
     def _info(self, turn_limit: bool) -> dict:
         return {"turns": self.turns, "tool_calls": self.tool_calls, "tool_errors": self.tool_errors,
-                "tool_used": self.tool_calls > self.tool_errors, "turn_limit": turn_limit}
+                "tool_failures": dict(self.tool_failures), "tool_used": self.tool_calls > self.tool_errors,
+                "turn_limit": turn_limit}

@@ -3,8 +3,10 @@
 - `GuessingGame`: find a secret integer in [1, n] from "higher"/"lower" replies. The information is
   in the observations, so only a policy that reads them wins reliably; bisection always wins within
   floor(log2 n) + 1 = n.bit_length() guesses, the default limit.
-- `CalculatorArithmetic`: the product of a 3-digit and a 4-digit number, which a tiny model cannot
-  guess but can get by calling the `calculator` tool and copying its result (tool use must pay off).
+- `CalculatorArithmetic`: the product of two 2-digit numbers, which a tiny model cannot compute but
+  can get by calling the `calculator` tool and copying its result (tool use must pay off). A tiny
+  random model cannot find the call format by chance: `calculator_demonstrations` are SFT data for a
+  cold start (half of them call the tool), after which RL raises the share that does.
 
 All text is printable ASCII and newlines, which the char-level toy tokenizer (rlhf_ray/toy) encodes
 exactly. Prompt rows are `{"prompt": str, "metadata": dict}`, deterministic in their seed; the
@@ -166,22 +168,44 @@ class CalculatorArithmetic(ToolEnvironment):
         return float(final_answer(answer) == int(self.metadata["answer"]))
 
 
-CALCULATOR_INSTRUCTION = ('Call the calculator as <tool_call>{"name": "calculator", "arguments": '
-                          '{"expression": "..."}}</tool_call>, then reply answer: <number>\n')
+def calculator_call(expression: str) -> str:
+    """The policy's call of the calculator, in the tool-call format."""
+    return f"<tool_call>{json.dumps({'name': 'calculator', 'arguments': {'expression': expression}})}</tool_call>"
 
 
-def calculator_prompts(n_rows: int, seed: int, digits: tuple[int, int] = (3, 4)) -> list[dict]:
-    """n_rows products of a digits[0]- and a digits[1]-digit number drawn from `seed`. The prompt holds
-    the question and the call format (fixed text, so the data do not change with a library's schema
-    rendering); metadata holds the exact "answer" and the bare "question" (to build chat messages
-    for `render_tools_prompt` instead)."""
+def calculator_prompts(n_rows: int, seed: int, digits: tuple[int, int] = (2, 2)) -> list[dict]:
+    """n_rows products of a digits[0]- and a digits[1]-digit number drawn from `seed`. The prompt is the
+    question as a user message (rendered with the tokenizer's chat template by the loader); metadata
+    holds the exact "answer" and the "expression"."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n_rows):
         a, b = (rng.randint(10 ** (d - 1), 10**d - 1) for d in digits)
-        question = f"What is {a}*{b}?"
-        rows.append({"prompt": f"{question} {CALCULATOR_INSTRUCTION}",
-                     "metadata": {"answer": str(a * b), "question": question}})
+        rows.append({"prompt": [{"role": "user", "content": f"What is {a}*{b}?"}],
+                     "metadata": {"answer": str(a * b), "expression": f"{a}*{b}"}})
+    return rows
+
+
+def calculator_demonstrations(n_rows: int, seed: int, tool_share: float = 0.5,
+                              digits: tuple[int, int] = (2, 2)) -> list[dict]:
+    """SFT conversations for a cold start (the tool-call format, then the answer read off the result):
+    a `tool_share` of them call the calculator, then answer with its result (assistant, tool,
+    assistant turns); the others answer at once, correctly, which a tiny model cannot learn to do
+    reliably, so RL finds the tool pays. The tool turn is exactly what `CalculatorArithmetic`
+    answers, so SFT and the episodes share one layout."""
+    from rlhf_ray.envs.tools import ToolResult, format_tool_results
+
+    rng = random.Random(seed)
+    rows = []
+    for row in calculator_prompts(n_rows, seed, digits):
+        question, answer = row["prompt"], row["metadata"]["answer"]
+        if rng.random() < tool_share:
+            result = format_tool_results([ToolResult(ok=True, output=answer)])
+            turns = [{"role": "assistant", "content": calculator_call(row["metadata"]["expression"])},
+                     {"role": "tool", "content": result}, {"role": "assistant", "content": answer}]
+        else:
+            turns = [{"role": "assistant", "content": answer}]
+        rows.append({"messages": question + turns})
     return rows
 
 
@@ -195,12 +219,24 @@ def write_env_prompts(out_dir: Path, task: str, seed: int, n_train: int, n_eval:
     hands a row's other columns to the environment) for the toy agent tasks."""
     rows = {"guess": lambda n, s: guessing_game_prompts(n, s, n=TOY_GUESS_N),
             "calc": lambda n, s: calculator_prompts(n, s)}[task]
+    return _write_splits(out_dir, f"{task}_prompts", seed, n_train, n_eval,
+                         lambda n, s: [{"prompt": r["prompt"], **r["metadata"]} for r in rows(n, s)])
+
+
+def write_env_demonstrations(out_dir: Path, task: str, seed: int, n_train: int, n_eval: int) -> tuple[Path, Path]:
+    """Train and eval SFT files (JSONL, a `messages` column) for a toy agent task's cold start (calc)."""
+    if task != "calc":
+        raise ValueError(f"data.toy_task={task} has no SFT demonstrations (only calc has); train it with stage ppo")
+    return _write_splits(out_dir, f"{task}_demonstrations", seed, n_train, n_eval, calculator_demonstrations)
+
+
+def _write_splits(out_dir: Path, name: str, seed: int, n_train: int, n_eval: int, rows) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for split, n, split_seed in (("train", n_train, seed), ("eval", n_eval, seed + 1)):
-        path = out_dir / f"{task}_prompts_{split}.jsonl"
+        path = out_dir / f"{name}_{split}.jsonl"
         with open(path, "w") as f:
             for row in rows(n, split_seed):
-                f.write(json.dumps({"prompt": row["prompt"], **row["metadata"]}) + "\n")
+                f.write(json.dumps(row) + "\n")
         paths.append(path)
     return paths[0], paths[1]

@@ -41,6 +41,22 @@ class SamplingParams:
     logprobs: bool = False  # also return the behaviour log-probs of the sampled tokens (Samples.logprobs)
 
 
+@dataclass(frozen=True)
+class Completion:
+    """One finished request of an engine that takes requests one at a time (`submit` / `poll`)."""
+
+    request_id: str
+    token_ids: list[int]  # the sampled ids, up to and including the first EOS
+    logprobs: list[float] | None  # behaviour log-probs of `token_ids` when asked for
+    stopped: bool  # ended with EOS (else at the token limit)
+
+
+def item_seeds(seed: int, first_index: int, count: int) -> list[int]:
+    """Seeds of batch items first_index … first_index + count − 1: independent streams, one per item
+    (seed + i repeated streams across steps and stopped learning), drawn from the batch's seed."""
+    return np.random.default_rng(seed).integers(2**31, size=first_index + count)[first_index:].tolist()
+
+
 class RolloutEngine(Protocol):
     pad_token_id: int  # pads responses (and left-pads prompts)
 
@@ -62,6 +78,20 @@ class RolloutEngine(Protocol):
 
     def wake(self) -> None:
         """Undo `sleep` before the next generation."""
+
+
+class StreamingEngine(RolloutEngine, Protocol):
+    """An engine that also takes requests one at a time and batches whatever is running at each step
+    (continuous batching), for multi-turn episodes (`rlhf_ray.rollout.multiturn`)."""
+
+    def submit(self, request_id: str, prompt: list[int], params: SamplingParams, seed: int) -> None:
+        """Start one request (params.n = 1) seeded with `seed` alone; returns at once."""
+
+    def poll(self) -> list[Completion]:
+        """Run one engine step; the requests it finished."""
+
+    def abort(self, request_ids: list[str]) -> None:
+        """Drop unfinished requests (after an error elsewhere), leaving the engine empty for the next call."""
 
 
 def probe_logprobs_from_logits(logits: Tensor, token_ids: Tensor) -> np.ndarray:

@@ -37,14 +37,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from rlhf_ray.batch import Samples
-from rlhf_ray.rollout.base import SamplingParams, array_to_tensor, cut_at_first_eos, left_pad
+from rlhf_ray.rollout.base import (
+    Completion, SamplingParams, array_to_tensor, cut_at_first_eos, item_seeds, left_pad)
 
 CPU_BLOCK_SIZE = 128  # tokens per KV-cache block: vLLM 0.32's CPU default, set explicitly
 
@@ -67,12 +68,6 @@ class VLLMOptions:
     trust_remote_code: bool = False
 
 
-def prompt_seeds(seed: int, first_index: int, count: int) -> list[int]:
-    """Seeds of batch items first_index … first_index + count − 1: independent streams, one per prompt
-    (seed + i repeated streams across steps and stopped learning), drawn from the batch's seed."""
-    return np.random.default_rng(seed).integers(2**31, size=first_index + count)[first_index:].tolist()
-
-
 class VLLMRolloutEngine:
     """`RolloutEngine` over `vllm.LLM`."""
 
@@ -90,7 +85,7 @@ class VLLMRolloutEngine:
         from vllm import TokensPrompt
 
         requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
-        seeds = prompt_seeds(seed, first_index, len(prompts))
+        seeds = item_seeds(seed, first_index, len(prompts))
         outputs = self.llm.generate(requests, [self._sampling(params, seeds[i]) for i in range(len(prompts))],
                                     use_tqdm=False)
         completions = [c for out in outputs for c in out.outputs]  # n per prompt, in order
@@ -102,6 +97,32 @@ class VLLMRolloutEngine:
             logprobs = _right_padded([_sampled_logprobs(c) for c in completions], 0.0, torch.float32)
             logprobs = torch.where(response_mask.bool(), logprobs[:, : response_ids.shape[1]], 0.0)
         return Samples(prompt_ids, prompt_mask, response_ids, response_mask, stopped, logprobs=logprobs)
+
+    def submit(self, request_id: str, prompt: list[int], params: SamplingParams, seed: int) -> None:
+        """One request (n = 1) into the running engine (continuous batching; multi-turn episodes)."""
+        from vllm import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        sampling = self._sampling(replace(params, n=1), seed)
+        sampling.output_kind = RequestOutputKind.FINAL_ONLY  # as `LLM.generate` asks: the finished output only
+        # rendered as `LLM.generate` renders its prompts (vLLM 0.32: a raw prompt into add_request is deprecated)
+        request = self.llm._preprocess_cmpl_one(TokensPrompt(prompt_token_ids=list(prompt)))
+        self.llm.llm_engine.add_request(request_id, request, sampling)
+
+    def poll(self) -> list[Completion]:
+        """One engine step; the requests it finished, each cut at its first EOS."""
+        return [self._completion(out) for out in self.llm.llm_engine.step() if out.finished]
+
+    def abort(self, request_ids: list[str]) -> None:
+        if request_ids:
+            self.llm.llm_engine.abort_request(request_ids)
+
+    def _completion(self, out) -> Completion:
+        (completion,) = out.outputs
+        ids = list(completion.token_ids)
+        length = ids.index(self.eos_token_id) + 1 if self.eos_token_id in ids else len(ids)
+        logprobs = _sampled_logprobs(completion)[:length] if completion.logprobs is not None else None
+        return Completion(out.request_id, ids[:length], logprobs, self.eos_token_id in ids)
 
     def _sampling(self, params: SamplingParams, seed: int):
         from vllm import SamplingParams as VSampling

@@ -71,11 +71,12 @@ class _ToyBuilder:
         return getattr(self._models, role)
 
     def data(self, split: str) -> str:
-        if self.cfg.data.toy_task in ("guess", "calc"):  # the toy agents' tasks (rollout.env)
-            from rlhf_ray.envs.toy import write_env_prompts
+        if self.cfg.data.toy_task in ("guess", "calc"):  # the toy agents' tasks (rollout.env); calc's SFT cold start
+            from rlhf_ray.envs.toy import write_env_demonstrations, write_env_prompts
 
             d = self.cfg.data
-            paths = write_env_prompts(self.out / "data", d.toy_task, self.cfg.trainer.seed, d.toy_train_size, d.toy_eval_size)
+            write = write_env_demonstrations if self.cfg.stage == "sft" else write_env_prompts
+            paths = write(self.out / "data", d.toy_task, self.cfg.trainer.seed, d.toy_train_size, d.toy_eval_size)
             return str(paths[split == "eval"])
         if self.cfg.data.toy_task == "arith":
             from rlhf_ray.toy.arith import write_arith_datasets

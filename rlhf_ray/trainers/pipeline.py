@@ -1,11 +1,13 @@
-"""The whole RLHF pipeline on one Ray session: SFT → reward model → PPO (ALGORITHMS.md §6, §8, §9).
+"""The whole RLHF pipeline on one Ray session: SFT → reward model → PPO (ALGORITHMS.md §6, §8, §9), or
+SFT → RL on the config's own rewards (`pipeline.stages: [sft, ppo]`: verifiers, environments).
 
 Each stage runs the same code as when it runs alone (`stage: sft | rm | ppo`), with the config
 that `config.pipeline_stage_configs` builds, and checks together with the others before anything
 starts: this config's sections, then the stage's `pipeline.<stage>` overrides, then the wiring —
 the stage runs in <run_dir>/<stage>; the reward model starts from the SFT export; PPO's policy
 and reference are the SFT export, its critic and its first reward source (kind: model) the RM
-export. It ends with one table of every stage's key figures and where the models are.
+export (without an RM stage, PPO keeps the config's critic and reward sources). It ends with one
+table of every stage's key figures and where the models are.
 """
 
 from __future__ import annotations
@@ -19,42 +21,43 @@ from rlhf_ray.trainers.ppo import run_ppo
 from rlhf_ray.trainers.rm import run_rm
 from rlhf_ray.trainers.sft import run_sft
 
-STAGES = (("sft", run_sft), ("rm", run_rm), ("ppo", run_ppo))
+STAGES = {"sft": run_sft, "rm": run_rm, "ppo": run_ppo}
 
 
 def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
-    """Run SFT, RM and PPO in order, each on the previous stages' exports; print the summary."""
+    """Run the stages (pipeline.stages) in order, each on the previous stages' exports; print the summary."""
     configs = pipeline_stage_configs(cfg)
     results: dict[str, Any] = {}
     seconds: dict[str, float] = {}
-    for name, run in STAGES:
+    for name in cfg.pipeline.stages:
         print(f"== pipeline: {name} ({configs[name].run_dir}) ==", flush=True)
         start = time.perf_counter()
-        results[name] = run(configs[name])
+        results[name] = STAGES[name](configs[name])
         seconds[name] = time.perf_counter() - start
     rows = summary_rows(results, seconds, pipeline_exports(cfg))
-    print(summary_table(rows, title="== Pipeline summary: SFT → RM → PPO =="), flush=True)
+    title = " → ".join(name.upper() if name != "sft" else "SFT" for name in cfg.pipeline.stages)
+    print(summary_table(rows, title=f"== Pipeline summary: {title} =="), flush=True)
     return results | {"seconds": seconds}
 
 
 def summary_rows(results: dict[str, Any], seconds: dict[str, float], exports: dict[str, str]) -> list[tuple[str, Any]]:
     """Key figures per stage: SFT eval NLL, RM held-out accuracy, PPO eval reward and KL, and the exports."""
-    sft, rm, ppo = results["sft"], results["rm"], results["ppo"]
+    sft, rm, ppo = results["sft"], results.get("rm"), results["ppo"]
     first, final = ppo.get("eval_first", {}), ppo.get("eval_final", {})
-    rows = [
-        ("SFT  eval NLL per token, before → after", _change(sft["eval_before"], sft["eval_after"], "eval/nll")),
-        ("RM   held-out pairwise accuracy, before → after", _change(rm["eval_before"], rm["eval_after"], "eval/accuracy")),
-        ("RM   held-out mean margin, after", rm["eval_after"].get("eval/margin")),
-        ("PPO  eval reward (RM): SFT policy → after PPO", _change(first, final, "eval/reward_mean")),
-    ]
+    rows = [("SFT  eval NLL per token, before → after", _change(sft["eval_before"], sft["eval_after"], "eval/nll"))]
+    if rm is not None:
+        rows += [("RM   held-out pairwise accuracy, before → after", _change(rm["eval_before"], rm["eval_after"], "eval/accuracy")),
+                 ("RM   held-out mean margin, after", rm["eval_after"].get("eval/margin"))]
+    rows += [(f"PPO  eval reward ({'RM' if rm is not None else 'reward sources'}): SFT policy → after PPO",
+              _change(first, final, "eval/reward_mean"))]
     rows += [(f"PPO  eval {key[5:-5]} (weight-0 monitor): SFT → after PPO", _change(first, final, key))
              for key in sorted(final) if key.endswith("_mean") and key.startswith("eval/") and
              key not in ("eval/reward_mean", "eval/length_mean", "eval/rm_mean")]
     rows += [("PPO  eval KL to the SFT policy, after", final.get("eval/kl_ref")),
-             ("PPO  eval response length, after", final.get("eval/length_mean")),
-             ("exported SFT policy", exports["sft"]), ("exported reward model", exports["rm"]),
-             ("exported PPO policy", exports["ppo"]),
-             ("seconds per stage (sft / rm / ppo)", " / ".join(f"{seconds[s]:.0f}" for s in ("sft", "rm", "ppo")))]
+             ("PPO  eval response length, after", final.get("eval/length_mean"))]
+    rows += [(f"exported {'SFT policy' if stage == 'sft' else 'reward model' if stage == 'rm' else 'PPO policy'}", path)
+             for stage, path in exports.items()]
+    rows += [(f"seconds per stage ({' / '.join(seconds)})", " / ".join(f"{s:.0f}" for s in seconds.values()))]
     return [(k, v) for k, v in rows if v is not None]
 
 

@@ -32,6 +32,7 @@ import torch
 
 from rlhf_ray.batch import Samples, concat_samples
 from rlhf_ray.placement import PhaseError
+from rlhf_ray.rollout.multiturn import episode_metrics
 
 if TYPE_CHECKING:
     from rlhf_ray.rollout.base import SamplingParams
@@ -206,11 +207,8 @@ class RolloutQueue:
         elapsed = time.time() - self.started if self.started else 0.0
         engines = len(self.roles.pools["rollout"])
         out = {"perf/response_tokens_per_s": float(samples.response_mask.sum()) / max(generate_s, 1e-9)}
-        if samples.observation_mask is not None:  # multi-turn: a policy turn starts where a policy token follows a non-policy one
-            policy = samples.response_mask.bool()
-            starts = policy[:, :1].sum() + (policy[:, 1:] & ~policy[:, :-1]).sum()
-            out["rollout/turns_mean"] = starts.item() / samples.batch_size
-            out["rollout/env_token_share"] = (samples.observation_mask.sum() / samples.attention_mask[:, samples.prompt_ids.shape[1]:].sum()).item()
+        if samples.observation_mask is not None:
+            out |= episode_metrics(samples)
         if samples.token_versions is not None:  # partial rollouts: rows whose tokens came from more than one version
             newest = torch.where(samples.response_mask.bool(), samples.token_versions, -1).max(-1).values
             out["rollout/mixed_version_share"] = (newest != samples.versions).float().mean().item()

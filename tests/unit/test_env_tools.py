@@ -263,7 +263,7 @@ def test_the_toy_template_ignores_tools_so_the_preamble_goes_in_a_system_turn():
     text = render_tools_prompt(tokenizer, MESSAGES, [calculator])
     assert text.startswith("<|system|>You can call tools. To call one, write <tool_call>")
     assert '- calculator: Evaluate an arithmetic expression exactly. Arguments: {"type": "object"' in text
-    assert text.endswith("<|user|>What is 12*7?<|assistant|>")
+    assert text.endswith("</s><|user|>What is 12*7?</s><|assistant|>")
     ids = tokenizer.encode(text, add_special_tokens=False)
     assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == text
 
@@ -325,7 +325,9 @@ def play(env, row, actions):
 
 
 def test_a_tool_call_then_the_right_answer_wins_with_tool_use_recorded(calculator_row):
-    expression = calculator_row["metadata"]["question"].removeprefix("What is ").removesuffix("?")
+    [question] = calculator_row["prompt"]
+    expression = question["content"].removeprefix("What is ").removesuffix("?")
+    assert question["role"] == "user" and calculator_row["metadata"]["expression"] == expression
     env = CalculatorArithmetic()
     tool_turn, answer_turn = play(env, calculator_row, [
         "I will use the tool. " + call_text("calculator", f'{{"expression": "{expression}"}}'),
@@ -333,8 +335,9 @@ def test_a_tool_call_then_the_right_answer_wins_with_tool_use_recorded(calculato
     assert tool_turn.observation == f"<tool_result>{calculator_row['metadata']['answer']}</tool_result>\n"
     assert (tool_turn.reward, tool_turn.done) == (0.0, False)
     assert (answer_turn.reward, answer_turn.done) == (1.0, True)
-    assert answer_turn.info == {"turns": 2, "tool_calls": 1, "tool_errors": 0, "tool_used": True, "turn_limit": False}
-    assert env.sandbox is CalculatorArithmetic().sandbox is shared_sandbox(CalculatorArithmetic.tools, 5.0, 1024)
+    assert answer_turn.info == {"turns": 2, "tool_calls": 1, "tool_errors": 0, "tool_failures": {}, "tool_used": True,
+                                "turn_limit": False}
+    assert env.sandbox is CalculatorArithmetic().sandbox is shared_sandbox(CalculatorArithmetic.tools, 5.0, 1024, 4)
 
 
 def test_wrong_or_unaided_answers(calculator_row):

@@ -5,7 +5,8 @@ the seeded prompt rows. The tool layer (calls, sandbox, calculator task) is in t
 import pytest
 
 from rlhf_ray.envs import LoadError, SingleTurn, StepResult, load_environment
-from rlhf_ray.envs.toy import GuessingGame, calculator_prompts, guessing_game_prompts
+from rlhf_ray.envs.toy import (
+    CalculatorArithmetic, GuessingGame, calculator_demonstrations, calculator_prompts, guessing_game_prompts)
 
 PRINTABLE = set("\n" + "".join(chr(code) for code in range(32, 127)))  # what the char-level toy tokenizer encodes
 
@@ -115,10 +116,29 @@ def test_guessing_game_rows_play_as_stated():
 
 def test_calculator_rows_hold_the_exact_product():
     for row in calculator_prompts(30, seed=3):
-        a, b = map(int, row["metadata"]["question"].removeprefix("What is ").removesuffix("?").split("*"))
-        assert 100 <= a <= 999 and 1000 <= b <= 9999
+        a, b = map(int, row["metadata"]["expression"].split("*"))
+        assert 10 <= a <= 99 and 10 <= b <= 99
         assert row["metadata"]["answer"] == str(a * b)
-        assert row["prompt"].startswith(row["metadata"]["question"]) and set(row["prompt"]) <= PRINTABLE
+        assert row["prompt"] == [{"role": "user", "content": f"What is {a}*{b}?"}]
+
+
+def test_calculator_demonstrations_are_the_episodes_the_environment_plays():
+    """Each tool-using demonstration, replayed against CalculatorArithmetic, gets the environment's own
+    tool turn and reward 1; the others answer at once; about `tool_share` of them use the tool."""
+    rows = calculator_demonstrations(200, seed=4, tool_share=0.5)
+    assert 0.35 < sum(len(r["messages"]) == 4 for r in rows) / len(rows) < 0.65
+    env = CalculatorArithmetic()
+    for row, prompt in zip(rows[:20], calculator_prompts(20, seed=4)):
+        user, *turns = row["messages"]
+        assert [user] == prompt["prompt"] and turns[-1] == {"role": "assistant", "content": prompt["metadata"]["answer"]}
+        env.reset(user["content"], prompt["metadata"])
+        if len(turns) == 3:
+            call, tool, answer = turns
+            result = env.step(call["content"])
+            assert (result.observation, result.done, tool["role"]) == (tool["content"], False, "tool")
+            assert set(call["content"] + tool["content"]) <= PRINTABLE
+        final = env.step(turns[-1]["content"])
+        assert (final.reward, final.done, final.info["tool_used"]) == (1.0, True, len(turns) == 3)
 
 
 # ---- load_environment ---------------------------------------------------------------------------

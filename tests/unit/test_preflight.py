@@ -86,6 +86,24 @@ def test_model_directory_needs_config_and_tokenizer(toy_models, tmp_path):
     assert problems(f"model.policy={no_tokenizer}", f"model.tokenizer={toy_models.tokenizer}") == []
 
 
+def test_chat_turns_need_a_tokenizer_with_a_chat_template(toy_models, tmp_path):
+    """rollout.env_turns=chat renders the environment's replies with the chat template: a local tokenizer
+    without one is named before Ray starts; raw turns, or a tokenizer that has one, pass."""
+    from transformers import AutoTokenizer
+
+    plain = tmp_path / "plain"
+    tokenizer = AutoTokenizer.from_pretrained(toy_models.tokenizer)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(plain)
+    agent = ("rollout.env=rlhf_ray.envs.toy:GuessingGame", "reward.sources=[{kind: function, path: 'rlhf_ray.envs:env_return'}]",
+             f"model.policy={toy_models.policy}")
+    assert problems(*agent, f"model.tokenizer={plain}", "rollout.env_turns=chat") == [
+        f"model.tokenizer='{plain}': has no chat template, which rollout.env_turns=chat renders the environment's "
+        f"replies with; set rollout.env_turns=raw (replies as plain text) or use a chat model's tokenizer"]
+    assert problems(*agent, f"model.tokenizer={plain}", "rollout.env_turns=raw") == []
+    assert problems(*agent, f"model.tokenizer={toy_models.tokenizer}", "rollout.env_turns=chat") == []
+
+
 def test_hub_ids_are_accepted_online_and_need_the_cache_offline(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     assert problems("model.policy=org/missing-model", "data.train=org/missing-data") == []  # it may download
