@@ -47,6 +47,15 @@ class ToyModelConfig(Section):
     seed: int = Field(0, description="Seed of the toy models' random weights.")
 
 
+class LoraConfig(Section):
+    rank: int = Field(0, ge=0, description="LoRA rank r (PEFT); 0: train full weights. With r > 0 only the adapters (and a scalar head) train; the weights synced and exported are the merged model.")
+    alpha: float = Field(16.0, gt=0, description="LoRA α: the update is scaled by α / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input. Keep 0 in RL: it makes π_θ random, so old and new log-probs differ without an update.")
+    target_modules: str | list[str] = Field("all-linear", description="Layers that get adapters: module names (e.g. [q_proj, v_proj]) or 'all-linear' (every linear layer but the output head).")
+    roles: list[Literal["policy", "critic", "reward"]] = Field(default_factory=lambda: ["policy"], description="Trained roles that use LoRA: policy (sft, dpo, ppo), critic (ppo), reward (stage rm).")
+    export_merged: bool = Field(True, description="Exports hold the merged model (an ordinary HF model: next stages, vLLM) with the adapter in <export>/adapter; false: the adapter alone (PeftModel.from_pretrained on the base).")
+
+
 class ModelConfig(Section):
     policy: str = Field(TOY, description="Policy to train: local path, hub id, or 'toy' for the offline toy model.")
     reference: str | None = Field(None, description="Frozen reference; default: the initial policy.")
@@ -54,6 +63,7 @@ class ModelConfig(Section):
     tokenizer: str | None = Field(None, description="Tokenizer path or hub id; default: the policy's.")
     trust_remote_code: bool = Field(False, description="Allow model/tokenizer repos to run their own code. Keep false unless you trust the source.")
     toy: ToyModelConfig = Field(default_factory=ToyModelConfig, description="Sizes of the toy models when a model is 'toy'.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Low-rank adapters instead of full-weight training (model.lora.rank > 0).")
 
 
 class DataConfig(Section):
@@ -577,8 +587,13 @@ def _kl_rules(cfg: RunConfig) -> list[str]:
 
 
 def _deepspeed_rules(cfg: RunConfig) -> list[str]:
-    ds = cfg.deepspeed
+    ds, lora = cfg.deepspeed, cfg.model.lora
     out = []
+    if lora.rank and "policy" in lora.roles and cfg.stage == "ppo" and cfg.trainer.eval_win_rate and ds.zero_stage == 3 \
+            and cfg.placement.policy.num_workers > 1 and cfg.placement.reference_in_policy:
+        out.append("trainer.eval_win_rate with model.lora on the policy generates the reference's responses on policy "
+                   "rank 0 from the base model, which ZeRO-3 partitions over the ranks; set deepspeed.zero_stage <= 2, "
+                   "or placement.reference_in_policy=false (reference actors of their own).")
     if ds.offload_optimizer and ds.zero_stage == 0:
         out.append("deepspeed.offload_optimizer=true needs deepspeed.zero_stage >= 1 (got 0); raise the stage or disable offload.")
     if ds.offload_params and ds.zero_stage != 3:

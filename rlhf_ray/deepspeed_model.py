@@ -36,6 +36,7 @@ tests/integration/test_deepspeed_model.py checks this numerically (2 ranks × 1 
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import socket
@@ -193,7 +194,8 @@ def _zero_section(ds: DeepSpeedConfig) -> dict[str, Any]:
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; biases and norm weights (1-D tensors) get no weight decay."""
+    """AdamW over the trainable parameters; biases and norm weights (1-D tensors) get no weight decay.
+    The scheduler is built on these groups, so an empty one (which DeepSpeed would drop) is left out."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -202,6 +204,7 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.A
         {"params": decay, "weight_decay": optim.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    groups = [g for g in groups if g["params"]]  # DeepSpeed drops empty groups (LoRA: no 1-D tensor trains)
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
 
 
@@ -265,10 +268,15 @@ class DeepSpeedModel:
         micro_batch_size: int,
         grad_accum: int,
         total_optimizer_steps: int,
+        lora: Any = None,
+        export_merged: bool = True,
     ) -> None:
-        """Wrap `model` (an HF PreTrainedModel) after `init_distributed`; world size is the default group's."""
+        """Wrap `model` (an HF PreTrainedModel) after `init_distributed`; world size is the default group's.
+        `lora`: the PEFT LoraConfig of a model with LoRA layers injected (`rlhf_ray.lora`): weights then
+        leave merged, checkpoints hold the trained parameters only, exports add the adapter."""
         import deepspeed
 
+        self.lora, self.export_merged = lora, export_merged
         world_size = torch.distributed.get_world_size()
         optimizer = build_optimizer(model, optim)
         scheduler = build_scheduler(optimizer, optim, total_optimizer_steps)
@@ -363,8 +371,20 @@ class DeepSpeedModel:
         same order; ranks other than 0 may discard what they get). Stages 0-2 read the local
         full parameters. Names are those of `module.named_parameters()` (tied weights once).
         """
-        for bucket in _buckets(list(self.module.named_parameters()), bucket_bytes):
-            yield self._copy_out(bucket, device)
+        if self.lora is None:
+            for bucket in _buckets(list(self.module.named_parameters()), bucket_bytes):
+                yield self._copy_out(bucket, device)
+            return
+        from rlhf_ray.lora import merged_state
+
+        scaling = self.lora.lora_alpha / self.lora.r
+        for bucket in _buckets(list(self.module.named_parameters()), bucket_bytes, group=_lora_layer):
+            yield merged_state(self._copy_out(bucket, device), scaling, self.lora.fan_in_fan_out)
+
+    def trained_named_parameters(self) -> list[tuple[str, Tensor]]:
+        """Full CPU copies of the parameters that train (a LoRA model's adapters), gathered under ZeRO-3."""
+        trained = [(name, p) for name, p in self.module.named_parameters() if p.requires_grad]
+        return self._copy_out(trained, "cpu")
 
     def _copy_out(self, bucket: list[tuple[str, torch.nn.Parameter]], device) -> list[tuple[str, Tensor]]:
         if self.zero_stage != 3:
@@ -375,31 +395,47 @@ class DeepSpeedModel:
             return [(name, p.detach().to(device, copy=True)) for name, p in bucket]
 
     def save_hf(self, path: str | os.PathLike, tokenizer: Any = None, bucket_bytes: int = 2**28) -> None:
-        """Rank 0 writes the full weights in Hugging Face format (safetensors) to `path`.
+        """Rank 0 writes the full weights in Hugging Face format (safetensors) to `path`; with LoRA the
+        merged model there and the adapter in `path`/adapter, or the adapter alone in `path` when
+        `export_merged` is off.
 
         Every rank must call this (under ZeRO-3 the weights are gathered bucket by bucket, a
         collective); only rank 0 keeps a copy and writes. Persistent buffers are included.
         """
         is_main = torch.distributed.get_rank() == 0
+        if self.lora is not None:
+            self._save_adapter(os.path.join(str(path), "adapter") if self.export_merged else str(path), is_main)
+        if self.lora is None or self.export_merged:
+            self._save_full(path, is_main, bucket_bytes)
+        if is_main and tokenizer is not None:
+            tokenizer.save_pretrained(str(path))
+        torch.distributed.barrier()
+
+    def _save_full(self, path: str | os.PathLike, is_main: bool, bucket_bytes: int) -> None:
         state: dict[str, Tensor] = {}
         if is_main or self.zero_stage == 3:  # stages 0-2: rank 0 holds everything already
             for bucket in self.gathered_named_parameters(bucket_bytes):
                 if is_main:
                     state.update(bucket)
         if is_main:
-            state.update(_persistent_buffers(self.module))
+            state.update({name.replace(".base_layer.", "."): b for name, b in _persistent_buffers(self.module).items()})
             self.module.save_pretrained(str(path), state_dict=state)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(path))
-        torch.distributed.barrier()
+
+    def _save_adapter(self, path: str, is_main: bool) -> None:
+        from rlhf_ray.lora import adapter_state, save_adapter
+
+        trained = self.trained_named_parameters() if is_main or self.zero_stage == 3 else []
+        if is_main:
+            save_adapter(path, self.lora, adapter_state(trained))
 
     # --- DeepSpeed checkpoints (model + optimizer + scheduler; all ranks call) ---------------------
 
     def save_checkpoint(self, directory: str | os.PathLike, tag: str) -> None:
-        self._ds.save_checkpoint(str(directory), tag=tag)
+        """With LoRA the frozen base is left out: it is the model path's, reloaded at every start."""
+        self._ds.save_checkpoint(str(directory), tag=tag, exclude_frozen_parameters=self.lora is not None)
 
     def load_checkpoint(self, directory: str | os.PathLike, tag: str) -> None:
-        path, _ = self._ds.load_checkpoint(str(directory), tag=tag)
+        path, _ = self._ds.load_checkpoint(str(directory), tag=tag, load_module_strict=self.lora is None)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint with tag {tag!r} under {directory}")
 
@@ -412,19 +448,27 @@ def _grad_norm(module: torch.nn.Module) -> float | None:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
 
-def _buckets(named: list[tuple[str, torch.nn.Parameter]], bucket_bytes: int) -> Iterator[list]:
-    """Consecutive groups of parameters whose full sizes add up to at most `bucket_bytes`."""
+def _buckets(named: list[tuple[str, torch.nn.Parameter]], bucket_bytes: int, group=lambda name: name) -> Iterator[list]:
+    """Consecutive groups of parameters whose full sizes add up to at most `bucket_bytes`; parameters
+    with the same `group(name)` (consecutive: a LoRA layer's base, A and B) always share a bucket."""
     bucket: list = []
     size = 0
-    for name, p in named:
-        nbytes = _full_numel(p) * p.element_size()
+    for _, members in itertools.groupby(named, key=lambda item: group(item[0])):
+        members = list(members)
+        nbytes = sum(_full_numel(p) * p.element_size() for _, p in members)
         if bucket and size + nbytes > bucket_bytes:
             yield bucket
             bucket, size = [], 0
-        bucket.append((name, p))
+        bucket += members
         size += nbytes
     if bucket:
         yield bucket
+
+
+def _lora_layer(name: str) -> str:
+    from rlhf_ray.lora import layer_key
+
+    return layer_key(name)
 
 
 def _full_numel(p: Tensor) -> int:

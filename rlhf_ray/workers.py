@@ -178,11 +178,22 @@ class _TrainedRole(Worker):
         init_distributed(self.rank, self.world_size, master_addr, master_port,
                          "nccl" if device == "cuda" else "gloo", self.cfg.deepspeed.timeout_s)
         torch.manual_seed(self.cfg.trainer.seed)
-        self.model = DeepSpeedModel(self.load_model(), self.optim_config(), effective_zero(self.cfg.deepspeed, self.world_size),
+        model, lora = self.load_model(), None
+        if self.uses_lora:
+            from rlhf_ray.lora import apply_lora
+
+            model, lora = apply_lora(model, self.cfg.model.lora, sequence_classifier=self.role != "policy")
+        self.model = DeepSpeedModel(model, self.optim_config(), effective_zero(self.cfg.deepspeed, self.world_size),
                                   micro_batch_size=self.cfg.trainer.micro_batch_size,
                                   grad_accum=self.cfg.grad_accum_steps(self.role),
-                                  total_optimizer_steps=self.total_optimizer_steps())
+                                  total_optimizer_steps=self.total_optimizer_steps(),
+                                  lora=lora, export_merged=self.cfg.model.lora.export_merged)
         return True
+
+    @property
+    def uses_lora(self) -> bool:
+        """model.lora applies to this role (model.lora.rank > 0 and the role in model.lora.roles)."""
+        return self.cfg.model.lora.rank > 0 and self.role in self.cfg.model.lora.roles
 
     def load_model(self) -> torch.nn.Module:
         raise NotImplementedError
@@ -262,16 +273,35 @@ class PolicyWorker(_TrainedRole):
 
     def __init__(self, cfg: RunConfig, paths: ModelPaths, rank: int, world_size: int):
         super().__init__(cfg, paths, rank, world_size)
-        self.reference = ReferenceWorker(cfg, paths, hosted=True) if cfg.placement.reference_in_policy else None
+        # with LoRA and the initial policy as reference, the reference is this model without its adapters
+        hosted = cfg.placement.reference_in_policy
+        self.base_is_reference = hosted and self.uses_lora and paths.reference == paths.policy
+        self.reference = ReferenceWorker(cfg, paths, hosted=True) if hosted and not self.base_is_reference else None
 
     @timed
+    @torch.no_grad()
     def reference_logprobs(self, payload: dict[str, Any]) -> np.ndarray:
-        """log π_ref of the response tokens (B, T), from the hosted reference."""
-        return self.reference.compute_logprobs(payload)
+        """log π_ref of the response tokens (B, T), from the hosted reference (or the base model: LoRA)."""
+        if not self.base_is_reference:
+            return self.reference.compute_logprobs(payload)
+        from rlhf_ray.lora import adapters_disabled
+
+        self.model.eval()
+        with adapters_disabled(self.model.module):
+            return _per_micro_batch(Samples.from_numpy(payload), self.cfg.trainer.micro_batch_size,
+                                    lambda part: _response_logprobs(self.model.forward, part, self.cfg.rollout.temperature))
 
     def reference_generate(self, prompts: list[list[int]], params, seed: int) -> dict[str, Any]:
         """The hosted reference's responses (win-rate baseline)."""
-        return self.reference.generate(prompts, params, seed)
+        if not self.base_is_reference:
+            return self.reference.generate(prompts, params, seed)
+        from rlhf_ray.lora import adapters_disabled
+        from rlhf_ray.models import load_tokenizer
+        from rlhf_ray.rollout.hf import HFRolloutEngine
+
+        engine = HFRolloutEngine(self.model.module, load_tokenizer(self.paths.tokenizer, self.cfg.model.trust_remote_code))
+        with adapters_disabled(self.model.module):
+            return engine.generate(prompts, params, seed).to_numpy()
 
     def load_model(self) -> torch.nn.Module:
         from rlhf_ray.models import load_causal_lm
