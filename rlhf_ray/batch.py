@@ -98,6 +98,27 @@ def position_ids(attention_mask: Tensor) -> Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def token_budget_splits(tokens: list[int], budget: int, count: int | None = None) -> list[slice]:
+    """Contiguous micro-batches of rows whose token counts add up to at most `budget` each (a row longer
+    than the budget alone). With `count` (at least the budget's own number, at most the rows): exactly
+    `count` micro-batches, the one with the most tokens halved until there are that many, so that
+    every data-parallel rank runs the same number of forwards (ZeRO-3 forwards are collectives)."""
+    groups: list[list[int]] = []
+    for row, n in enumerate(tokens):
+        if groups and sum(tokens[r] for r in groups[-1]) + n <= budget:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    if count is not None:
+        if not len(groups) <= count <= len(tokens):
+            raise ValueError(f"{count} micro-batches of {len(tokens)} rows: need {len(groups)} to {len(tokens)}")
+        while len(groups) < count:
+            i = max((g for g in range(len(groups)) if len(groups[g]) > 1), key=lambda g: sum(tokens[r] for r in groups[g]))
+            half = len(groups[i]) // 2
+            groups[i: i + 1] = [groups[i][:half], groups[i][half:]]
+    return [slice(g[0], g[-1] + 1) for g in groups]
+
+
 def pad_to(x: Tensor, width: int, value: int | float, left: bool) -> Tensor:
     """Pad the last dim of (B, L) `x` to `width`."""
     extra = width - x.shape[1]

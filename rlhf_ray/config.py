@@ -349,6 +349,8 @@ class TrainerConfig(Section):
     prompts_per_step: int = Field(8, gt=0, description="Prompts per RL step; sequences per step = prompts_per_step × samples_per_prompt.")
     mini_batch_size: int = Field(8, gt=0, description="Sequences per optimizer step (all data-parallel ranks together); offline stages: examples (SFT pairs, preference pairs, ranked lists).")
     micro_batch_size: int = Field(4, gt=0, description="Sequences (offline stages: examples) per forward/backward on one rank.")
+    packing: bool = Field(False, description="Padding-free training forwards of the policy (PPO/GRPO update and old log-probs, SFT, DPO family): each micro-batch's real tokens as one row, positions restarting per sequence (rlhf_ray/packing.py; sdpa or eager attention). Faster for micro-batches of few or short sequences; on CPU attention over the packed row costs N², so many long sequences run slower. The critic, reward model and a separate reference stay padded.")
+    max_tokens_per_micro_batch: int | None = Field(None, gt=0, description="Form training micro-batches by token count instead: consecutive rows (offline stages: examples) while their real tokens (padding excluded) add up to at most this (a longer row alone), as many per mini-batch on every rank as the rank that needs the most. The mini-batch's loss scaling is unchanged. null: trainer.micro_batch_size rows each.")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps (and at the start and end); 0: only at the end.")
     eval_prompts: int = Field(32, gt=0, description="Held-out prompts per evaluation; offline stages: held-out examples.")
     eval_greedy: bool = Field(False, description="Evaluate with greedy decoding instead of the rollout sampling settings.")

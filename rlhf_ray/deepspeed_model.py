@@ -270,13 +270,14 @@ class DeepSpeedModel:
         total_optimizer_steps: int,
         lora: Any = None,
         export_merged: bool = True,
+        packing: bool = False,
     ) -> None:
         """Wrap `model` (an HF PreTrainedModel) after `init_distributed`; world size is the default group's.
         `lora`: the PEFT LoraConfig of a model with LoRA layers injected (`rlhf_ray.lora`): weights then
         leave merged, checkpoints hold the trained parameters only, exports add the adapter."""
         import deepspeed
 
-        self.lora, self.export_merged = lora, export_merged
+        self.lora, self.export_merged, self.packing = lora, export_merged, packing
         world_size = torch.distributed.get_world_size()
         optimizer = build_optimizer(model, optim)
         scheduler = build_scheduler(optimizer, optim, total_optimizer_steps)
@@ -285,12 +286,19 @@ class DeepSpeedModel:
         self._ds, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config)
         self._micro_batches = 0
+        self._counted = True  # backward() counts micro-batches against grad_accum (else: `last` marks the end)
 
     # --- training --------------------------------------------------------------------------------
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
-        """Logits (B, L, V) of the module (HF `.logits`); inputs (B, L) are moved to the model's device."""
+        """Logits (B, L, V) of the module (HF `.logits`); inputs (B, L) are moved to the model's device.
+        With `packing` the real tokens run as one row (`rlhf_ray.packing`; positions restart per sequence,
+        the same as `position_ids` of the padded layout), and the logits come back padded (0 on padding)."""
         device = self._ds.device
+        if self.packing:
+            from rlhf_ray.packing import packed_forward
+
+            return packed_forward(self._ds, input_ids.to(device), attention_mask.to(device), config=self.module.config)
         out = self._ds(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
@@ -299,13 +307,22 @@ class DeepSpeedModel:
         )
         return out.logits
 
-    def backward(self, loss: Tensor) -> None:
+    def backward(self, loss: Tensor, last: bool | None = None) -> None:
         """Accumulate gradients of one micro-batch's loss, already normalised over the mini-batch.
 
         `scale_wrt_gas=False`: DeepSpeed must not divide by gradient_accumulation_steps again. On
         non-final micro-batches DeepSpeed's `step()` only advances its micro-step counter, which
-        tells ZeRO when the accumulation boundary (gradient reduction) comes.
+        tells ZeRO when the accumulation boundary (gradient reduction) comes. `last` (token-budget
+        micro-batches, a number per mini-batch that varies): whether this is the mini-batch's final
+        micro-batch, set as DeepSpeed's accumulation boundary instead of the fixed count.
         """
+        if last is not None:
+            self._ds.set_gradient_accumulation_boundary(last)
+            self._ds.backward(loss, scale_wrt_gas=False)
+            self._micro_batches += 1
+            self._counted = False
+            return
+        self._counted = True
         accum = self._ds.gradient_accumulation_steps()
         if self._micro_batches == accum:
             raise RuntimeError(f"backward() after {accum} micro-batches without step(); call step() first")
@@ -320,7 +337,7 @@ class DeepSpeedModel:
         Returns the lr used by this update and, where known, the gradient norm before clipping.
         """
         accum = self._ds.gradient_accumulation_steps()
-        if self._micro_batches != accum:
+        if self._counted and self._micro_batches != accum:
             raise RuntimeError(
                 f"step() after {self._micro_batches} micro-batches, but this model was built with "
                 f"grad_accum={accum}: run exactly that many backward() calls per mini-batch")

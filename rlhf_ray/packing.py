@@ -40,6 +40,7 @@ restart per example); Krell et al. 2021, "Efficient Sequence Packing without Cro
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +103,8 @@ def unpack(values: Tensor, packed: Packed, fill: float) -> Tensor:
     return out.index_copy(0, packed.indices, values[0]).view(batch, length, *trailing)
 
 
-def packed_forward(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, **kwargs) -> Tensor:
+def packed_forward(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, config: Any = None,
+                   **kwargs) -> Tensor:
     """Logits (B, L, V) of a causal LM run on the packed batch; 0 at padding, else as the padded forward.
 
     `model` is a transformers causal LM whose forward takes `position_ids`. The call passes
@@ -110,7 +112,7 @@ def packed_forward(model: torch.nn.Module, input_ids: Tensor, attention_mask: Te
     `create_causal_mask` to build the per-sequence mask (module docstring); a caller passing any of
     them, or `position_ids`, in `kwargs` gets a TypeError.
     """
-    implementation = model.config._attn_implementation
+    implementation = (config or model.config)._attn_implementation  # `config`: of a wrapped model (DeepSpeed)
     if implementation not in VERIFIED_ATTENTION:
         raise ValueError(
             f"packed_forward: attention implementation {implementation!r} is not verified for packed rows; "

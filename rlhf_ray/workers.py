@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from rlhf_ray import faults
-from rlhf_ray.batch import Experience, OfflineBatch, Samples, TensorRecord, position_ids
+from rlhf_ray.batch import Experience, OfflineBatch, Samples, TensorRecord, position_ids, token_budget_splits
 from rlhf_ray.config import OFFLINE_ROLE, OptimConfig, RunConfig
 
 
@@ -187,7 +187,8 @@ class _TrainedRole(Worker):
                                   micro_batch_size=self.cfg.trainer.micro_batch_size,
                                   grad_accum=self.cfg.grad_accum_steps(self.role),
                                   total_optimizer_steps=self.total_optimizer_steps(),
-                                  lora=lora, export_merged=self.cfg.model.lora.export_merged)
+                                  lora=lora, export_merged=self.cfg.model.lora.export_merged,
+                                  packing=self.cfg.trainer.packing and self.role == "policy")
         return True
 
     @property
@@ -241,18 +242,32 @@ class _TrainedRole(Worker):
         self.model.train()
         for mb_index, scale in enumerate(scales):
             mb = exp.select(slice(mb_index * per_mb, (mb_index + 1) * per_mb))
-            for rows in _split(per_mb, self.cfg.trainer.micro_batch_size):
+            splits = self._micro_batches(mb)
+            budget = self.cfg.trainer.max_tokens_per_micro_batch is not None
+            for index, rows in enumerate(splits):
                 loss, shares, means = micro_loss(mb.select(rows).to(self.model.device), scale)
                 if faults.fire(self.role, "loss", self.rank) == "nan":
                     loss = loss * float("nan")
                 if not torch.isfinite(loss):
                     print(f"non-finite {self.role} loss on rank {self.rank}: {loss.item()} (the optimizer step "
                           f"will be skipped on every rank)", flush=True)
-                self.model.backward(loss * self.world_size)
+                self.model.backward(loss * self.world_size, last=index == len(splits) - 1 if budget else None)
                 _add(summed, {"loss": loss.item(), **shares}, self.world_size / len(scales))
                 averaged.append(means)
             averaged.append(self.model.step())
         return summed | _mean(averaged)
+
+
+    def _micro_batches(self, mb: TensorRecord) -> list[slice]:
+        """trainer.micro_batch_size rows each, or (trainer.max_tokens_per_micro_batch) by token count, in
+        as many micro-batches as the rank that needs the most (every rank runs the same number)."""
+        budget = self.cfg.trainer.max_tokens_per_micro_batch
+        if budget is None:
+            return _split(mb.batch_size, self.cfg.trainer.micro_batch_size)
+        tokens = mb.attention_mask.reshape(mb.batch_size, -1).sum(-1).tolist()
+        count = torch.tensor([len(token_budget_splits(tokens, budget))], device=self.model.device)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        return token_budget_splits(tokens, budget, int(count))
 
 
 def _add(into: dict[str, float], values: dict[str, float], weight: float) -> None:
