@@ -392,10 +392,10 @@ class DeepSpeedModel:
             for bucket in _buckets(list(self.module.named_parameters()), bucket_bytes):
                 yield self._copy_out(bucket, device)
             return
-        from rlhf_ray.lora import merged_state
+        from rlhf_ray.lora import layer_key, merged_state
 
         scaling = self.lora.lora_alpha / self.lora.r
-        for bucket in _buckets(list(self.module.named_parameters()), bucket_bytes, group=_lora_layer):
+        for bucket in _buckets(list(self.module.named_parameters()), bucket_bytes, group=layer_key):
             yield merged_state(self._copy_out(bucket, device), scaling, self.lora.fan_in_fan_out)
 
     def trained_named_parameters(self) -> list[tuple[str, Tensor]]:
@@ -481,11 +481,6 @@ def _buckets(named: list[tuple[str, torch.nn.Parameter]], bucket_bytes: int, gro
     if bucket:
         yield bucket
 
-
-def _lora_layer(name: str) -> str:
-    from rlhf_ray.lora import layer_key
-
-    return layer_key(name)
 
 
 def _full_numel(p: Tensor) -> int:

@@ -120,9 +120,10 @@ class VLLMRolloutEngine:
     def _completion(self, out) -> Completion:
         (completion,) = out.outputs
         ids = list(completion.token_ids)
-        length = ids.index(self.eos_token_id) + 1 if self.eos_token_id in ids else len(ids)
+        stopped = self.eos_token_id in ids
+        length = ids.index(self.eos_token_id) + 1 if stopped else len(ids)
         logprobs = _sampled_logprobs(completion)[:length] if completion.logprobs is not None else None
-        return Completion(out.request_id, ids[:length], logprobs, self.eos_token_id in ids)
+        return Completion(out.request_id, ids[:length], logprobs, stopped)
 
     def _sampling(self, params: SamplingParams, seed: int):
         from vllm import SamplingParams as VSampling
