@@ -78,20 +78,24 @@ def response_logprobs(
     return _zero_padding(logprobs, attention_mask[:, prompt_len:])
 
 
-def response_values(value_model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, prompt_len: int) -> Tensor:
+def response_values(value_model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, prompt_len: int,
+                    packing: bool = False) -> Tensor:
     """V(state before response token t), (B, T) float32, 0 on padding; same layout as `response_logprobs`."""
-    scores = token_scores(value_model, input_ids, attention_mask, position_ids(attention_mask))  # (B, P + T)
+    scores = token_scores(value_model, input_ids, attention_mask, position_ids(attention_mask), packing)  # (B, P + T)
     values = scores[:, prompt_len - 1 : -1]  # (B, T)
     return _zero_padding(values, attention_mask[:, prompt_len:])
 
 
 def token_scores(
-    model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None
+    model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None,
+    packing: bool = False,
 ) -> Tensor:
     """The scalar `score` head of a sequence classifier applied at every position, (B, L) float32.
 
     HF's own forward pools at the last token that is not `pad_token_id`, which goes wrong when the
     pad id also occurs as a real token (pad = EOS is common); callers pick positions by mask instead.
+    `packing`: the backbone runs on the real tokens as one row (`rlhf_ray.packing`, positions those of
+    `position_ids(attention_mask)`), the head on its hidden states; 0 at padding.
     """
     head = getattr(model, "score", None)
     if head is None or model.config.num_labels != 1:
@@ -100,6 +104,11 @@ def token_scores(
             f"{model.config.num_labels}); load it with load_sequence_classifier(..., num_labels=1)."
         )
     backbone = getattr(model, model.base_model_prefix)
+    if packing:
+        from rlhf_ray.packing import packed_outputs, unpack
+
+        out, packed = packed_outputs(backbone, input_ids, attention_mask, config=model.config)
+        return unpack(head(out.last_hidden_state).squeeze(-1).float(), packed, fill=0.0)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
     return head(hidden).squeeze(-1).float()  # (B, L)
 

@@ -103,14 +103,14 @@ def unpack(values: Tensor, packed: Packed, fill: float) -> Tensor:
     return out.index_copy(0, packed.indices, values[0]).view(batch, length, *trailing)
 
 
-def packed_forward(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, config: Any = None,
-                   **kwargs) -> Tensor:
-    """Logits (B, L, V) of a causal LM run on the packed batch; 0 at padding, else as the padded forward.
+def packed_outputs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, config: Any = None,
+                   **kwargs) -> tuple[Any, Packed]:
+    """The forward of `model` on the packed batch, with the `Packed` map that unpacks its per-token outputs.
 
-    `model` is a transformers causal LM whose forward takes `position_ids`. The call passes
-    `attention_mask=None`, `past_key_values=None` and `use_cache=False`, the three conditions for
-    `create_causal_mask` to build the per-sequence mask (module docstring); a caller passing any of
-    them, or `position_ids`, in `kwargs` gets a TypeError.
+    `model` is a transformers model (a causal LM, or the backbone of a sequence classifier) whose
+    forward takes `position_ids`. The call passes `attention_mask=None`, `past_key_values=None` and
+    `use_cache=False`, the three conditions for `create_causal_mask` to build the per-sequence mask
+    (module docstring); a caller passing any of them, or `position_ids`, in `kwargs` gets a TypeError.
     """
     implementation = (config or model.config)._attn_implementation  # `config`: of a wrapped model (DeepSpeed)
     if implementation not in VERIFIED_ATTENTION:
@@ -127,4 +127,11 @@ def packed_forward(model: torch.nn.Module, input_ids: Tensor, attention_mask: Te
         use_cache=False,
         **kwargs,
     )
+    return out, packed
+
+
+def packed_forward(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, config: Any = None,
+                   **kwargs) -> Tensor:
+    """Logits (B, L, V) of a causal LM run on the packed batch; 0 at padding, else as the padded forward."""
+    out, packed = packed_outputs(model, input_ids, attention_mask, config, **kwargs)
     return unpack(out.logits, packed, fill=0.0)

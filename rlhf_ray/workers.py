@@ -131,7 +131,13 @@ def _forward_logits(forward, samples: Samples) -> torch.Tensor:
     return logits[:, samples.prompt_ids.shape[1] - 1: -1]
 
 
-def _plain_forward(model: torch.nn.Module):
+def _plain_forward(model: torch.nn.Module, packing: bool = False):
+    """`forward(input_ids, attention_mask, position_ids) -> logits` of a causal LM outside DeepSpeed (a frozen
+    reference); with `packing`, on the real tokens as one row (`rlhf_ray.packing`; the same positions)."""
+    if packing:
+        from rlhf_ray.packing import packed_forward
+
+        return lambda ids, mask, pos: packed_forward(model, ids, mask)
     return lambda ids, mask, pos: model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
 
 
@@ -188,7 +194,7 @@ class _TrainedRole(Worker):
                                   grad_accum=self.cfg.grad_accum_steps(self.role),
                                   total_optimizer_steps=self.total_optimizer_steps(),
                                   lora=lora, export_merged=self.cfg.model.lora.export_merged,
-                                  packing=self.cfg.trainer.packing and self.role == "policy")
+                                  packing=self.cfg.trainer.packing)
         return True
 
     @property
@@ -449,7 +455,8 @@ class CriticWorker(_TrainedRole):
 
         def values(part: Samples) -> torch.Tensor:
             part = part.to(self.model.device)
-            v = response_values(self.model.module, part.input_ids, part.attention_mask, part.prompt_ids.shape[1])
+            v = response_values(self.model.module, part.input_ids, part.attention_mask, part.prompt_ids.shape[1],
+                                self.cfg.trainer.packing)
             return torch.where(part.response_mask.bool(), v.float(), 0.0).cpu()
 
         return _per_micro_batch(Samples.from_numpy(payload), self.cfg.trainer.micro_batch_size, values)
@@ -463,7 +470,8 @@ class CriticWorker(_TrainedRole):
         algo = self.cfg.algo
 
         def micro_loss(mb: Experience, scale):
-            values = response_values(self.model.module, mb.input_ids, mb.attention_mask, mb.prompt_ids.shape[1]).float()
+            values = response_values(self.model.module, mb.input_ids, mb.attention_mask, mb.prompt_ids.shape[1],
+                                     self.cfg.trainer.packing).float()
             loss, metrics = value_loss(values, mb.values, mb.returns, mb.response_mask, clip=algo.value_clip,
                                        agg=algo.loss_agg, scale=scale)
             return loss, {}, {k: float(v) for k, v in metrics.items()}
@@ -503,7 +511,7 @@ class ReferenceWorker(Worker):
     @torch.no_grad()
     def compute_logprobs(self, payload: dict[str, Any]) -> np.ndarray:
         """log π_ref of the response tokens (B, T)."""
-        forward = _plain_forward(self.model)
+        forward = _plain_forward(self.model, self.cfg.trainer.packing)
         return _per_micro_batch(Samples.from_numpy(payload), self.cfg.trainer.micro_batch_size,
                                 lambda part: _response_logprobs(forward, part, self.cfg.rollout.temperature))
 
@@ -799,7 +807,7 @@ class OfflineWorker(_TrainedRole):
     def _outputs(self, batch: OfflineBatch) -> torch.Tensor:
         if self.role == "policy":
             return sequence_logprobs(self.model.forward, batch)
-        return last_token_scores(self.model.module, batch)
+        return last_token_scores(self.model.module, batch, self.cfg.trainer.packing)
 
     @timed
     def train(self, payload: dict[str, Any], scale) -> dict[str, float]:
@@ -828,7 +836,7 @@ class OfflineWorker(_TrainedRole):
             self.reference = load_causal_lm(self.paths.reference, model_dtype(self.cfg), self.cfg.model.trust_remote_code)
             self.reference.to(self.model.module.device).eval()
         batch = OfflineBatch.from_numpy(payload)
-        forward = _plain_forward(self.reference)
+        forward = _plain_forward(self.reference, self.cfg.trainer.packing)
         parts = [sequence_logprobs(forward, batch.select(rows))
                  for rows in _split(batch.batch_size, self.cfg.trainer.micro_batch_size)]
         return torch.cat(parts).float().numpy()
@@ -860,7 +868,7 @@ def sequence_logprobs(forward, batch: OfflineBatch) -> torch.Tensor:
     return logprobs.sum(-1).view(batch.input_ids.shape[:2]).cpu()  # the losses run on CPU tensors
 
 
-def last_token_scores(model: torch.nn.Module, batch: OfflineBatch) -> torch.Tensor:
+def last_token_scores(model: torch.nn.Module, batch: OfflineBatch, packing: bool = False) -> torch.Tensor:
     """The scalar head at each sequence's last real token, (N, K) float32; differentiable.
 
     Exactly how `rlhf_ray.rewards.model.ModelReward` scores: right padding, default positions,
@@ -870,6 +878,6 @@ def last_token_scores(model: torch.nn.Module, batch: OfflineBatch) -> torch.Tens
 
     input_ids, attention_mask, _ = _flat(batch)
     device = next(model.parameters()).device
-    per_token = token_scores(model, input_ids.to(device), attention_mask.to(device)).cpu()  # (N·K, W)
+    per_token = token_scores(model, input_ids.to(device), attention_mask.to(device), packing=packing).cpu()  # (N·K, W)
     last = attention_mask.sum(-1) - 1  # (N·K,)
     return per_token.gather(1, last[:, None]).squeeze(1).view(batch.input_ids.shape[:2])

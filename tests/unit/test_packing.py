@@ -1,5 +1,6 @@
 """Padding-free packing (rlhf_ray.packing): the packed forward of a tiny random Llama equals the padded
-one on every real token, for sdpa and eager, in logits, loss and gradients; sequences never see each
+one on every real token, for sdpa and eager, in logits, loss and gradients (and a scalar-head model's
+per-token scores: critic values, reward-model scores); sequences never see each
 other; pack/unpack invert each other on any padding layout.
 
 Tolerances (fp32, CPU): logits atol 1e-5, loss atol 1e-6, gradients atol 1e-6 + rtol 1e-4. The two
@@ -162,20 +163,30 @@ def test_edge_case_forwards_equal_padded(implementation, prompts, responses):
     torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=0)
 
 
-def test_critic_values_through_pack_unpack():
-    # A sequence classifier's own forward pools one score per packed row, so per-token values go
-    # through the backbone: its hidden states unpack like logits. use_cache=False, as packed_forward.
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_score_head_values_and_gradients_equal_padded(implementation):
+    # The critic's values and the reward model's scores: a sequence classifier's own forward pools one
+    # score per packed row, so token_scores runs the backbone packed and the head on its hidden states.
     critic = build_critic(TOKENIZER, seed=0, num_heads=2)
-    input_ids, attention_mask, _, _ = mixed_batch(PROMPTS, RESPONSES, seed=4)
-    packed = pack(input_ids, attention_mask)
-    with torch.no_grad():
-        expected = token_scores(critic, input_ids, attention_mask, position_ids(attention_mask))  # (B, L)
-        hidden = critic.model(input_ids=packed.input_ids, position_ids=packed.position_ids,
-                              use_cache=False).last_hidden_state  # (1, N, H)
-        got = critic.score(unpack(hidden, packed, fill=0.0)).squeeze(-1)
+    critic.set_attn_implementation(implementation)
+    input_ids, attention_mask, response_mask, p = mixed_batch(PROMPTS, RESPONSES, seed=4)
+
+    def values_and_grads(packing: bool):
+        critic.zero_grad()
+        values = token_scores(critic, input_ids, attention_mask, position_ids(attention_mask), packing=packing)
+        (values[:, p:] * response_mask).square().sum().backward()  # a value loss over the response tokens
+        return values.detach(), {name: q.grad.clone() for name, q in critic.named_parameters()}
+
+    expected, grads = values_and_grads(False)
+    got, packed_grads = values_and_grads(True)
     real = attention_mask.bool()
     torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=0)
+    assert torch.equal(got[~real], torch.zeros_like(got[~real]))
+    for name, grad in grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(packed_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
     with pytest.raises(ValueError, match="pooled logits"):
+        packed = pack(input_ids, attention_mask)
         unpack(critic(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False).logits,
                packed, fill=0.0)
 
