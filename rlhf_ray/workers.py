@@ -387,6 +387,17 @@ class PolicyWorker(_TrainedRole):
         refs = put_buckets(self.model.gathered_named_parameters(self._bucket_bytes()), self.rank == 0)
         return refs, self.probe_logprobs(probe_ids)
 
+    @timed
+    def send_adapter(self, probe_ids: list[int]) -> tuple[list, Any, np.ndarray]:
+        """model.lora.sync=adapter: the LoRA adapter alone, in PEFT's naming (all ranks gather it under ZeRO-3;
+        rank 0 puts it). → (refs, PEFT LoraConfig, the policy's log-probs of the probe sequence)"""
+        from rlhf_ray.lora import adapter_state
+        from rlhf_ray.weight_sync import put_buckets
+
+        state = adapter_state(self.model.trained_named_parameters())
+        refs = put_buckets(iter([list(state.items())]), self.rank == 0)
+        return refs, self.model.lora, self.probe_logprobs(probe_ids)
+
     def join_channel(self, port: int, world_size: int) -> bool:
         """Rank 0 hosts the stateless sync channel (engines' receivers are ranks 1…); other ranks take no part."""
         from rlhf_ray.deepspeed_model import node_ip
@@ -585,7 +596,8 @@ class RolloutWorker(Worker):
         self.cfg, self.engine_index, self.rank, self.version = cfg, engine_index, engine_index, 0
         self.backend = cfg.rollout_backend
         self.fixed_threads = self.backend == "vllm"  # vLLM fixes its threads at start (rollout.vllm.threads)
-        self.engine = build_engine(cfg, paths.policy, paths.tokenizer, seed=cfg.rollout.seed + engine_index)
+        self.engine = build_engine(cfg, paths.policy, paths.tokenizer, seed=cfg.rollout.seed + engine_index,
+                                   lora_rank=cfg.model.lora.rank if cfg.adapter_sync else 0)
         self.channel = None
         self.paths, self.env_parts = paths, None  # rollout.env: (tokenizer, environment factory, reply format), built on first use
         self.partial = cfg.stage == "ppo" and cfg.algo.max_staleness > 0 and cfg.rollout.update_in_flight == "mid_request"
@@ -695,6 +707,18 @@ class RolloutWorker(Worker):
         if self.partial:  # fetched before taking the engine from a running request
             weights = list(weights)
         return self._take(weights, version, probe_ids)
+
+    @timed
+    def receive_adapter(self, refs: list, config: Any, version: int, probe_ids: list[int]) -> tuple[int, np.ndarray]:
+        """The policy's LoRA adapter (model.lora.sync=adapter) over the engine's base weights; hold `version`."""
+        from rlhf_ray.weight_sync import get_weights
+
+        state = dict(get_weights(refs, self.cfg.trainer.timeout_s))  # fetched before taking the engine
+        with self._turn("load adapter", loading=True):
+            self.engine.wake()
+            self.engine.load_adapter(state, config)
+            self.version = version
+            return self.weight_state(probe_ids)
 
     def _take(self, weights, version: int, probe_ids: list[int]) -> tuple[int, np.ndarray]:
         """Load the policy's full weights, hold `version`; → what `weight_state` reports."""

@@ -47,9 +47,10 @@ def head_size(model_config: dict) -> int | None:
 
 
 def build_engine(cfg: RunConfig, model_path: str, tokenizer_path: str, *, seed: int = 0,
-                 max_batch: int | None = None, full_context: bool = False) -> RolloutEngine:
+                 max_batch: int | None = None, full_context: bool = False, lora_rank: int = 0) -> RolloutEngine:
     """The configured engine (`cfg.rollout_backend`) over the model at `model_path`; `full_context`: vLLM
-    sized for the model's whole context instead of the rollout's prompt + response limits (a judge)."""
+    sized for the model's whole context instead of the rollout's prompt + response limits (a judge);
+    `lora_rank` > 0: vLLM ready to serve the policy's LoRA adapter of that rank (model.lora.sync=adapter)."""
     from rlhf_ray.models import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code)
@@ -57,7 +58,7 @@ def build_engine(cfg: RunConfig, model_path: str, tokenizer_path: str, *, seed: 
         from rlhf_ray.rollout.vllm import VLLMRolloutEngine
 
         specials = sorted({*tokenizer.all_special_ids, tokenizer.eos_token_id, tokenizer.pad_token_id})
-        return VLLMRolloutEngine(vllm_options(cfg, model_path, seed, full_context), tokenizer.eos_token_id,
+        return VLLMRolloutEngine(vllm_options(cfg, model_path, seed, full_context, lora_rank), tokenizer.eos_token_id,
                                  tokenizer.pad_token_id, specials, len(tokenizer))
     from rlhf_ray.models import load_causal_lm
     from rlhf_ray.rollout.hf import HFRolloutEngine
@@ -68,7 +69,7 @@ def build_engine(cfg: RunConfig, model_path: str, tokenizer_path: str, *, seed: 
     return HFRolloutEngine(model, tokenizer, max_batch=max_batch)
 
 
-def vllm_options(cfg: RunConfig, model_path: str, seed: int, full_context: bool = False):
+def vllm_options(cfg: RunConfig, model_path: str, seed: int, full_context: bool = False, lora_rank: int = 0):
     from rlhf_ray.rollout.vllm import VLLMOptions
 
     v = cfg.rollout.vllm
@@ -81,7 +82,7 @@ def vllm_options(cfg: RunConfig, model_path: str, seed: int, full_context: bool 
         seed=seed, max_model_len=max_model_len,
         tensor_parallel_size=v.tensor_parallel_size, gpu_memory_utilization=v.gpu_memory_utilization,
         kv_cache_mb=v.kv_cache_mb, enable_sleep=v.enable_sleep, enforce_eager=v.enforce_eager,
-        threads=engine_threads(cfg), trust_remote_code=cfg.model.trust_remote_code)
+        threads=engine_threads(cfg), trust_remote_code=cfg.model.trust_remote_code, lora_rank=lora_rank)
 
 
 def rollout_tokens(cfg: RunConfig) -> int:

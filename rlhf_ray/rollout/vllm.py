@@ -23,6 +23,13 @@ import of the project is in this module. Decisions (measured facts in STACK-NOTE
   (vLLM's default, raw_logprobs, ignores temperature: wrong for T ≠ 1.)
 - Sync probe: prompt log-probs of a fixed sequence (`prompt_logprobs=0`), compared by the driver
   with the policy's after every sync.
+- LoRA policies with `model.lora.sync=adapter`: the engine keeps the base weights it started with and
+  serves every request through one LoRA adapter (`enable_lora`, `max_loras=1`). Each sync writes the
+  adapter in PEFT's format to the engine's own temporary directory and registers it under a new
+  adapter id (`LLMEngine.add_lora`, which loads it at once); the previous id is removed. A new id, not
+  `load_inplace` (which re-reads the files at every engine step), and prefix-cache blocks are keyed
+  by adapter id, so no KV of an older adapter is reused. Loads happen only between whole `generate`
+  calls (the rollout worker's turns), so no running request loses its adapter.
 - CPU limits, checked before any actor starts (`rlhf_ray.rollout.check_rollout_model`, config rules):
   attention head sizes vLLM's CPU kernels run, no sleep mode. vLLM discards the token sampled
   after a partial (chunked) prefill and rewinds the request's generator, which a CPU generator
@@ -36,6 +43,7 @@ import of the project is in this module. Decisions (measured facts in STACK-NOTE
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
@@ -66,6 +74,7 @@ class VLLMOptions:
     enforce_eager: bool | None = None  # None: eager on CPU, CUDA graphs on GPU
     threads: int | None = None  # CPU: OpenMP threads of the engine (fixed for its life)
     trust_remote_code: bool = False
+    lora_rank: int = 0  # > 0: serve a LoRA adapter of this rank over the base weights (model.lora.sync=adapter)
 
 
 class VLLMRolloutEngine:
@@ -78,6 +87,9 @@ class VLLMRolloutEngine:
         self.allowed_ids = sorted(set(range(vocab_size)) - set(special_token_ids))  # suppress_special_tokens
         self.sleeping = False
         self.llm = _start(options, self.on_gpu)
+        self.lora_request = None  # the policy's adapter every request runs with (model.lora.sync=adapter)
+        self._adapters = 0  # adapter ids handed out: each load gets the next
+        self._adapter_dir = None  # a TemporaryDirectory holding the adapter files, made on the first load
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int, first_index: int = 0) -> Samples:
         """`params.n` samples per prompt, rows [i·n, (i+1)·n) from prompt i; prompt i is item first_index + i
@@ -87,7 +99,7 @@ class VLLMRolloutEngine:
         requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
         seeds = item_seeds(seed, first_index, len(prompts))
         outputs = self.llm.generate(requests, [self._sampling(params, seeds[i]) for i in range(len(prompts))],
-                                    use_tqdm=False)
+                                    use_tqdm=False, lora_request=self.lora_request)
         completions = [c for out in outputs for c in out.outputs]  # n per prompt, in order
         prompt_ids, prompt_mask = left_pad([p for p in prompts for _ in range(params.n)], self.pad_token_id)
         tokens = _right_padded([list(c.token_ids) for c in completions], self.pad_token_id, torch.long)  # (B, L)
@@ -107,7 +119,7 @@ class VLLMRolloutEngine:
         sampling.output_kind = RequestOutputKind.FINAL_ONLY  # as `LLM.generate` asks: the finished output only
         # rendered as `LLM.generate` renders its prompts (vLLM 0.32: a raw prompt into add_request is deprecated)
         request = self.llm._preprocess_cmpl_one(TokensPrompt(prompt_token_ids=list(prompt)))
-        self.llm.llm_engine.add_request(request_id, request, sampling)
+        self.llm.llm_engine.add_request(request_id, request, sampling, lora_request=self.lora_request)
 
     def poll(self) -> list[Completion]:
         """One engine step; the requests it finished, each cut at its first EOS."""
@@ -141,6 +153,29 @@ class VLLMRolloutEngine:
         self.llm.collective_rpc("rlhf_load_weights", args=(_as_tensors(weights),))
         self.llm.reset_prefix_cache()
 
+    def load_adapter(self, state: dict[str, Tensor | np.ndarray], config) -> None:
+        """The policy's LoRA adapter over the base weights: `state` in PEFT's saved naming, `config` its PEFT
+        LoraConfig. Every later request runs with it; the previous adapter is dropped (module docstring)."""
+        import tempfile
+
+        from vllm.lora.request import LoRARequest
+
+        from rlhf_ray.lora import save_adapter
+
+        if self._adapter_dir is None:
+            self._adapter_dir = tempfile.TemporaryDirectory(prefix="rlhf_ray_adapter_")
+        self._adapters += 1
+        path = os.path.join(self._adapter_dir.name, str(self._adapters))
+        save_adapter(path, config, dict(_as_tensors(state.items())))
+        request = LoRARequest(f"policy-{self._adapters}", self._adapters, path)
+        if not self.llm.llm_engine.add_lora(request):
+            raise RuntimeError(f"vLLM did not load the policy's LoRA adapter from {path}")
+        previous, self.lora_request = self.lora_request, request
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+            shutil.rmtree(previous.lora_path, ignore_errors=True)
+        self.llm.reset_prefix_cache()
+
     def join_channel(self, host: str, port: int, first_rank: int, world_size: int, timeout_s: float) -> None:
         """Each vLLM worker (one per tensor-parallel shard) joins the sync channel as rank first_rank + its rank."""
         self.llm.collective_rpc("rlhf_join_channel", args=(host, port, first_rank, world_size, timeout_s))
@@ -155,7 +190,7 @@ class VLLMRolloutEngine:
 
         out = self.llm.generate([TokensPrompt(prompt_token_ids=list(token_ids))],
                                 VSampling(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False),
-                                use_tqdm=False)[0]
+                                use_tqdm=False, lora_request=self.lora_request)[0]
         return np.array([step[t].logprob for step, t in zip(out.prompt_logprobs[1:], token_ids[1:])], dtype=np.float64)
 
     def sleep(self) -> None:
@@ -186,6 +221,8 @@ def _start(options: VLLMOptions, on_gpu: bool):
                   trust_remote_code=options.trust_remote_code, skip_tokenizer_init=False)
     if options.tensor_parallel_size == 1:
         kwargs["distributed_executor_backend"] = "uni"
+    if options.lora_rank:
+        kwargs |= dict(enable_lora=True, max_loras=1, max_lora_rank=lora_slot_rank(options.lora_rank))
     if on_gpu:
         kwargs |= dict(gpu_memory_utilization=options.gpu_memory_utilization, enable_sleep_mode=options.enable_sleep)
     kv_mb = options.kv_cache_mb if options.kv_cache_mb is not None else (None if on_gpu else 256.0)
@@ -197,6 +234,18 @@ def _start(options: VLLMOptions, on_gpu: bool):
         kwargs["max_num_seqs"] = cpu_max_num_seqs(options.model, int(kv_mb * 2**20), options.max_model_len,
                                                   torch.empty(0, dtype=getattr(torch, options.dtype)).element_size())
     return LLM(**kwargs)
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM 0.32's `max_lora_rank` choices
+
+
+def lora_slot_rank(rank: int) -> int:
+    """The smallest `max_lora_rank` vLLM accepts that holds an adapter of `rank`."""
+    fits = [r for r in VLLM_LORA_RANKS if r >= rank]
+    if not fits:
+        raise ValueError(f"model.lora.rank={rank} is above vLLM's largest LoRA rank {VLLM_LORA_RANKS[-1]}; "
+                         "use model.lora.sync=merged")
+    return fits[0]
 
 
 def cpu_max_num_seqs(model_dir: str, kv_bytes: int, max_model_len: int | None, dtype_bytes: int, ceiling: int = 256) -> int:

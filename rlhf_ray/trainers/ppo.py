@@ -282,6 +282,11 @@ class Roles:
             sent = self.policy.call(lambda w: w.send_to_channel.remote(probe))
             got = on(lambda w, i: w.receive_from_channel.remote(version, probe))
             expected = self.policy.get(sent, "sync", step)[0]
+        elif self.cfg.adapter_sync:  # the LoRA adapter alone, served by vLLM over the engines' base weights
+            weights, config, expected = self.policy.get(self.policy.call(lambda w: w.send_adapter.remote(probe)), "sync", step)[0]
+            receive = lambda w: (w.receive_adapter.options(concurrency_group="sync")  # noqa: E731
+                                 if self.partial_rollouts else w.receive_adapter)
+            got = on(lambda w, i: receive(w).remote(weights, config, version, probe))
         else:
             weights, expected = self.policy.get(self.policy.call(lambda w: w.send_to_object_store.remote(probe)), "sync", step)[0]
             receive = lambda w: (w.receive_from_object_store.options(concurrency_group="sync")  # noqa: E731

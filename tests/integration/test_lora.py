@@ -1,12 +1,14 @@
 """LoRA (model.lora) through the real stack: GRPO and PPO on vLLM engines with DeepSpeed ranks whose
 optimizer holds the adapters only, the reference as the base model with adapters off, merged weights
-synced into the engines and verified by the probe, an exact resume from an adapter-only checkpoint,
+synced into the engines (the merged model, or the adapter served by vLLM over its base weights) and
+verified by the probe, an exact resume from an adapter-only checkpoint,
 the export (merged model + PEFT adapter) reloaded with the usual calls, and the offline stages."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +42,21 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_grpo_with_lora_trains_adapters_only_against_the_base_as_reference(ray_session, tmp_path):
+def _engine_adapters(trainer) -> tuple:
+    """(the adapter id engine 0 serves or None, the adapter directories it keeps)."""
+    def read(worker):
+        engine = worker.engine
+        kept = sorted(os.listdir(engine._adapter_dir.name)) if engine._adapter_dir else []
+        return (engine.lora_request.lora_int_id if engine.lora_request else None), kept
+
+    return ray.get(trainer.roles.pools["rollout"].workers[0].__ray_call__.remote(read), timeout=120)
+
+
+@pytest.mark.parametrize("sync", ["merged", "adapter"])
+def test_grpo_with_lora_trains_adapters_only_against_the_base_as_reference(ray_session, tmp_path, sync):
     cfg = load_config(CONFIGS / "toy_grpo.yaml", toy_overrides(tmp_path, *LORA, "trainer.total_steps=4",
-                                                                 "policy_optim.lr=1e-2"))
+                                                                 "policy_optim.lr=1e-2", f"model.lora.sync={sync}"))
+    assert cfg.adapter_sync == (sync == "adapter")
     inputs = prepare_run(cfg)
     trainer = PPOTrainer(cfg, inputs)
     try:
@@ -52,10 +66,16 @@ def test_grpo_with_lora_trains_adapters_only_against_the_base_as_reference(ray_s
         changed = {n for n in after if not np.array_equal(before[n], after[n])}
         assert changed and all(".lora_A." in n or ".lora_B." in n for n in changed)  # the base never moves
         assert not any("lora" in n for n in policy_weights(trainer))  # the engines get base names, merged
-        # the merged weights reached every engine: its probe log-probs are the trained policy's
+        # the merged weights (or the adapter over the engine's base) reached every engine: its probe
+        # log-probs are the trained policy's
         probe = policy_probe(trainer)
         for version, engine_probe in engine_states(trainer):
             assert version == 4 and np.max(np.abs(engine_probe - probe)) < 1e-3
+        served, kept = _engine_adapters(trainer)
+        if sync == "adapter":  # one adapter per sync (the first before step 1), only the latest kept
+            assert served is not None and served >= 4 and kept == [str(served)]
+        else:
+            assert (served, kept) == (None, [])
         # the reference is the base model: log-probs with adapters off = a fresh load of the initial policy's
         ids = torch.tensor([[5, 40, 41, 42, 6, 50, 51, 52, 53]])
         mask = torch.ones_like(ids)
@@ -82,8 +102,9 @@ def test_grpo_with_lora_trains_adapters_only_against_the_base_as_reference(ray_s
 
 def test_ppo_with_lora_on_policy_and_critic_resumes_exactly(ray_session, tmp_path):
     """The checkpoint holds the adapters (and the critic's head) only; resumed from step 2, steps 3-4 and
-    the final weights equal the uninterrupted run's."""
-    common = (*LORA, "model.lora.roles=[policy, critic]", "trainer.total_steps=4", "checkpoint.every=2",
+    the final weights equal the uninterrupted run's. The engines serve the adapter (model.lora.sync=adapter):
+    the resumed run's fresh engines get the checkpoint's adapter over their base weights."""
+    common = (*LORA, "model.lora.roles=[policy, critic]", "model.lora.sync=adapter", "trainer.total_steps=4", "checkpoint.every=2",
               "checkpoint.keep_last=5", "checkpoint.export_hf=false")
     cfg = load_config(CONFIGS / "toy_ppo.yaml", toy_overrides(tmp_path / "a", *common))
     trainer = PPOTrainer(cfg, prepare_run(cfg))

@@ -110,3 +110,23 @@ def test_a_layer_s_parameters_share_a_key():
              "model.layers.0.self_attn.q_proj.lora_B.default.weight", "score.original_module.weight",
              "score.modules_to_save.default.weight", "model.norm.weight"]
     assert [layer_key(n) for n in names] == ["model.layers.0.self_attn.q_proj"] * 3 + ["score"] * 2 + ["model.norm.weight"]
+
+
+def test_adapter_sync_config_rules_and_default():
+    from pathlib import Path
+
+    from rlhf_ray.config import ConfigError, load_config
+    from rlhf_ray.rollout.vllm import lora_slot_rank
+
+    grpo = Path(__file__).resolve().parents[2] / "configs" / "toy_grpo.yaml"
+    lora = ["model.lora.rank=8", "rollout.backend=vllm"]
+    assert not load_config(grpo, lora).adapter_sync  # auto on CPU engines: merged (vLLM's CPU LoRA is slower)
+    assert load_config(grpo, [*lora, "model.lora.sync=adapter"]).adapter_sync
+    assert not load_config(grpo, [*lora, "model.lora.sync=adapter", "model.lora.roles=[critic]"]).adapter_sync
+    with pytest.raises(ConfigError, match=r"model.lora.sync=adapter needs vLLM engines .*'hf'"):
+        load_config(grpo, ["model.lora.rank=8", "model.lora.sync=adapter", "rollout.backend=hf"])
+    with pytest.raises(ConfigError, match=r"rollout.weight_sync=object_store \(got 'gloo'\)"):
+        load_config(grpo, [*lora, "model.lora.sync=adapter", "rollout.weight_sync=gloo"])
+    assert [lora_slot_rank(r) for r in (1, 2, 8, 9, 512)] == [1, 8, 8, 16, 512]
+    with pytest.raises(ValueError, match="model.lora.sync=merged"):
+        lora_slot_rank(513)
