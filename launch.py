@@ -42,6 +42,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def required_cpus(cfg: RunConfig) -> float:
+    """Ray CPUs the stage needs at once: its actors, and the Ray Serve replicas of the reward sources it starts."""
+    served = sum(s.serve.replica_cpus * s.serve.num_replicas for s in cfg.reward.sources
+                 if s.kind == "serve" and not s.serve.connect)
+    return served + _actor_cpus(cfg)
+
+
+def _actor_cpus(cfg: RunConfig) -> float:
     if cfg.stage == "pipeline":
         return max(required_cpus(stage_cfg) for stage_cfg in pipeline_stage_configs(cfg).values())
     if cfg.stage == "iterate":  # the final evaluation (engines + scorer) needs no more than a round's label stage

@@ -150,6 +150,26 @@ JUDGE_PLACEHOLDERS = {  # template field → (placeholders it may use, those it 
 }
 
 
+class JudgeEndpointConfig(Section):
+    base_url: str = Field(..., description="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1 (python -m vllm.entrypoints.openai.api_server) or a hosted API's.")
+    model: str = Field(..., description="Model name the endpoint serves (the request's `model`).")
+    api_key_env: str | None = Field(None, description="Environment variable holding the API key, read where the judge runs and never logged; null: no key (a local vLLM server).")
+    api: Literal["chat", "completions"] = Field("chat", description="'chat': the rendered prompt as one user message (/chat/completions, the server applies the chat template); 'completions': the rendered prompt as raw text (/completions).")
+    timeout_s: float = Field(60.0, gt=0, description="Deadline of each request, seconds.")
+    retries: int = Field(3, ge=0, description="Retries of a request after a connection error, timeout, HTTP 5xx or 429.")
+    backoff_s: float = Field(1.0, ge=0, description="Wait before the first retry; doubled per retry (jittered), capped at 30 s; a 429's Retry-After is honoured.")
+    max_concurrency: int = Field(8, gt=0, description="Requests in flight at once.")
+    max_requests_per_s: float | None = Field(None, gt=0, description="Request-rate limit (requests started per second, over all threads); null: none.")
+    input_price_per_mtok: float = Field(0.0, ge=0, description="Price of a million prompt tokens (any currency), for the run's estimated cost metric.")
+    output_price_per_mtok: float = Field(0.0, ge=0, description="Price of a million completion tokens, for the run's estimated cost metric.")
+
+    @model_validator(mode="after")
+    def _url_scheme(self) -> JudgeEndpointConfig:
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"judge.endpoint.base_url={self.base_url!r} is not an http(s) URL; use e.g. http://127.0.0.1:8000/v1.")
+        return self
+
+
 class JudgeSourceConfig(Section):
     mode: Literal["grade", "compare"] = Field("grade", description="'grade': score = the grade the judge gives; 'compare': score = share of wins against metadata[reference_key], both orders asked.")
     grade_template: str = Field(JUDGE_GRADE_TEMPLATE, description="Grade prompt; placeholders {prompt}, {response}, {min_score}, {max_score} (literal braces doubled).")
@@ -160,6 +180,7 @@ class JudgeSourceConfig(Section):
     max_new_tokens: int = Field(16, gt=0, description="Longest judge reply in tokens (greedy decoding).")
     on_unparseable: Literal["error", "tie", "drop-order"] = Field("error", description="Reply without a verdict: 'error' stops the run; 'tie' scores it as a tie (0.5 / the mid grade); 'drop-order' (compare) uses the other order alone.")
     chat_template: bool = Field(True, description="Send the rendered prompt as one user message through the judge tokenizer's chat template, when it has one.")
+    endpoint: JudgeEndpointConfig | None = Field(None, description="Ask an OpenAI-compatible endpoint (a vLLM server, a hosted API) instead of a model in the run; path is then unused.")
 
     @model_validator(mode="after")
     def _consistent(self) -> JudgeSourceConfig:
@@ -188,32 +209,71 @@ def _template_problem(field: str, template: str) -> str | None:
     return None
 
 
+class ServeSourceConfig(Section):
+    source_kind: Literal["model", "function", "judge"] = Field("model", description="What each replica runs: a reward model, a `module:function`, or an LLM judge (the source's `path` and `judge` options).")
+    app: str = Field("rlhf_ray_reward", description="Ray Serve application name (one per served source).")
+    connect: bool = Field(False, description="true: use the application `app` already running on the cluster (python -m rlhf_ray.rewards.server --app …); false: the run starts it and deletes it at the end.")
+    num_replicas: int = Field(1, gt=0, description="Replicas of the deployment; requests are spread over them.")
+    replica_cpus: float = Field(1.0, gt=0, description="CPUs per replica.")
+    replica_gpus: float = Field(0.0, ge=0, description="GPUs per replica (a model on GPU).")
+    max_batch_size: int = Field(64, gt=0, description="Samples one replica scores in one call: requests arriving together are batched up to this.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a replica waits for more requests to fill a batch.")
+    max_ongoing_requests: int = Field(32, gt=0, description="Requests one replica accepts at once; more wait at the caller.")
+    request_size: int = Field(64, gt=0, description="Samples per request from the run (each request is one handle call).")
+    timeout_s: float = Field(120.0, gt=0, description="Deadline of each request, seconds.")
+    retries: int = Field(3, ge=0, description="Retries of a request whose replica died or timed out (never of a bad score).")
+    route_prefix: str | None = Field(None, description="HTTP route for clients outside the cluster, e.g. /rm (POST <route>/score, the http reward contract); null: handle calls only.")
+    http_host: str = Field("127.0.0.1", description="Address Serve's HTTP proxy binds when a route_prefix is set (0.0.0.0: reachable from other machines). Serve's HTTP settings are the cluster's: the first start sets them.")
+    http_port: int = Field(8000, gt=0, lt=65536, description="Port of Serve's HTTP proxy (with route_prefix).")
+
+    @model_validator(mode="after")
+    def _route(self) -> ServeSourceConfig:
+        if self.route_prefix is not None and not (self.route_prefix.startswith("/") and len(self.route_prefix) > 1):
+            raise ConfigError(f"serve.route_prefix={self.route_prefix!r} must start with '/' and name a route, e.g. /rm.")
+        return self
+
+
 class RewardSourceConfig(Section):
-    kind: Literal["model", "function", "judge", "http"] = Field("function", description="'model': HF sequence classifier scored at the last token; 'function': a Python `module:function`; 'judge': an LLM asked to grade or compare (RLAIF); 'http': a remote reward server.")
+    kind: Literal["model", "function", "judge", "http", "serve"] = Field("function", description="'model': HF sequence classifier scored at the last token; 'function': a Python `module:function`; 'judge': an LLM asked to grade or compare (RLAIF); 'http': a remote reward server; 'serve': a source served by Ray Serve replicas (serve.source_kind), called through a deployment handle.")
     path: str | None = Field(None, description="Model path / hub id / 'toy' for kind=model and kind=judge (a causal LM; 'toy' = the toy policy); `module:function` for kind=function; unused for kind=http.")
     name: str | None = Field(None, description="Name in metrics (reward/<name>); default: derived from path (kind=http: 'http', kind=judge: 'judge').")
     weight: float = Field(1.0, description="Weight of this source in the summed score.")
     http: HttpSourceConfig | None = Field(None, description="kind=http only: endpoint, timeout, retries, concurrency, token.")
-    judge: JudgeSourceConfig | None = Field(None, description="kind=judge only: mode, templates, reply length, unparseable-verdict policy (null: the defaults).")
+    judge: JudgeSourceConfig | None = Field(None, description="kind=judge (or serve with source_kind=judge): mode, templates, reply length, unparseable-verdict policy, an OpenAI-compatible endpoint (null: the defaults).")
+    serve: ServeSourceConfig | None = Field(None, description="kind=serve only: what the replicas run, how many, batching, the application to start or connect to.")
 
     @model_validator(mode="after")
     def _fields_of_kind(self) -> RewardSourceConfig:
         hints = {"model": "a reward model directory, hub id or 'toy'", "function": "module.path:function",
                  "judge": "a causal LM directory, hub id or 'toy'"}
+        runs = self.served_kind  # what computes the scores: the kind itself, or what Serve replicas run
         problems = []
-        if self.kind in hints and not self.path:
-            problems.append(f"kind={self.kind} needs path (got {self.path!r}); set path to {hints[self.kind]}.")
+        if self.kind == "serve" and self.serve is None:
+            problems.append("kind=serve needs serve options, e.g. serve: {source_kind: model, num_replicas: 2}; "
+                            "path is then the served source's.")
+        elsewhere = (self.kind == "serve" and self.serve and self.serve.connect) or (
+            runs == "judge" and self.judge and self.judge.endpoint)  # the model is where the scores come from
+        if runs in hints and not self.path and not elsewhere:
+            problems.append(f"kind={self.kind} needs path (got {self.path!r}); set path to {hints[runs]}"
+                            f"{' (or judge.endpoint for an OpenAI-compatible server)' if runs == 'judge' else ''}.")
+        if runs == "judge" and self.judge and self.judge.endpoint and self.path:
+            problems.append(f"path={self.path!r} and judge.endpoint are both set; the endpoint's model judges: remove path.")
         if self.kind == "http" and (self.http is None or self.http.url is None):
             problems.append("kind=http needs http.url (got null); set it to the reward server's endpoint, "
                             "e.g. http: {url: 'http://127.0.0.1:8000/score'}.")
         if self.kind == "http" and self.path:
             problems.append(f"path={self.path!r} is unused for kind=http; put the endpoint in http.url and remove path.")
-        for section in ("http", "judge"):
-            if getattr(self, section) is not None and self.kind != section:
+        for section in ("http", "judge", "serve"):
+            if getattr(self, section) is not None and section not in (self.kind, runs):
                 problems.append(f"{section} options are set but kind={self.kind}; remove {section} or set kind={section}.")
         if problems:
             raise ConfigError(" ".join(problems))
         return self
+
+    @property
+    def served_kind(self) -> str:
+        """The kind that computes the scores: `kind`, or for kind=serve what its replicas run."""
+        return self.serve.source_kind if self.kind == "serve" and self.serve else self.kind
 
 
 def _default_reward_sources() -> list[RewardSourceConfig]:
@@ -671,7 +731,7 @@ def _rollout_rules(cfg: RunConfig) -> list[str]:
     return out
 
 
-LIGHT_REWARD_KINDS = ("function", "http")  # reward sources that hold no model
+LIGHT_REWARD_KINDS = ("function", "http", "serve")  # reward sources that hold no model (serve: its replicas do)
 
 
 def _hosting_rules(cfg: RunConfig) -> list[str]:

@@ -88,6 +88,10 @@ def build_reward_source(
         return FunctionReward(cfg.path, name=cfg.name)
     if cfg.kind == "http":
         return HttpReward(cfg.http, name=cfg.name)
+    if cfg.kind == "serve":  # the replicas hold the source; started by the run (rlhf_ray.rewards.serve.start_apps)
+        from rlhf_ray.rewards.serve import ServeReward
+
+        return ServeReward(cfg)
     if cfg.kind == "judge":
         return JudgeReward(path, options=cfg.judge, name=cfg.name, batch_size=batch_size,
                            trust_remote_code=trust_remote_code, engine=make_engine(path) if make_engine else None)

@@ -1,19 +1,23 @@
-"""`HttpReward`: a remote reward server as a reward source (ARCHITECTURE.md §5), standard library only.
+"""`HttpReward`: a remote reward server as a reward source (ARCHITECTURE.md §5), on `httpx`.
 
 Contract (served by `rlhf_ray.rewards.server`): `POST <url>` with JSON
 `{"prompts": [str], "responses": [str], "metadata": [dict]}` → 200 and `{"scores": [float]}`,
 one finite float per sample, in order.
 
 Decisions:
-- Samples go in requests of `batch_size`, at most `max_concurrency` in flight (a thread pool).
-  The first failed batch stops the call: batches not yet started are skipped.
+- Samples go in requests of `batch_size`, at most `max_concurrency` in flight (a thread pool sharing
+  one `httpx.Client`, whose pool keeps that many connections alive across batches and calls; `close()`
+  releases them). The first failed batch stops the call: batches not yet started are skipped.
 - Connection errors, timeouts, HTTP 5xx and 429 are retried `retries` times with exponential
   backoff, `backoff_s · 2^k` capped at 30 s, with equal jitter (half fixed, half random) so
-  concurrent batches do not retry in lockstep. Everything else (other 4xx, malformed JSON, a
-  missing `scores`, a wrong count, a non-finite value) is deterministic and fails at once.
-- `timeout_s` bounds each connect and each read (urllib's socket timeout), not the whole request.
+  concurrent batches do not retry in lockstep. A 429 or 503 whose `Retry-After` gives seconds
+  (RFC 9110 §10.2.3) waits at least that long, capped at 30 s; an HTTP-date there is ignored.
+  Everything else (other 4xx, malformed JSON, a missing `scores`, a wrong count, a non-finite value,
+  a body over 64 MiB) is deterministic and fails at once.
+- `timeout_s` bounds each connect, read and write (and the wait for a pooled connection), not the
+  whole request.
 - Requests go to the configured URL only: redirects are refused (a redirect would resend the
-  body and the token elsewhere) and proxy environment variables are ignored.
+  body and the token elsewhere) and proxy environment variables are ignored (`trust_env=False`).
 - The bearer token is read once from the environment variable named by `token_env` and is
   never printed: not in errors, not in `repr`.
 - `counters` counts requests, retries and every failed attempt by kind (`FAILURE_KINDS`),
@@ -22,16 +26,15 @@ Decisions:
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import random
-import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from typing import NoReturn
+
+import httpx
 
 from rlhf_ray.config import HttpSourceConfig
 from rlhf_ray.rewards.base import RewardError, check_scores
@@ -39,25 +42,22 @@ from rlhf_ray.rewards.base import RewardError, check_scores
 FAILURE_KINDS = ("connection", "timeout", "server_error", "http_error", "malformed_json", "missing_scores",
                  "wrong_count", "bad_value")
 RETRYABLE_STATUS = (429,)  # and every 5xx
+RETRY_AFTER_STATUS = (429, 503)
 MAX_BACKOFF_S = 30.0
 MAX_RESPONSE_BYTES = 64 << 20
 
 
 class _Retryable(Exception):
-    """A failed attempt worth repeating (the server may recover)."""
+    """A failed attempt worth repeating (the server may recover); `retry_after`: the server's least wait, s."""
 
-    def __init__(self, kind: str, message: str):
+    def __init__(self, kind: str, message: str, retry_after: float = 0.0):
         super().__init__(message)
         self.kind = kind
+        self.retry_after = retry_after
 
 
 class _Skipped(Exception):
     """A batch not sent because an earlier one of the same call failed."""
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None  # urllib then raises HTTPError with the 3xx status
 
 
 class HttpReward:
@@ -67,19 +67,26 @@ class HttpReward:
         self.options = options
         self.url = options.url
         self.name = name or "http"
-        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if options.token_env:
             token = os.environ.get(options.token_env)
             if not token:
                 raise RewardError(self.name, f"token_env={options.token_env!r} names an environment variable that is "
                                              f"unset or empty where the reward worker runs; export it there")
-            self._headers["Authorization"] = f"Bearer {token}"
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+            headers["Authorization"] = f"Bearer {token}"
+        limits = httpx.Limits(max_connections=options.max_concurrency,
+                              max_keepalive_connections=options.max_concurrency)
+        self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(options.timeout_s), limits=limits,
+                                    follow_redirects=False, trust_env=False)
         self._lock = threading.Lock()
         self.counters: dict[str, int] = dict.fromkeys(("requests", "retries", *FAILURE_KINDS), 0)
 
     def __repr__(self) -> str:
         return f"HttpReward(name={self.name!r}, url={self.url!r})"
+
+    def close(self) -> None:
+        """Close the pooled connections; `score` must not be called afterwards."""
+        self._client.close()
 
     def score(self, prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float]:
         size, failed = self.options.batch_size, threading.Event()
@@ -118,7 +125,7 @@ class HttpReward:
                     kind = "timeout" if error.kind == "timeout" else "exception"
                     raise RewardError(self.name, f"{where} failed after {attempts} attempts: {error}", kind=kind) from None
                 self._count("retries")
-                time.sleep(self._backoff(attempt))
+                time.sleep(max(self._backoff(attempt), error.retry_after))
         return self._decode(raw, len(prompts), start, where)
 
     def _encode(self, prompts: list[str], responses: list[str], metadata: list[dict], start: int) -> bytes:
@@ -129,30 +136,30 @@ class HttpReward:
             raise RewardError(self.name, f"metadata of samples {start}.. cannot be sent as JSON: {error}") from None
 
     def _post(self, body: bytes) -> bytes:
-        """The 200 response body; _Retryable for what may pass on a retry, RewardError for what will not."""
+        """The 2xx response body; _Retryable for what may pass on a retry, RewardError for what will not."""
         self._count("requests")
-        request = urllib.request.Request(self.url, data=body, headers=self._headers, method="POST")
         try:
-            with self._opener.open(request, timeout=self.options.timeout_s) as response:
-                raw = response.read(MAX_RESPONSE_BYTES + 1)
-        except urllib.error.HTTPError as error:
-            detail = _error_detail(error)
-            if error.code >= 500 or error.code in RETRYABLE_STATUS:
-                raise _Retryable("server_error", f"HTTP {error.code}: {detail}") from None
-            self._count("http_error")
-            hint = " (redirects are not followed; configure the final URL)" if 300 <= error.code < 400 else ""
-            raise RewardError(self.name, f"{self.url} answered HTTP {error.code}{hint}: {detail}") from None
-        except (TimeoutError, socket.timeout) as error:
+            with self._client.stream("POST", self.url, content=body) as response:
+                if not response.is_success:
+                    self._raise_for_status(response)
+                raw = _read(response, MAX_RESPONSE_BYTES + 1)
+        except httpx.TimeoutException as error:
             raise _Retryable("timeout", f"timed out after {self.options.timeout_s} s ({error})") from None
-        except urllib.error.URLError as error:
-            kind = "timeout" if isinstance(error.reason, (TimeoutError, socket.timeout)) else "connection"
-            raise _Retryable(kind, f"{kind} error: {error.reason}") from None
-        except (http.client.HTTPException, ConnectionError) as error:
+        except httpx.RequestError as error:
             raise _Retryable("connection", f"connection error: {type(error).__name__}: {error}") from None
         if len(raw) > MAX_RESPONSE_BYTES:
             self._count("malformed_json")
             raise RewardError(self.name, f"{self.url} sent more than {MAX_RESPONSE_BYTES >> 20} MiB")
         return raw
+
+    def _raise_for_status(self, response: httpx.Response) -> NoReturn:
+        status, detail = response.status_code, _error_detail(response)
+        if status >= 500 or status in RETRYABLE_STATUS:
+            wait = _retry_after(response) if status in RETRY_AFTER_STATUS else 0.0
+            raise _Retryable("server_error", f"HTTP {status}: {detail}", wait)
+        self._count("http_error")
+        hint = " (redirects are not followed; configure the final URL)" if 300 <= status < 400 else ""
+        raise RewardError(self.name, f"{self.url} answered HTTP {status}{hint}: {detail}")
 
     def _decode(self, raw: bytes, n: int, start: int, where: str) -> list[float]:
         try:
@@ -186,19 +193,38 @@ def _plain(value):
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def _error_detail(error: urllib.error.HTTPError) -> str:
+def _read(response: httpx.Response, limit: int) -> bytes:
+    """The (decoded) body up to `limit` bytes; the rest is never read."""
+    raw = bytearray()
+    for chunk in response.iter_bytes():
+        raw += chunk
+        if len(raw) >= limit:
+            break
+    return bytes(raw[:limit])
+
+
+def _retry_after(response: httpx.Response) -> float:
+    """The wait `Retry-After` asks for in seconds, capped at 30 s; 0 when absent, not positive, or an HTTP-date."""
+    try:
+        seconds = float(response.headers.get("Retry-After", "0"))
+    except ValueError:
+        return 0.0
+    return min(MAX_BACKOFF_S, seconds) if seconds > 0 else 0.0
+
+
+def _error_detail(response: httpx.Response) -> str:
     """The server's `error` message when it sent one, else the start of the body."""
     try:
-        raw = error.read(4096)
-    except OSError:
-        return error.reason or ""
+        raw = _read(response, 4096)
+    except httpx.RequestError:
+        return response.reason_phrase
     try:
         payload = json.loads(raw)
         if isinstance(payload, dict) and isinstance(payload.get("error"), str):
             return payload["error"][:500]
     except ValueError:
         pass
-    return _excerpt(raw) if raw else str(error.reason)
+    return _excerpt(raw) if raw else response.reason_phrase
 
 
 def _excerpt(raw: bytes, limit: int = 200) -> str:

@@ -30,7 +30,7 @@ def prepare_run(cfg: RunConfig) -> RunInputs:
     m = cfg.model
     policy = toy.model("policy") if m.policy == TOY else m.policy
     toy_roles = {"model": "reward", "judge": "policy"}  # a 'toy' judge is the toy policy (a causal LM)
-    reward_paths = [toy.model(toy_roles[s.kind]) if s.path == TOY and s.kind in toy_roles else s.path
+    reward_paths = [toy.model(toy_roles[s.served_kind]) if s.path == TOY and s.served_kind in toy_roles else s.path
                     for s in cfg.reward.sources]
     first_rm = next((p for s, p in zip(cfg.reward.sources, reward_paths) if s.kind == "model"), None)
     toy_critic = TOY if m.policy == TOY else None  # the toy kit ships a critic; a real policy gets a new head
@@ -114,3 +114,20 @@ def toy_model(cfg: RunConfig, role: str) -> str:
 def data_keys(cfg: RunConfig) -> Keys:
     d = cfg.data
     return Keys(prompt=d.prompt_key, response=d.response_key, chosen=d.chosen_key, rejected=d.rejected_key)
+
+
+def start_served_rewards(cfg: RunConfig, reward_paths: list[str | None], timeout_s: float) -> list[str]:
+    """Deploy the run's own Ray Serve reward applications (kind=serve without connect) before its actors
+    reserve the cluster; → their names, for `delete_served_rewards` at the end."""
+    if not any(s.kind == "serve" and not s.serve.connect for s in cfg.reward.sources):
+        return []
+    from rlhf_ray.rewards.serve import start_apps
+
+    return start_apps(cfg, reward_paths, timeout_s)
+
+
+def delete_served_rewards(names: list[str]) -> None:
+    if names:
+        from rlhf_ray.rewards.serve import delete_apps
+
+        delete_apps(names)

@@ -25,7 +25,8 @@ from rlhf_ray.placement import LocalPool, PhaseError, RoleSpec, WorkerPool, rend
 from rlhf_ray.rollout.base import SamplingParams, probe_tokens
 from rlhf_ray.threads import split_budget
 from rlhf_ray.trainers.checkpointing import RunCheckpoints, StopRequested, stop_requested, with_restarts
-from rlhf_ray.trainers.common import RunInputs, data_keys, prepare_run
+from rlhf_ray.trainers.common import (
+    RunInputs, data_keys, delete_served_rewards, prepare_run, start_served_rewards)
 from rlhf_ray.trainers.evaluation import mean_pass_at_k, win_rate
 from rlhf_ray.trainers.rollout_queue import PendingSync, RolloutQueue, fresh_rows
 from rlhf_ray.trainers.experience import (
@@ -57,7 +58,12 @@ class Roles:
         if cfg.uses_critic:
             specs["critic"] = _spec("critic", p.critic, p.critic.num_workers, p.torch_threads)
         in_driver = {"reward": specs.pop("reward")} if cfg.reward_in_driver else {}
-        pgs = _reserve_all(specs, p.colocate, timeout)
+        self.served = start_served_rewards(cfg, reward_paths, timeout)  # Serve replicas first: outside our groups
+        try:
+            pgs = _reserve_all(specs, p.colocate, timeout)
+        except BaseException:
+            delete_served_rewards(self.served)
+            raise
         np_, ncr = specs["policy"].num_workers, specs.get("critic", specs["policy"]).num_workers
         make = {
             "policy": (PolicyWorker, lambda r: (cfg, models, r, np_)),
@@ -362,6 +368,7 @@ class Roles:
                 ray.kill(w)
         for pg in self._placement_groups.values():
             ray.util.remove_placement_group(pg)
+        delete_served_rewards(self.served)
 
 
 def _spec(role: str, res, n: int, threads: int | None) -> RoleSpec:

@@ -27,7 +27,7 @@ from rlhf_ray.data import PromptExample, load_prompts, render_messages
 from rlhf_ray.placement import RoleSpec, WorkerPool, reserve
 from rlhf_ray.rewards.labeling import PairJudgement
 from rlhf_ray.rollout.base import SamplingParams
-from rlhf_ray.trainers.common import data_keys, toy_model
+from rlhf_ray.trainers.common import data_keys, delete_served_rewards, start_served_rewards, toy_model
 from rlhf_ray.workers import LabelWorker, ModelPaths, RewardWorker, RolloutWorker
 
 EVAL_SEED_OFFSET = 10**6  # as the RL trainer's evaluation: the same seed for every evaluated policy
@@ -40,6 +40,7 @@ class SamplingSession:
                  reward_paths: list[str | None] | None = None):
         self.cfg, p = cfg, cfg.placement
         self._pgs, self.pools = [], {}
+        self.served = start_served_rewards(cfg, reward_paths, p.timeout_s) if reward_paths is not None else []
         try:
             self.pools["rollout"] = self._group(RoleSpec("rollout", cfg.rollout.num_engines, p.rollout.cpus,
                                                           p.rollout.gpus, p.torch_threads),
@@ -109,7 +110,8 @@ class SamplingSession:
                 ray.kill(worker)
         for pg in self._pgs:
             ray.util.remove_placement_group(pg)
-        self.pools, self._pgs = {}, []
+        delete_served_rewards(self.served)
+        self.pools, self._pgs, self.served = {}, [], []
 
 
 # ---------------------------------------------------------------------------------------------

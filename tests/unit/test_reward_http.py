@@ -16,8 +16,10 @@ import urllib.request
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import pytest
 
+import rlhf_ray.rewards.http as reward_http
 from rlhf_ray.config import HttpSourceConfig, RewardSourceConfig
 from rlhf_ray.rewards import FunctionReward, HttpReward, RewardError, build_reward_sources
 from rlhf_ray.rewards.server import RewardServer
@@ -175,12 +177,20 @@ def test_bearer_token(monkeypatch):
 
 
 @contextmanager
-def broken_server(reply):
+def broken_server(reply, connections: list | None = None):
     """A real server on 127.0.0.1 whose POST handler answers `reply(body, release) -> (status, bytes[, headers])`.
-    `release` is set on exit, so a handler waiting on it ends; yields (url, list of request bodies)."""
+    `release` is set on exit, so a handler waiting on it ends; yields (url, list of request bodies).
+    Given `connections`, it keeps connections alive (HTTP/1.1) and appends each new one's client address."""
     bodies, release = [], threading.Event()
 
     class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0" if connections is None else "HTTP/1.1"
+
+        def setup(self):
+            super().setup()
+            if connections is not None:
+                connections.append(self.client_address)
+
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             bodies.append(body)
@@ -275,6 +285,65 @@ def test_broken_servers_give_clear_counted_errors(reply, kind, attempts, index, 
     assert len(bodies) == attempts  # retried only what may pass on a retry; the redirect was not followed
     assert sum(reward.counters[k] for k in ("malformed_json", "missing_scores", "wrong_count", "bad_value",
                                             "http_error", "server_error", "timeout", "connection")) == reward.counters[kind]
+
+
+@pytest.mark.parametrize("status, retry_after, least_wait", [(429, "1", 1.0), (503, "1", 1.0), (500, "30", 0.0)])
+def test_retry_after_seconds_are_honoured(status, retry_after, least_wait):
+    """A 429/503 `Retry-After` is waited out although the backoff is 10 ms; on a 500 it means nothing."""
+    arrivals = []
+
+    def busy_once(body, release):
+        arrivals.append(time.monotonic())
+        if len(arrivals) == 1:
+            return status, b'{"error": "busy"}', {"Retry-After": retry_after}
+        return 200, scores_json([0.5] * len(body["prompts"]))
+
+    with broken_server(busy_once) as (url, bodies):
+        reward = client(url, **FAST_RETRY)
+        assert reward.score(PROMPTS[:2], RESPONSES[:2], METADATA[:2]) == [0.5, 0.5]
+        reward.close()
+    wait = arrivals[1] - arrivals[0]
+    assert least_wait <= wait < least_wait + 5  # seconds, not milliseconds or minutes
+    assert reward.counters["retries"] == 1 and reward.counters["server_error"] == 1 and len(bodies) == 2
+
+
+@pytest.mark.parametrize("header, seconds", [
+    ("2", 2.0), ("0.5", 0.5), ("3600", 30.0), ("inf", 30.0), ("0", 0.0), ("-1", 0.0), ("nan", 0.0),
+    ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0), (None, 0.0),
+])
+def test_retry_after_is_seconds_capped_at_30(header, seconds):
+    response = httpx.Response(429, headers={} if header is None else {"Retry-After": header})
+    assert reward_http._retry_after(response) == seconds
+
+
+def test_connections_are_pooled_across_batches_and_calls():
+    connections = []
+    with broken_server(lambda body, release: (200, scores_json([0.5] * len(body["prompts"]))),
+                       connections) as (url, bodies):
+        reward = client(url, batch_size=2, max_concurrency=2)
+        for _ in range(2):
+            assert reward.score(PROMPTS, RESPONSES, METADATA) == [0.5] * 10
+        reward.close()
+    assert len(bodies) == reward.counters["requests"] == 10
+    assert 1 <= len(connections) <= 2  # at most one per concurrent request, not one per request
+
+
+def test_a_body_over_the_size_limit_fails_at_once(monkeypatch):
+    monkeypatch.setattr(reward_http, "MAX_RESPONSE_BYTES", 100)
+    with broken_server(lambda body, release: (200, scores_json([0.5] * 30))) as (url, bodies):
+        reward = client(url, batch_size=64, **FAST_RETRY)
+        with pytest.raises(RewardError, match=f"{url} sent more than"):
+            reward.score(PROMPTS[:2], RESPONSES[:2], METADATA[:2])
+    assert len(bodies) == 1 and reward.counters["malformed_json"] == 1 and reward.counters["retries"] == 0
+
+
+def test_proxy_environment_is_ignored(monkeypatch, vowel_server):
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    reward = client(vowel_server.url, retries=0)
+    assert reward.score(PROMPTS, RESPONSES, METADATA) == vowel_reward(PROMPTS, RESPONSES)
 
 
 def test_the_request_body_is_the_contract():
