@@ -271,6 +271,12 @@ class RewardSourceConfig(Section):
         return self
 
     @property
+    def holds_model(self) -> bool:
+        """The process that builds this source loads a model (a reward model, a local judge); an endpoint
+        judge, a Serve application, an HTTP server or a rule function does not."""
+        return self.kind == "model" or (self.kind == "judge" and not (self.judge and self.judge.endpoint))
+
+    @property
     def served_kind(self) -> str:
         """The kind that computes the scores: `kind`, or for kind=serve what its replicas run."""
         return self.serve.source_kind if self.kind == "serve" and self.serve else self.kind
@@ -572,7 +578,7 @@ class RunConfig(Section):
     @property
     def light_rewards(self) -> bool:
         """Every reward source is a rule function or an HTTP endpoint: none holds a model."""
-        return all(s.kind in LIGHT_REWARD_KINDS for s in self.reward.sources)
+        return not any(s.holds_model for s in self.reward.sources)
 
     @property
     def reward_in_driver(self) -> bool:
@@ -731,7 +737,6 @@ def _rollout_rules(cfg: RunConfig) -> list[str]:
     return out
 
 
-LIGHT_REWARD_KINDS = ("function", "http", "serve")  # reward sources that hold no model (serve: its replicas do)
 
 
 def _hosting_rules(cfg: RunConfig) -> list[str]:
@@ -741,7 +746,7 @@ def _hosting_rules(cfg: RunConfig) -> list[str]:
         out.append(f"placement.reference={cfg.placement.reference.model_dump()} is unused: with "
                    f"placement.reference_in_policy=true (the default) each policy rank hosts the reference; set "
                    f"placement.reference_in_policy=false to give it actors of its own, or drop placement.reference.")
-    heavy = [s.name or s.kind for s in cfg.reward.sources if s.kind not in LIGHT_REWARD_KINDS]
+    heavy = [s.name or s.kind for s in cfg.reward.sources if s.holds_model]
     if cfg.placement.reward_in_driver and heavy:
         out.append(f"placement.reward_in_driver=true, but reward source(s) {heavy} hold a model, which the driver "
                    f"never does; set placement.reward_in_driver=null (or false).")

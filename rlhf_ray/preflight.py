@@ -121,11 +121,17 @@ def _reward_needs(cfg: RunConfig) -> list[Need]:
 
 
 def _source_needs(prefix: str, source: RewardSourceConfig) -> list[Need]:
-    if source.kind == "function":
+    if source.kind == "serve" and source.serve.connect:  # the application, running elsewhere, holds the source
+        return []
+    kind = source.served_kind
+    if kind == "function":
         return [Need(f"{prefix}.path", source.path, "function")]
-    if source.kind == "http":
+    if kind == "http":
         token = source.http.token_env
         return [Need(f"{prefix}.http.token_env", token, "env")] if token else []
+    if kind == "judge" and source.judge and source.judge.endpoint:
+        key = source.judge.endpoint.api_key_env
+        return [Need(f"{prefix}.judge.endpoint.api_key_env", key, "env")] if key else []
     return [Need(f"{prefix}.path", source.path, "model"), Need(f"{prefix}.path", source.path, "tokenizer")]
 
 

@@ -58,7 +58,7 @@ class WeightedSum:
                  for i, v in enumerate(valid)]
         return total, per_source, valid, violations
 
-    def counters(self) -> dict[str, int]:
+    def counters(self) -> dict[str, int | float]:
         """Failure and verdict counters of the sources that keep them (http, judge), as {"<name>/<counter>": n}."""
         return {f"{name}/{key}": value for name, source in zip(self.names, self.sources)
                 for key, value in getattr(source, "counters", {}).items()}
@@ -94,7 +94,8 @@ def build_reward_source(
         return ServeReward(cfg)
     if cfg.kind == "judge":
         return JudgeReward(path, options=cfg.judge, name=cfg.name, batch_size=batch_size,
-                           trust_remote_code=trust_remote_code, engine=make_engine(path) if make_engine else None)
+                           trust_remote_code=trust_remote_code,
+                           engine=make_engine(path) if make_engine and cfg.holds_model else None)
     name = cfg.name or cfg.path.rstrip("/").rpartition("/")[2]
     return ModelReward(path, batch_size=batch_size, trust_remote_code=trust_remote_code, name=name)
 

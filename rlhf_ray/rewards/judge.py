@@ -9,9 +9,14 @@ ALGORITHMS.md §9, ARCHITECTURE.md §5). It is one more reward source, run insid
   counting ½. `compare_pairs(prompts, a, b)` exposes the same for evaluation win-rates
   (1 = A better, 0 = B better, 0.5 tie); `compare_orders` gives each order's verdict apart
   (AI preference labelling: `rlhf_ray.rewards.labeling`).
-- Replies are decoded greedily (at most `max_new_tokens`) with the run's rollout engine (vLLM or HF), every
-  query of a call in one `generate` batch; the rendered prompt is sent as one user message
-  through the judge tokenizer's chat template when it has one (`chat_template`).
+- Replies are greedy, at most `max_new_tokens` tokens, from one of two askers:
+  a local model (`EngineAsker`): the run's rollout engine (vLLM or HF), every query of a call in
+  one `generate` batch; the rendered prompt is sent as one user message through the judge
+  tokenizer's chat template when it has one (`chat_template`);
+  an OpenAI-compatible endpoint (`judge.endpoint`: `rlhf_ray.rewards.endpoint.OpenAIEndpoint`):
+  one request per query, no model or tokenizer in the run; `chat_template` does not apply (with
+  api=chat the server applies its own). Its request, failure, token and estimated-cost counters
+  join the judge's `counters`.
 - Verdicts are parsed by the pure functions `parse_grade` and `parse_choice`; a reply they cannot
   read is *unparseable*, counted, and handled by `on_unparseable`:
     error       the call fails with a RewardError naming the sample and quoting the reply;
@@ -122,10 +127,36 @@ class JudgeQuery:
     reply: str  # the judge's decoded reply
 
 
+class EngineAsker:
+    """Greedy replies from a generation engine over a local model, every text of a call in one `generate` batch."""
+
+    def __init__(self, engine: RolloutEngine, tokenizer: PreTrainedTokenizerBase, chat_template: bool):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return {}  # nothing to count beyond the judge's verdicts
+
+    def ask(self, texts: list[str], max_tokens: int) -> list[str]:
+        ids = [self._encode(text) for text in texts]
+        samples = self.engine.generate(ids, SamplingParams(max_new_tokens=max_tokens, greedy=True), seed=0)
+        return [self.tokenizer.decode(row[mask.bool()], skip_special_tokens=True)
+                for row, mask in zip(samples.response_ids, samples.response_mask)]
+
+    def _encode(self, text: str) -> list[int]:
+        if self.chat_template and self.tokenizer.chat_template:
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                      add_generation_prompt=True)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template holds any BOS
+        return self.tokenizer(text)["input_ids"]
+
+
 class JudgeReward:
     def __init__(
         self,
-        model: str | PreTrainedModel,
+        model: str | PreTrainedModel | None,
         tokenizer: str | PreTrainedTokenizerBase | None = None,
         options: JudgeSourceConfig | None = None,
         name: str | None = None,
@@ -136,27 +167,51 @@ class JudgeReward:
     ):
         """`model`: a causal LM or its path (moved to CUDA when one is visible); `tokenizer`: default the model's.
         `engine`: the generation engine already built over `model` (the run's configured backend, e.g. vLLM);
-        default: HF generate over `model`."""
+        default: HF generate over `model`. With `options.endpoint` the endpoint's model judges: `model`,
+        `tokenizer` and `engine` stay None (`self.engine` / `self.tokenizer` too)."""
+        self.options = options or JudgeSourceConfig()
+        self.name = name or "judge"
+        self.last_counts = {"verdicts": 0, "unparseable": 0, "no_verdict": 0}
+        self._verdict_counts = dict(self.last_counts)  # cumulative
+        self.last_queries: list[JudgeQuery] = []
+        if self.options.endpoint is not None:
+            # imported here: the openai client costs ~0.5 s, which local judges need not pay
+            from rlhf_ray.rewards.endpoint import OpenAIEndpoint
+
+            if model is not None or tokenizer is not None or engine is not None:
+                raise ValueError(f"judge {self.name!r}: judge.endpoint is set, so the endpoint's model judges; "
+                                 f"pass no model, tokenizer or engine (path must be unset).")
+            self.engine = self.tokenizer = None
+            self.asker = OpenAIEndpoint(self.options.endpoint, self.name)
+            return
+        self.engine, self.tokenizer = self._local_model(model, tokenizer, batch_size, trust_remote_code, dtype, engine)
+        self.asker = EngineAsker(self.engine, self.tokenizer, self.options.chat_template)
+
+    @property
+    def counters(self) -> dict[str, int | float]:
+        """Cumulative verdict counters; with an endpoint also its requests, failures by kind, tokens and estimated_cost."""
+        return self._verdict_counts | self.asker.counters
+
+    @staticmethod
+    def _local_model(model: str | PreTrainedModel | None, tokenizer: str | PreTrainedTokenizerBase | None,
+                     batch_size: int, trust_remote_code: bool, dtype: str | torch.dtype,
+                     engine: RolloutEngine | None) -> tuple[RolloutEngine, PreTrainedTokenizerBase]:
         from rlhf_ray.models import load_causal_lm, load_tokenizer
         from rlhf_ray.rollout.hf import HFRolloutEngine
 
-        self.options = options or JudgeSourceConfig()
-        self.name = name or "judge"
-        self.counters = {"verdicts": 0, "unparseable": 0, "no_verdict": 0}
-        self.last_counts = dict(self.counters)
-        self.last_queries: list[JudgeQuery] = []
+        if model is None:
+            raise ValueError("JudgeReward needs a model (a causal LM or its path), or options.endpoint.")
         if engine is not None:
-            self.tokenizer = load_tokenizer(tokenizer or model, trust_remote_code) if tokenizer is None or isinstance(tokenizer, str) else tokenizer
-            self.engine = engine
-            return
+            if tokenizer is None or isinstance(tokenizer, str):
+                tokenizer = load_tokenizer(tokenizer or model, trust_remote_code)
+            return engine, tokenizer
         if isinstance(model, str):
             tokenizer = tokenizer or model
             model = load_causal_lm(model, dtype, trust_remote_code)
             model.to("cuda" if torch.cuda.is_available() else "cpu")
         if tokenizer is None or isinstance(tokenizer, str):
             tokenizer = load_tokenizer(tokenizer or model.name_or_path, trust_remote_code)
-        self.tokenizer = tokenizer
-        self.engine = HFRolloutEngine(model, tokenizer, max_batch=batch_size)
+        return HFRolloutEngine(model, tokenizer, max_batch=batch_size), tokenizer
 
     def score(self, prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float]:
         if self.options.mode == "grade":
@@ -218,27 +273,17 @@ class JudgeReward:
         return string.Formatter().vformat(template, (), fields)
 
     def _ask(self, queries: list[tuple[int, bool, str]]) -> list[str]:
-        """The judge's greedy reply to each rendered prompt, one batched generate call."""
-        ids = [self._encode(text) for _, _, text in queries]
-        samples = self.engine.generate(ids, SamplingParams(max_new_tokens=self.options.max_new_tokens, greedy=True), seed=0)
-        replies = [self.tokenizer.decode(row[mask.bool()], skip_special_tokens=True)
-                   for row, mask in zip(samples.response_ids, samples.response_mask)]
+        """The judge's greedy reply to each rendered prompt, in order."""
+        replies = self.asker.ask([text for _, _, text in queries], self.options.max_new_tokens)
         self.last_queries = [JudgeQuery(i, swapped, text, reply) for (i, swapped, text), reply in zip(queries, replies)]
         return replies
-
-    def _encode(self, text: str) -> list[int]:
-        if self.options.chat_template and self.tokenizer.chat_template:
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                      add_generation_prompt=True)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template holds any BOS
-        return self.tokenizer(text)["input_ids"]
 
     def _count(self, verdicts: list, n_samples: int, per_sample: int) -> None:
         missing = [v is None for v in verdicts]
         unscored = sum(all(missing[i * per_sample : (i + 1) * per_sample]) for i in range(n_samples))
         self.last_counts = {"verdicts": len(verdicts), "unparseable": sum(missing), "no_verdict": unscored}
         for key, value in self.last_counts.items():
-            self.counters[key] += value
+            self._verdict_counts[key] += value
 
 
 def _win_of_a(choice: Choice | None, swapped: bool) -> float | None:

@@ -45,7 +45,7 @@ from rlhf_ray import faults
 from rlhf_ray.rewards.base import RewardError, check_scores
 
 if TYPE_CHECKING:
-    from rlhf_ray.config import RewardSourceConfig, RunConfig
+    from rlhf_ray.config import RewardSourceConfig, RunConfig, ServeSourceConfig
 
 FAILURE_KINDS = ("replica_died", "timeout", "source_error")
 MAX_BACKOFF_S = 10.0
@@ -77,19 +77,40 @@ class RewardDeployment:
         self.http = {"token_sha256": None, "max_request_bytes": 16 << 20} | (http or {})
 
     async def score(self, prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float]:
-        """Scores of one request, in order; its samples join whatever batch is forming."""
+        """Scores of one request, in order; its samples join whatever batch is forming. A sample the source
+        rejects fails this request only, as a RewardError naming its index in the request."""
         self.stats["requests"] += 1
-        return list(await asyncio.gather(*(self._score_samples((p, r, m)) for p, r, m in zip(prompts, responses, metadata))))
+        results = await asyncio.gather(*(self._score_samples((p, r, m)) for p, r, m in zip(prompts, responses, metadata)))
+        for index, result in enumerate(results):
+            if isinstance(result, RewardError):
+                raise RewardError(self.name, result.message, index, kind=result.kind)
+        return list(results)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01)
-    async def _score_samples(self, samples: list[tuple[str, str, dict]]) -> list[float]:
+    async def _score_samples(self, samples: list[tuple[str, str, dict]]) -> list[float | RewardError]:
+        """Scores of a batch of samples from any requests. When the source rejects the batch, each sample is
+        scored alone, so one bad sample fails only its own request (its RewardError is its result)."""
         prompts, responses, metadata = (list(column) for column in zip(*samples))
         faults.fire("reward", "serve")  # reliability tests: crash@reward.serve#n kills this replica mid-request
         self.stats["batches"] += 1
         self.stats["samples"] += len(samples)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(samples))
+        try:
+            return await self._scores(prompts, responses, metadata)
+        except RewardError:
+            if len(samples) == 1:
+                raise
+            return [await self._alone(sample) for sample in samples]
+
+    async def _scores(self, prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float]:
         scores = await asyncio.to_thread(self.source.score, prompts, responses, metadata)
-        return check_scores(self.name, scores, len(samples))
+        return check_scores(self.name, scores, len(prompts))
+
+    async def _alone(self, sample: tuple[str, str, dict]) -> float | RewardError:
+        try:
+            return (await self._scores(*([part] for part in sample)))[0]
+        except RewardError as error:
+            return error
 
     def check_health(self) -> None:
         if self.source is None:
@@ -114,6 +135,10 @@ class RewardDeployment:
         given = request.headers.get("authorization", "")
         if expected and not (given.startswith("Bearer ") and hmac.compare_digest(token_digest(given[7:]), expected)):
             return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.http["max_request_bytes"]:  # refused before reading it
+            return JSONResponse({"error": f"body of {declared} bytes exceeds the limit of "
+                                          f"{self.http['max_request_bytes']}; send smaller batches"}, status_code=413)
         try:
             body = await request.body()
             if len(body) > self.http["max_request_bytes"]:
@@ -133,20 +158,33 @@ class RewardDeployment:
 
 def application(cfg: RunConfig, index: int, path: str | None, http: dict | None = None):
     """The bound Serve application of reward source `index` (kind=serve)."""
+    options = cfg.reward.sources[index].serve
+    deployment = serve.deployment(RewardDeployment, name=options.app)
+    return deployment.options(**deployment_options(options)).bind(cfg, index, path, http)
+
+
+def deployment_options(options: ServeSourceConfig) -> dict[str, Any]:
+    """Serve deployment options from `serve:`: replicas, their resources and environment (thread counts,
+    fault injection), admission, shutdown grace and health checks."""
     from rlhf_ray.placement import RoleSpec, actor_env
 
-    options = cfg.reward.sources[index].serve
     spec = RoleSpec("reward", options.num_replicas, options.replica_cpus, options.replica_gpus,
                     max(1, int(options.replica_cpus)))
-    deployment = serve.deployment(RewardDeployment, name=options.app)
-    return deployment.options(
+    return dict(
         num_replicas=options.num_replicas,
         ray_actor_options={"num_cpus": options.replica_cpus, "num_gpus": options.replica_gpus,
                            "runtime_env": {"env_vars": actor_env(spec)}},
         max_ongoing_requests=options.max_ongoing_requests,
         graceful_shutdown_timeout_s=options.timeout_s,
         health_check_period_s=5.0,
-    ).bind(cfg, index, path, http)
+    )
+
+
+def serve_start_options(options: ServeSourceConfig) -> dict[str, Any]:
+    """`serve.start` arguments: Serve's HTTP proxy only where the source has an HTTP route."""
+    if options.route_prefix is None:
+        return {"proxy_location": "Disabled"}
+    return {"http_options": {"host": options.http_host, "port": options.http_port}}
 
 
 def start_apps(cfg: RunConfig, reward_paths: list[str | None], timeout_s: float) -> list[str]:
@@ -170,7 +208,7 @@ def deploy(cfg: RunConfig, index: int, path: str | None, timeout_s: float, http:
     problem = _unplaceable(options)
     if problem:
         raise RuntimeError(f"reward source '{name}' on Ray Serve: {problem}")
-    _start_serve(options)
+    serve.start(**serve_start_options(options))  # the first start on a cluster sets its HTTP settings
     failure: list[BaseException] = []
 
     def run() -> None:
@@ -200,14 +238,6 @@ def _unplaceable(options) -> str | None:
             return (f"serve.{field}={amount:g} but the largest node has {largest:g} {key}; "
                     f"lower serve.{field} or add a node that large")
     return None
-
-
-def _start_serve(options) -> None:
-    """Serve itself, with its HTTP proxy only where a source has an HTTP route (settings of the first start win)."""
-    if options.route_prefix is None:
-        serve.start(proxy_location="Disabled")
-    else:
-        serve.start(http_options={"host": options.http_host, "port": options.http_port})
 
 
 def delete_apps(names: list[str]) -> None:

@@ -8,14 +8,16 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from rlhf_ray.checkpoint import CheckpointStore, read_manifest
-from rlhf_ray.rewards import FunctionReward
-from rlhf_ray.rewards.server import RewardServer
+from rlhf_ray.toy import vowel_reward
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,10 +59,43 @@ def test_sigterm_writes_a_complete_checkpoint_and_resume_continues(tmp_path):
     assert _steps(metrics) == list(range(1, stopped_at + 3))
 
 
+@contextmanager
+def vowel_server(token: str):
+    """vowel_reward served at http://127.0.0.1:<free port>/score in the reward server's contract, answering
+    only requests with `Authorization: Bearer <token>` (401 otherwise); yields the URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self.headers.get("Authorization") != f"Bearer {token}":
+                status, answer = 401, {"error": "missing or wrong bearer token"}
+            else:
+                status, answer = 200, {"scores": vowel_reward(body["prompts"], body["responses"])}
+            data = json.dumps(answer).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/score"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
 def test_secrets_never_reach_logs_or_run_files(tmp_path):
     canary = "canary-7f3a9c1e-do-not-log"
-    with RewardServer(FunctionReward("rlhf_ray.toy.task:vowel_reward"), port=0, token=canary) as server:
-        sources = (f"reward.sources=[{{kind: http, name: remote, http: {{url: '{server.url}', "
+    with vowel_server(token=canary) as url:  # the run fails unless its reward requests carry the token
+        sources = (f"reward.sources=[{{kind: http, name: remote, http: {{url: '{url}', "
                    f"token_env: RLHF_TEST_REWARD_TOKEN}}}}]")
         proc = _launch(f"trainer.output_dir={tmp_path}", "trainer.total_steps=2", sources, "logging.tensorboard=true",
                        env={"RLHF_TEST_REWARD_TOKEN": canary, "WANDB_API_KEY": canary})

@@ -22,7 +22,7 @@ import pytest
 import ray
 from ray import serve
 
-from rlhf_ray.config import HttpSourceConfig, RewardSourceConfig, load_config
+from rlhf_ray.config import HttpSourceConfig, RewardSourceConfig, ServeSourceConfig, load_config
 from rlhf_ray.rewards import FunctionReward, HttpReward
 from rlhf_ray.rewards.base import RewardError
 from rlhf_ray.rewards.serve import ServeReward, delete_apps, start_apps
@@ -49,11 +49,11 @@ METADATA = [{"stopped": i % 2 == 0} for i in range(40)]
 DIRECT = FunctionReward(VOWEL).score(PROMPTS, RESPONSES, METADATA)
 
 
-def _cfg(app: str, **serve_options):
-    source = {"kind": "serve", "name": app, "path": VOWEL,
-              "serve": {"source_kind": "function", "app": app, "num_replicas": 2, "replica_cpus": 0.5,
-                        "request_size": 4, "http_port": PORT, "timeout_s": 60, **serve_options}}
-    return load_config(CONFIGS / "toy_grpo.yaml", [f"reward.sources=[{json.dumps(source)}]"])
+def _cfg(app: str, replica_cpus: float = 0.5, **serve_options):
+    serve_cfg = ServeSourceConfig(source_kind="function", app=app, num_replicas=2, replica_cpus=replica_cpus,
+                                  request_size=4, http_port=PORT, timeout_s=60, **serve_options)
+    source = RewardSourceConfig(kind="serve", name=app, path=VOWEL, serve=serve_cfg)
+    return load_config(CONFIGS / "toy_grpo.yaml", [f"reward.sources=[{json.dumps(source.model_dump())}]"])
 
 
 def _apps() -> set[str]:
@@ -139,8 +139,8 @@ def test_the_server_command_serves_an_application_runs_connect_to(ray_session, t
         while "serving reward source" not in line:
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
             line = proc.stdout.readline()
-        connect = RewardSourceConfig.model_validate(
-            {"kind": "serve", "name": "ext", "serve": {"source_kind": "function", "app": "external", "connect": True}})
+        connect = RewardSourceConfig(kind="serve", name="ext",
+                                     serve=ServeSourceConfig(source_kind="function", app="external", connect=True))
         assert ServeReward(connect).score(PROMPTS, RESPONSES, METADATA) == DIRECT  # in-cluster: the handle
         url = f"http://127.0.0.1:{PORT}/ext/score"
         os.environ["RLHF_TEST_SERVE_TOKEN"] = token

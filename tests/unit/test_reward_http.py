@@ -1,18 +1,13 @@
-"""HTTP reward path against real servers on 127.0.0.1: the client (`HttpReward`) and the reward server
-(`rlhf_ray.rewards.server`) agree with the function they serve; batching, the concurrency limit,
-retries with backoff, and every failure kind give a clear RewardError and are counted. The broken
-servers are tiny real HTTP servers written here, each answering one deliberate way."""
+"""The HTTP reward client (`HttpReward`) against real servers on 127.0.0.1: scores equal the function's
+when a server serves it; batching, the concurrency limit, retries with backoff, and every failure kind
+give a clear RewardError and are counted. The servers are tiny stdlib servers written here (no Ray):
+`scoring_server` serves a reward source in the contract of `python -m rlhf_ray.rewards.server`; each
+`broken_server` answers one deliberate way. The Serve ingress itself: tests/integration/test_serve_http_contract.py."""
 
 import json
 import math
-import queue
-import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -22,7 +17,6 @@ import pytest
 import rlhf_ray.rewards.http as reward_http
 from rlhf_ray.config import HttpSourceConfig, RewardSourceConfig
 from rlhf_ray.rewards import FunctionReward, HttpReward, RewardError, build_reward_sources
-from rlhf_ray.rewards.server import RewardServer
 from rlhf_ray.toy import vowel_reward
 
 PROMPTS = [f"say: p{i}\n" for i in range(10)]
@@ -31,28 +25,76 @@ METADATA = [{"stopped": i % 2 == 0, "reference": "ok"} for i in range(10)]
 FAST_RETRY = {"retries": 2, "backoff_s": 0.01}
 
 
+@contextmanager
+def scoring_server(source):
+    """`source` served at http://127.0.0.1:<free port>/score as the reward server answers: 200 {"scores"},
+    422 for a RewardError, 500 for any other exception (both {"error"}). Yields (url, stats): requests,
+    answers other than 200 (`failed`), and the most requests in flight at once (`max_in_flight`)."""
+    stats, lock = {"requests": 0, "failed": 0, "in_flight": 0, "max_in_flight": 0}, threading.Lock()
+
+    def answer(body: dict) -> tuple[int, dict]:
+        try:
+            return 200, {"scores": source.score(body["prompts"], body["responses"], body["metadata"])}
+        except RewardError as error:
+            return 422, {"error": str(error)}
+        except Exception as error:  # noqa: BLE001 - the contract's 500
+            return 500, {"error": f"reward source '{source.name}' raised {type(error).__name__}: {error}"}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            with lock:
+                stats["requests"] += 1
+                stats["in_flight"] += 1
+                stats["max_in_flight"] = max(stats["max_in_flight"], stats["in_flight"])
+            status, body = answer(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            with lock:  # before the answer is sent: a client that has it may send its next request at once
+                stats["in_flight"] -= 1
+                stats["failed"] += status != 200
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/score", stats
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
 @pytest.fixture
 def vowel_server():
-    with RewardServer(FunctionReward("rlhf_ray.toy.task:vowel_reward", name="vowel"), port=0) as server:
-        yield server
+    with scoring_server(FunctionReward("rlhf_ray.toy.task:vowel_reward", name="vowel")) as served:
+        yield served
 
 
 def client(url: str, **options) -> HttpReward:
     return HttpReward(HttpSourceConfig(url=url, **options), name="remote")
 
 
-# --- against the real reward server ---------------------------------------------------------------
+# --- against a server that scores -------------------------------------------------------------------
 
 
 def test_remote_scores_equal_the_function(vowel_server):
+    url, stats = vowel_server
     direct = vowel_reward(PROMPTS, RESPONSES, METADATA)
-    assert client(vowel_server.url, batch_size=3, max_concurrency=2).score(PROMPTS, RESPONSES, METADATA) == direct
-    assert client(vowel_server.url, batch_size=64).score(PROMPTS, RESPONSES, METADATA) == direct
-    assert vowel_server.stats["requests"] == 4 + 1 and vowel_server.stats["failed"] == 0
+    assert client(url, batch_size=3, max_concurrency=2).score(PROMPTS, RESPONSES, METADATA) == direct
+    assert client(url, batch_size=64).score(PROMPTS, RESPONSES, METADATA) == direct
+    assert stats["requests"] == 4 + 1 and stats["failed"] == 0
 
 
 def test_config_builds_an_http_source(vowel_server):
-    cfg = RewardSourceConfig(kind="http", name="rm", http=HttpSourceConfig(url=vowel_server.url, batch_size=4))
+    url, _ = vowel_server
+    cfg = RewardSourceConfig(kind="http", name="rm", http=HttpSourceConfig(url=url, batch_size=4))
     combined = build_reward_sources([cfg], [None])
     total, per_source = combined.score_all(PROMPTS, RESPONSES, METADATA)
     assert per_source["rm"] == total == vowel_reward(PROMPTS, RESPONSES)
@@ -60,7 +102,7 @@ def test_config_builds_an_http_source(vowel_server):
 
 
 class SlowSource:
-    """Records each batch it scores and takes `seconds` per call, so requests pile up in the server."""
+    """Records each batch it scores and takes `seconds` per call, so requests overlap in the server."""
 
     name = "slow"
 
@@ -77,11 +119,11 @@ class SlowSource:
 def test_batches_and_concurrency_limit(max_concurrency):
     source = SlowSource(0.1)
     prompts, responses = PROMPTS + PROMPTS[:6], RESPONSES + RESPONSES[:6]  # 16 samples → 8 requests of 2
-    with RewardServer(source, port=0) as server:
-        scores = client(server.url, batch_size=2, max_concurrency=max_concurrency).score(prompts, responses, [{}] * 16)
+    with scoring_server(source) as (url, stats):
+        scores = client(url, batch_size=2, max_concurrency=max_concurrency).score(prompts, responses, [{}] * 16)
         assert scores == vowel_reward(prompts, responses)
-        assert server.stats["requests"] == 8
-        assert server.stats["max_in_flight"] == max_concurrency  # reached, never exceeded
+        assert stats["requests"] == 8
+        assert stats["max_in_flight"] == max_concurrency  # reached, never exceeded
     assert sorted(p for batch in source.batches for p in batch) == sorted(prompts)
     assert [len(batch) for batch in source.batches] == [2] * 8
 
@@ -100,75 +142,23 @@ class RaisingSource:
 def test_source_failures_reach_the_client():
     # A RewardError is deterministic: 422, not retried, the server's message passed on.
     picky = RaisingSource(RewardError("picky", "score 'x' is not a number", 1))
-    with RewardServer(picky, port=0) as server:
-        reward = client(server.url, **FAST_RETRY)
+    with scoring_server(picky) as (url, stats):
+        reward = client(url, **FAST_RETRY)
         with pytest.raises(RewardError, match=r"'remote'.*HTTP 422: reward source 'picky' \(sample 1\): score 'x' is not"):
             reward.score(PROMPTS[:2], RESPONSES[:2], METADATA[:2])
         assert picky.calls == 1 and reward.counters["http_error"] == 1
     # Any other exception may be transient: 500, retried.
     crashing = RaisingSource(MemoryError("out of memory"))
-    with RewardServer(crashing, port=0) as server:
-        reward = client(server.url, **FAST_RETRY)
+    with scoring_server(crashing) as (url, stats):
+        reward = client(url, **FAST_RETRY)
         with pytest.raises(RewardError, match="after 3 attempts: HTTP 500: .*MemoryError: out of memory"):
             reward.score(PROMPTS[:2], RESPONSES[:2], METADATA[:2])
         assert crashing.calls == 3 and reward.counters["server_error"] == 3 and reward.counters["retries"] == 2
-        assert server.stats["failed"] == 3
+        assert stats["failed"] == 3
 
 
-def post(url: str, body: bytes, headers: dict | None = None, method: str = "POST") -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=body if method == "POST" else None, method=method,
-                                     headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
-@pytest.mark.parametrize("body, words", [
-    (b"{not json", ["not valid JSON"]),
-    (b"[1, 2]", ["must be a JSON object", "list"]),
-    (b'{"prompts": ["a"]}', ["missing keys ['responses']"]),
-    (b'{"prompts": ["a"], "responses": ["b"], "scores": [1]}', ["unknown keys ['scores']"]),
-    (b'{"prompts": ["a", "b"], "responses": ["b"]}', ["lengths differ: 2 prompts, 1 responses, 2 metadata"]),
-    (b'{"prompts": ["a"], "responses": ["b"], "metadata": [{}, {}]}', ["lengths differ"]),
-    (b'{"prompts": ["a", 3], "responses": ["b", "c"]}', ["'prompts'[1] must be a str, got int"]),
-    (b'{"prompts": "a", "responses": ["b"]}', ["'prompts' must be a list"]),
-    (b'{"prompts": ["a"], "responses": ["b"], "metadata": ["x"]}', ["'metadata'[0] must be a dict"]),
-])
-def test_server_rejects_bad_requests(vowel_server, body, words):
-    status, answer = post(vowel_server.url, body)
-    assert status == 400
-    for word in words:
-        assert word in answer["error"]
-    assert vowel_server.stats["rejected"] == 1
-
-
-def test_server_paths_health_and_size_limit():
-    with RewardServer(FunctionReward("rlhf_ray.toy.task:vowel_reward", name="vowel"), port=0,
-                      max_request_bytes=200) as server:
-        assert post(server.url, b'{"prompts": ["a"], "responses": ["ae"]}') == (200, {"scores": [1.0]})
-        status, answer = post(server.url, json.dumps({"prompts": ["a" * 300], "responses": ["b"]}).encode())
-        assert status == 413 and "exceeds the limit of 200" in answer["error"]
-        assert post(server.url.replace("/score", "/other"), b"{}")[0] == 404
-        status, health = post(server.health_url, b"", method="GET")
-        assert status == 200 and health["status"] == "ok" and health["source"] == "vowel" and health["requests"] == 3
-        assert post(server.url.replace("/score", "/nope"), b"", method="GET")[0] == 404
-
-
-def test_bearer_token(monkeypatch):
-    with RewardServer(FunctionReward("rlhf_ray.toy.task:vowel_reward"), port=0, token="s3cret-token") as server:
-        with pytest.raises(RewardError, match="HTTP 401: missing or wrong bearer token") as info:
-            client(server.url, **FAST_RETRY).score(PROMPTS[:1], RESPONSES[:1], METADATA[:1])
-        monkeypatch.setenv("RLHF_RAY_TEST_TOKEN", "wrong-token")
-        wrong = HttpReward(HttpSourceConfig(url=server.url, token_env="RLHF_RAY_TEST_TOKEN"))
-        with pytest.raises(RewardError, match="HTTP 401") as info:
-            wrong.score(PROMPTS[:1], RESPONSES[:1], METADATA[:1])
-        assert "wrong-token" not in str(info.value) and "wrong-token" not in repr(wrong)
-        monkeypatch.setenv("RLHF_RAY_TEST_TOKEN", "s3cret-token")
-        right = HttpReward(HttpSourceConfig(url=server.url, token_env="RLHF_RAY_TEST_TOKEN"))
-        assert right.score(PROMPTS, RESPONSES, METADATA) == vowel_reward(PROMPTS, RESPONSES)
-    monkeypatch.delenv("RLHF_RAY_TEST_TOKEN")
+def test_an_unset_token_env_fails_at_construction(monkeypatch):
+    monkeypatch.delenv("RLHF_RAY_TEST_TOKEN", raising=False)
     with pytest.raises(RewardError, match="token_env='RLHF_RAY_TEST_TOKEN' names an environment variable that is unset"):
         HttpReward(HttpSourceConfig(url="http://127.0.0.1:9/score", token_env="RLHF_RAY_TEST_TOKEN"))
 
@@ -338,11 +328,12 @@ def test_a_body_over_the_size_limit_fails_at_once(monkeypatch):
 
 
 def test_proxy_environment_is_ignored(monkeypatch, vowel_server):
+    url, _ = vowel_server
     for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY"):
         monkeypatch.setenv(name, "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    reward = client(vowel_server.url, retries=0)
+    reward = client(url, retries=0)
     assert reward.score(PROMPTS, RESPONSES, METADATA) == vowel_reward(PROMPTS, RESPONSES)
 
 
@@ -351,26 +342,3 @@ def test_the_request_body_is_the_contract():
         client(url, batch_size=64).score(PROMPTS[:3], RESPONSES[:3], METADATA[:3])
     assert bodies == [{"prompts": PROMPTS[:3], "responses": RESPONSES[:3], "metadata": METADATA[:3]}]
 
-
-# --- the command line -------------------------------------------------------------------------------
-
-
-def test_server_command_serves_and_stops_cleanly():
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rlhf_ray.rewards.server", "--source-kind", "function",
-         "--source-path", "rlhf_ray.toy.task:vowel_reward", "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    try:
-        banner = lines.get(timeout=25)
-        assert "serving reward source 'vowel_reward' at http://127.0.0.1:" in banner, banner
-        url = banner.split(" at ")[1].split()[0]
-        assert client(url).score(PROMPTS, RESPONSES, METADATA) == vowel_reward(PROMPTS, RESPONSES)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
-        assert "reward server stopped" in lines.get(timeout=5)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
