@@ -80,11 +80,18 @@ def main() -> None:
     requests = [(prompts[i:i + args.samples], responses[i:i + args.samples], metadata[i:i + args.samples])
                 for i in range(0, n, args.samples)]
 
+    import torch
+
     local = ModelReward(str(model_dir), name="rm")
-    start = time.perf_counter()
-    expected = [s for r in requests for s in local.score(*r)]
-    baseline = n / (time.perf_counter() - start)
-    print(f"baseline: ModelReward in this process, one request after the other: {baseline:,.0f} samples/s")
+    baselines = {}
+    for threads in (1, os.cpu_count()):
+        torch.set_num_threads(threads)
+        start = time.perf_counter()
+        expected = [s for r in requests for s in local.score(*r)]
+        baselines[threads] = n / (time.perf_counter() - start)
+        print(f"baseline: ModelReward in this process ({threads} threads), one request after the other: "
+              f"{baselines[threads]:,.0f} samples/s", flush=True)
+    baseline = baselines[1]  # one replica's share: one CPU
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -118,7 +125,8 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
-    print(f"\n{args.requests} requests × {args.samples} samples at once; baseline {baseline:,.0f} samples/s in-process")
+    print(f"\n{args.requests} requests × {args.samples} samples at once; baseline in-process: "
+          + ", ".join(f"{v:,.0f} samples/s on {k} thread(s)" for k, v in baselines.items()) + " (× base: vs 1 thread)")
     print(f"{'replicas':>8} {'path':>6} {'samples/s':>10} {'× base':>7} {'p50 s':>7} {'p99 s':>7} {'max s':>7} {'deploy s':>8}")
     for r in rows:
         print(f"{r['replicas']:>8} {r['path']:>6} {r['samples_per_s']:>10,.0f} {r['samples_per_s'] / baseline:>7.2f} "

@@ -70,10 +70,12 @@ class RewardDeployment:
         options = source_cfg.serve
         self.name = source_cfg.name or source_cfg.serve.app
         self.source = build_reward_source(served_source(source_cfg), path, cfg.model.trust_remote_code,
-                                          cfg.reward.batch_size, judge_engine_factory(cfg))
+                                          cfg.reward.batch_size, judge_engine_factory(_with_engine_threads(cfg, options)))
         self._score_samples.set_max_batch_size(options.max_batch_size)
         self._score_samples.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
         self.stats = {"requests": 0, "samples": 0, "batches": 0, "largest_batch": 0}
+        engine = getattr(self.source, "engine", None)  # a judge's generation engine (vLLM where installed)
+        self.engine = type(engine).__name__ if engine is not None else None
         self.http = {"token_sha256": None, "max_request_bytes": 16 << 20} | (http or {})
 
     async def score(self, prompts: list[str], responses: list[str], metadata: list[dict]) -> list[float]:
@@ -116,8 +118,9 @@ class RewardDeployment:
         if self.source is None:
             raise RuntimeError(f"reward source '{self.name}' is not loaded")
 
-    def counters(self) -> dict[str, int]:
-        return dict(self.stats) | getattr(self.source, "counters", {})
+    def counters(self) -> dict[str, Any]:
+        """This replica's request and batch counts, its source's counters, and its engine's class."""
+        return dict(self.stats) | getattr(self.source, "counters", {}) | {"engine": self.engine}
 
     async def __call__(self, request) -> Any:
         """HTTP ingress: POST …/score (the http reward contract), GET …/health."""
@@ -127,7 +130,7 @@ class RewardDeployment:
 
         path = request.url.path.rstrip("/")
         if request.method == "GET" and path.endswith("/health"):
-            return JSONResponse({"status": "ok", "source": self.name, **self.stats})
+            return JSONResponse({"status": "ok", "source": self.name, "engine": self.engine, **self.stats})
         if request.method != "POST" or not path.endswith("/score"):
             return JSONResponse({"error": f"no such route {request.method} {path!r}; use POST …/score or GET …/health"},
                                 status_code=404)
@@ -156,6 +159,17 @@ class RewardDeployment:
                                 status_code=500)
 
 
+def replica_threads(options: ServeSourceConfig) -> int:
+    return max(1, int(options.replica_cpus))
+
+
+def _with_engine_threads(cfg: RunConfig, options: ServeSourceConfig) -> RunConfig:
+    """`cfg` with a judge's vLLM engine sized to the replica's CPUs (vLLM on CPU fixes its threads at start,
+    and its attention kernels check them against torch's)."""
+    vllm = cfg.rollout.vllm.model_copy(update={"threads": replica_threads(options)})
+    return cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"vllm": vllm})})
+
+
 def application(cfg: RunConfig, index: int, path: str | None, http: dict | None = None):
     """The bound Serve application of reward source `index` (kind=serve)."""
     options = cfg.reward.sources[index].serve
@@ -168,8 +182,7 @@ def deployment_options(options: ServeSourceConfig) -> dict[str, Any]:
     fault injection), admission, shutdown grace and health checks."""
     from rlhf_ray.placement import RoleSpec, actor_env
 
-    spec = RoleSpec("reward", options.num_replicas, options.replica_cpus, options.replica_gpus,
-                    max(1, int(options.replica_cpus)))
+    spec = RoleSpec("reward", options.num_replicas, options.replica_cpus, options.replica_gpus, replica_threads(options))
     return dict(
         num_replicas=options.num_replicas,
         ray_actor_options={"num_cpus": options.replica_cpus, "num_gpus": options.replica_gpus,

@@ -22,7 +22,7 @@ import pytest
 import ray
 from ray import serve
 
-from rlhf_ray.config import HttpSourceConfig, RewardSourceConfig, ServeSourceConfig, load_config
+from rlhf_ray.config import HttpSourceConfig, JudgeSourceConfig, RewardSourceConfig, ServeSourceConfig, load_config
 from rlhf_ray.rewards import FunctionReward, HttpReward
 from rlhf_ray.rewards.base import RewardError
 from rlhf_ray.rewards.serve import ServeReward, delete_apps, start_apps
@@ -104,9 +104,14 @@ def test_a_deployment_that_cannot_fit_fails_at_once(ray_session):
     assert "too_big" not in _apps()  # nothing was deployed
 
 
-def test_grpo_scores_with_a_reward_model_on_two_serve_replicas(ray_session, tmp_path):
+def test_grpo_scores_with_a_reward_model_on_two_serve_replicas(ray_session, tmp_path, monkeypatch):
+    # one replica is killed in the middle of the run (its 2nd batch; one request per batch): its requests go to the other, or to
+    # the replica Serve starts in its place
+    monkeypatch.setenv("RLHF_RAY_FAULTS", "crash@reward.serve#2")
+    monkeypatch.setenv("RLHF_RAY_FAULTS_DIR", str(tmp_path / "faults"))
     source = {"kind": "serve", "name": "rm", "path": "toy",
-              "serve": {"source_kind": "model", "app": "toy_rm", "num_replicas": 2, "replica_cpus": 0.5}}
+              "serve": {"source_kind": "model", "app": "toy_rm", "num_replicas": 2, "replica_cpus": 0.5,
+                        "request_size": 8, "max_batch_size": 8}}
     cfg = load_config(CONFIGS / "toy_grpo.yaml", toy_overrides(
         tmp_path, "trainer.total_steps=2", "checkpoint.export_hf=false", f"reward.sources=[{json.dumps(source)}]"))
     assert cfg.reward_in_driver  # the driver only holds a handle: the replicas hold the model
@@ -121,7 +126,8 @@ def test_grpo_scores_with_a_reward_model_on_two_serve_replicas(ray_session, tmp_
     assert len(history) == 2
     for row in history:
         assert row["reward/rm_mean"] == row["reward/score_mean"] and row["reward/rm_mean"] != 0.0
-        assert row["reward/rm/requests"] >= 1 and row["reward/rm/replica_died"] == 0
+    assert len(list((tmp_path / "faults").iterdir())) == 1  # the replica did die
+    assert history[-1]["reward/rm/replica_died"] >= 1 and history[-1]["reward/rm/retries"] >= 1
 
 
 def test_the_server_command_serves_an_application_runs_connect_to(ray_session, tmp_path):
@@ -158,3 +164,22 @@ def test_the_server_command_serves_an_application_runs_connect_to(ray_session, t
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_generative_judge_on_serve_runs_on_vllm(ray_session, tmp_path):
+    """A judge served by Ray Serve generates with the run's rollout engine class (vLLM here), not HF generate."""
+    judge = JudgeSourceConfig(mode="grade", max_new_tokens=4, on_unparseable="tie")
+    source = RewardSourceConfig(kind="serve", name="judge", path="toy", judge=judge,
+                                serve=ServeSourceConfig(source_kind="judge", app="judge", replica_cpus=1))
+    cfg = load_config(CONFIGS / "toy_grpo.yaml", [f"trainer.output_dir={tmp_path}", "rollout.backend=vllm",
+                                                   f"reward.sources=[{json.dumps(source.model_dump())}]"])
+    toy = prepare_run(cfg).reward_paths[0]  # the toy policy, saved: the judge's model
+    names = start_apps(cfg, [toy], timeout_s=300)
+    try:
+        scorer = ServeReward(cfg.reward.sources[0])
+        scores = scorer.score(PROMPTS[:6], RESPONSES[:6], METADATA[:6])
+        assert scores == [5.0] * 6  # a random toy judge: every grade unparseable, scored as the mid grade
+        counters = serve.get_app_handle("judge").counters.remote().result(timeout_s=60)
+        assert counters["engine"] == "VLLMRolloutEngine" and counters["verdicts"] == 6
+    finally:
+        delete_apps(names)
