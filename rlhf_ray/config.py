@@ -166,7 +166,7 @@ class JudgeEndpointConfig(Section):
     @model_validator(mode="after")
     def _url_scheme(self) -> JudgeEndpointConfig:
         if not self.base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"judge.endpoint.base_url={self.base_url!r} is not an http(s) URL; use e.g. http://127.0.0.1:8000/v1.")
+            raise ConfigError(f"endpoint.base_url={self.base_url!r} is not an http(s) URL; use e.g. http://127.0.0.1:8000/v1.")
         return self
 
 
@@ -493,6 +493,14 @@ class CAIConfig(Section):
     critique_max_new_tokens: int = Field(32, gt=0, description="Longest critique in tokens (drafts and revisions: rollout.max_new_tokens).")
     max_context_len: int = Field(1024, gt=0, description="Longest critique or revision context in tokens, its new tokens included; an example that would exceed it is dropped and counted.")
     pairs: Literal["revision", "judge"] = Field("revision", description="AI preference pairs: 'revision' (final revision ≻ draft), or 'judge': label.labeler compares the draft and the final revision (both orders, label.on_disagreement).")
+    endpoint: JudgeEndpointConfig | None = Field(None, description="Critiques and revisions come from this OpenAI-compatible model (api: chat; each conversation sent as chat messages) instead of the policy; the drafts stay the policy's. max_context_len is then the policy's alone: a conversation the server refuses as too long fails the run.")
+
+    @model_validator(mode="after")
+    def _endpoint_chat(self) -> CAIConfig:
+        if self.endpoint is not None and self.endpoint.api != "chat":
+            raise ConfigError(f"cai.endpoint.api={self.endpoint.api}: critiques and revisions are sent as chat "
+                              f"conversations (/chat/completions); set cai.endpoint.api=chat.")
+        return self
 
 
 class IterateConfig(Section):

@@ -75,7 +75,9 @@ def stage_needs(cfg: RunConfig) -> list[Need]:
         c = cfg.cai
         files = [Need("cai.constitution", c.constitution, "file")] + ([Need("cai.critiques", c.critiques, "file")]
                                                                        if c.critiques else [])
-        return _sampling_needs(cfg, labeler=c.pairs == "judge") + files
+        key = c.endpoint.api_key_env if c.endpoint else None
+        return _sampling_needs(cfg, labeler=c.pairs == "judge") + files + (
+            [Need("cai.endpoint.api_key_env", key, "env")] if key else [])
     needs = _policy_needs(cfg) + _data_needs(cfg) + _resume_needs(cfg)
     if cfg.model.reference and cfg.stage in ("ppo", "dpo"):
         needs.append(Need("model.reference", cfg.model.reference, "model"))

@@ -1,10 +1,12 @@
 """`OpenAIEndpoint`: greedy replies from an OpenAI-compatible server (a vLLM server, a hosted API), the
-judge's model when `judge.endpoint` is set (`rlhf_ray.rewards.judge`, docs/rewards.md "Judge").
+judge's model when `judge.endpoint` is set (`rlhf_ray.rewards.judge`, docs/rewards.md "Judge"), and the
+critic and reviser of Constitutional AI when `cai.endpoint` is set (`rlhf_ray.trainers.cai`, docs/feedback.md).
 
 Decisions:
 - One request per text, temperature 0. `api="chat"` sends the text as one user message to
   /chat/completions (the server applies its model's chat template); `api="completions"` sends it
-  raw to /completions.
+  raw to /completions. `chat` sends whole conversations (lists of {role, content}) as they are; it
+  needs api="chat". Both share everything below.
 - At most `max_concurrency` requests in flight (a thread pool per call). `max_requests_per_s` spaces
   request starts, over all threads and retries included, 1/rate apart (a token bucket holding one
   token: no bursts). The first request that fails for good stops the call: requests not yet
@@ -42,6 +44,7 @@ from rlhf_ray.rewards.base import RewardError
 FAILURE_KINDS = ("connection", "timeout", "rate_limited", "server_error", "malformed", "http_error")
 MAX_WAIT_S = 30.0  # longest backoff or Retry-After wait before a retry
 NO_KEY = "EMPTY"  # the placeholder key sent without api_key_env
+Prompt = str | list[dict[str, str]]  # what one request sends: chat messages (api="chat") or a text ("completions")
 
 
 class _Retryable(Exception):
@@ -102,20 +105,35 @@ class OpenAIEndpoint:
 
     def ask(self, texts: list[str], max_tokens: int) -> list[str]:
         """The greedy reply to each text, in order; a RewardError when any request fails for good."""
-        if not texts:
+        if self.options.api == "chat":
+            return self._each([[{"role": "user", "content": text}] for text in texts], max_tokens)
+        return self._each(texts, max_tokens)
+
+    def chat(self, conversations: list[list[dict[str, str]]], max_tokens: int) -> list[str]:
+        """The greedy reply to each conversation (chat messages, sent as they are), in order; a RewardError
+        when any request fails for good. Needs api="chat"."""
+        if self.options.api != "chat":
+            raise ValueError(f"{self!r}: chat() sends messages to /chat/completions; the endpoint has "
+                             f"api={self.options.api!r}")
+        return self._each(conversations, max_tokens)
+
+    def _each(self, prompts: list[Prompt], max_tokens: int) -> list[str]:
+        """One request per prompt (messages for api="chat", a text for "completions"), at most max_concurrency
+        at once; the first that fails for good cancels those not yet started and is raised."""
+        if not prompts:
             return []
         stop = threading.Event()  # set by the first request that fails for good: no further attempt starts
 
-        def ask_one(index: int, text: str) -> str:
+        def ask_one(index: int, prompt: Prompt) -> str:
             try:
-                return self._ask_one(index, len(texts), text, max_tokens, stop)
+                return self._ask_one(index, len(prompts), prompt, max_tokens, stop)
             except BaseException:
                 stop.set()
                 raise
 
-        workers = min(self.options.max_concurrency, len(texts))
+        workers = min(self.options.max_concurrency, len(prompts))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"judge-{self.name}") as pool:
-            futures = [pool.submit(ask_one, i, text) for i, text in enumerate(texts)]
+            futures = [pool.submit(ask_one, i, prompt) for i, prompt in enumerate(prompts)]
             wait(futures, return_when=FIRST_EXCEPTION)
             for future in futures:
                 future.cancel()  # those not started yet, after a failure
@@ -125,14 +143,14 @@ class OpenAIEndpoint:
             raise failures[0]
         return [future.result() for future in futures]
 
-    def _ask_one(self, index: int, n: int, text: str, max_tokens: int, stop: threading.Event) -> str:
+    def _ask_one(self, index: int, n: int, prompt: Prompt, max_tokens: int, stop: threading.Event) -> str:
         attempts = self.options.retries + 1
         for attempt in range(attempts):
             self._spacing.wait()
             if stop.is_set():
                 raise _Stopped
             try:
-                return self._request(text, max_tokens)
+                return self._request(prompt, max_tokens)
             except _Retryable as failure:
                 self._count(failure.kind)
                 if attempt + 1 == attempts:
@@ -143,17 +161,17 @@ class OpenAIEndpoint:
                 stop.wait(failure.retry_after if failure.retry_after is not None else self._backoff(attempt))
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    def _request(self, text: str, max_tokens: int) -> str:
+    def _request(self, prompt: Prompt, max_tokens: int) -> str:
         """One attempt: the reply text, its usage counted; _Retryable for what may pass, RewardError for what will not."""
         self._count("requests")
         o = self.options
         try:
             if o.api == "chat":
                 raw = self.client.chat.completions.with_raw_response.create(
-                    model=o.model, messages=[{"role": "user", "content": text}], max_tokens=max_tokens, temperature=0)
+                    model=o.model, messages=prompt, max_tokens=max_tokens, temperature=0)
             else:
                 raw = self.client.completions.with_raw_response.create(
-                    model=o.model, prompt=text, max_tokens=max_tokens, temperature=0)
+                    model=o.model, prompt=prompt, max_tokens=max_tokens, temperature=0)
             body = raw.text
         except openai.APITimeoutError:
             raise _Retryable("timeout", f"no answer within timeout_s={o.timeout_s}") from None
@@ -207,8 +225,8 @@ def _api_key(env: str | None, name: str) -> str:
         return NO_KEY
     key = os.environ.get(env, "")
     if not key:
-        raise RewardError(name, f"judge.endpoint.api_key_env={env!r} names an environment variable that is unset or "
-                                f"empty where the judge runs; export the API key there")
+        raise RewardError(name, f"endpoint.api_key_env={env!r} names an environment variable that is unset or "
+                                f"empty where the endpoint is called; export the API key there")
     return key
 
 

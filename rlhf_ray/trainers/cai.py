@@ -12,11 +12,18 @@ the policy drafts, critiques its draft against a principle of the constitution, 
    Contexts are the conversations of `rlhf_ray.data.constitution`, rendered with the tokenizer's
    chat template; one that would exceed `cai.max_context_len` drops its example (counted), as
    does an empty draft or revision.
+   With `cai.endpoint` set, an OpenAI-compatible model writes the critiques and revisions instead
+   (RLAIF distillation from a stronger model): each conversation goes to it as chat messages
+   (`OpenAIEndpoint.chat`, greedy, the same token limits; its server applies its own chat
+   template). `cai.max_context_len` is then not applied (it is the policy's limit): a conversation
+   the server refuses as too long fails the run with the endpoint's error (RewardError naming the
+   URL, the model and the HTTP 400), as does any request that fails for good.
 3. **outputs** in the run directory: `sft.jsonl` (prompt, final revision), `pairs.jsonl` (final
    revision ≻ draft, or with `cai.pairs=judge` the winner by `label.labeler` asked in both
    orders), `trace.jsonl` (every example: draft, and per round the principle, the rendered
-   critique and revision prompts and the model's replies; dropped examples with their reason),
-   `report.json`.
+   critique and revision prompts — with `cai.endpoint`, the chat messages sent — and the model's
+   replies; dropped examples with their reason), `report.json` (with `cai.endpoint`, its requests,
+   tokens and estimated cost under `endpoint`).
 
 Every generation is seeded (rollout.seed, trainer.seed, round, phase). With data.eval set the
 policy is also evaluated on held-out prompts (`eval/*`), on the same engines.
@@ -40,6 +47,7 @@ from rlhf_ray.data.constitution import (
 from rlhf_ray.data.feedback import Critique, read_feedback, write_jsonl
 from rlhf_ray.metrics import summary_table
 from rlhf_ray.models import load_tokenizer
+from rlhf_ray.rewards.endpoint import OpenAIEndpoint
 from rlhf_ray.rewards.labeling import summarise
 from rlhf_ray.trainers.common import prepare_run
 from rlhf_ray.trainers.label import label_pairs, pair_row
@@ -48,6 +56,7 @@ from rlhf_ray.trainers.sampling import (
     sampling_params)
 
 PHASES = {"draft": 0, "critique": 1, "revision": 2}
+Messages = list[dict[str, str]]  # a chat conversation, as rlhf_ray.data.constitution builds it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,9 +64,10 @@ class Step:
     """One critique → revision round of one example."""
 
     principle: str
-    critique_prompt: str | None  # the rendered context the critique continues; None for a given critique
+    # the contexts continued: rendered with the chat template for the policy, the messages sent for cai.endpoint
+    critique_prompt: str | Messages | None  # None for a given critique
     critique: str
-    revision_prompt: str
+    revision_prompt: str | Messages
     revision: str
 
 
@@ -79,11 +89,14 @@ class Example:
 
 
 class Reviser:
-    """Runs the drafts and the critique → revision rounds on a session's engines."""
+    """Runs the drafts on a session's engines and the critique → revision rounds with `write`: the policy
+    on the same engines, or cai.endpoint when given (chosen once, here)."""
 
     def __init__(self, cfg: RunConfig, session: SamplingSession, tokenizer: PreTrainedTokenizerBase,
-                 constitution: Constitution):
+                 constitution: Constitution, endpoint: OpenAIEndpoint | None = None):
         self.cfg, self.session, self.tokenizer, self.constitution = cfg, session, tokenizer, constitution
+        self.endpoint = endpoint
+        self.write = self._by_policy if endpoint is None else self._by_endpoint
 
     def draft(self, examples: list[Example]) -> None:
         todo = [e for e in examples if e.prompt_ids is not None]
@@ -98,35 +111,48 @@ class Reviser:
         drawn = sample_principles(self.constitution, len(live), self.cfg.trainer.seed, k)
         jobs = [(e, self.constitution.feedback if k == 1 and e.given_critique else p) for e, p in zip(live, drawn)]
         critiqued = self._critique(jobs, k)
-        contexts = [self._context(revision_messages(e.prompt, e.response, p, critique), e, self.cfg.rollout.max_new_tokens)
-                    for e, p, _, critique in critiqued]
-        kept = [(job, context) for job, context in zip(critiqued, contexts) if context is not None]
-        revisions = self._generate([ids for _, (_, ids) in kept], "revision", k)
-        for ((example, principle, critique_prompt, critique), (revision_prompt, _)), text in zip(kept, revisions):
+        replies = self.write([revision_messages(e.prompt, e.response, p, critique) for e, p, _, critique in critiqued],
+                             "revision", k, self.cfg.rollout.max_new_tokens)
+        for (example, principle, critique_prompt, critique), reply in zip(critiqued, replies):
+            if reply is None:
+                example.dropped = "overlength"
+                continue
+            revision_prompt, text = reply
             example.steps.append(Step(principle.name, critique_prompt, critique, revision_prompt, text))
             example.dropped = None if text.strip() else "empty_revision"
 
-    def _critique(self, jobs: list[tuple[Example, Principle]], k: int) -> list[tuple[Example, Principle, str | None, str]]:
-        """(example, principle, rendered critique prompt or None when given, critique) per job, in order;
-        round 1 of a critique record uses its critique; a job whose context is too long is dropped."""
-        given = {id(e) for e, _ in jobs if k == 1 and e.given_critique}
-        budget = self.cfg.cai.critique_max_new_tokens
-        asked = [(e, self._context(critique_messages(e.prompt, e.response, p), e, budget))
-                 for e, p in jobs if id(e) not in given]
-        asked = [(e, context) for e, context in asked if context is not None]
-        texts = self._generate([ids for _, (_, ids) in asked], "critique", k, budget)
-        made = {id(e): (prompt, text) for (e, (prompt, _)), text in zip(asked, texts)}
-        return [(e, p, None, e.given_critique) if id(e) in given else (e, p, *made[id(e)])
-                for e, p in jobs if id(e) in given or id(e) in made]
+    def _critique(self, jobs: list[tuple[Example, Principle]],
+                  k: int) -> list[tuple[Example, Principle, str | Messages | None, str]]:
+        """(example, principle, critique prompt or None when given, critique) per job, in order; round 1 of a
+        critique record uses its critique; a job whose context the policy cannot take is dropped."""
+        given = [bool(k == 1 and e.given_critique) for e, _ in jobs]
+        asked = [(e, p) for (e, p), g in zip(jobs, given) if not g]
+        replies = iter(self.write([critique_messages(e.prompt, e.response, p) for e, p in asked], "critique", k,
+                                  self.cfg.cai.critique_max_new_tokens))
+        out = []
+        for (example, principle), g in zip(jobs, given):
+            reply = (None, example.given_critique) if g else next(replies)
+            if reply is None:
+                example.dropped = "overlength"
+            else:
+                out.append((example, principle, *reply))
+        return out
 
-    def _context(self, messages: list[dict], example: Example, new_tokens: int) -> tuple[str, list[int]] | None:
-        """(rendered text, token ids) of a conversation to continue, or None (example dropped) when too long."""
-        text = render_messages(self.tokenizer, messages)
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        if len(ids) + new_tokens > self.cfg.cai.max_context_len:
-            example.dropped = "overlength"
-            return None
-        return text, ids
+    def _by_policy(self, conversations: list[Messages], phase: str, k: int,
+                   max_new_tokens: int) -> list[tuple[str, str] | None]:
+        """(rendered context, reply) per conversation, written by the policy on the engines; None (not sent) when
+        the context rendered with the tokenizer's chat template plus max_new_tokens would pass cai.max_context_len."""
+        texts = [render_messages(self.tokenizer, m) for m in conversations]
+        ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        fits = [len(i) + max_new_tokens <= self.cfg.cai.max_context_len for i in ids]
+        replies = iter(self._generate([i for i, f in zip(ids, fits) if f], phase, k, max_new_tokens))
+        return [(t, next(replies)) if f else None for t, f in zip(texts, fits)]
+
+    def _by_endpoint(self, conversations: list[Messages], phase: str, k: int,
+                     max_new_tokens: int) -> list[tuple[Messages, str]]:
+        """(conversation, reply) per conversation, written greedily by cai.endpoint from the messages themselves;
+        a request that fails for good (one the server refuses as too long included) raises its RewardError."""
+        return list(zip(conversations, self.endpoint.chat(conversations, max_new_tokens)))
 
     def _generate(self, prompts: list[list[int]], phase: str, k: int, max_new_tokens: int | None = None) -> list[str]:
         if not prompts:
@@ -174,7 +200,7 @@ def judged_pairs(session: SamplingSession, cfg: RunConfig, tokenizer, examples: 
 
 
 def run_cai(cfg: RunConfig) -> dict[str, Any]:
-    """Draft, critique and revise on the rollout engines; write SFT data, pairs and the trace."""
+    """Draft on the rollout engines, critique and revise there or on cai.endpoint; write SFT data, pairs and the trace."""
     start, inputs = time.perf_counter(), prepare_run(cfg)
     tokenizer = load_tokenizer(inputs.models.tokenizer, cfg.model.trust_remote_code)
     constitution = load_constitution(constitution_path(cfg))
@@ -183,11 +209,12 @@ def run_cai(cfg: RunConfig) -> dict[str, Any]:
     examples = [Example(p.prompt, p.prompt_ids, "policy") for p in prompts] + given_critiques(cfg)
     held_out = load_prompt_examples(cfg, tokenizer, inputs.eval, cfg.data.eval_split)[: cfg.trainer.eval_prompts]
     judge = cfg.cai.pairs == "judge"
+    endpoint = OpenAIEndpoint(cfg.cai.endpoint, name="cai") if cfg.cai.endpoint else None
     session = SamplingSession(cfg, inputs.models, labeler=judge, labeler_path=labeler_path(cfg) if judge else None,
                               reward_paths=inputs.reward_paths if held_out else None)
     try:
         evaluation = session.evaluate(held_out, tokenizer.pad_token_id) if held_out else {}
-        reviser = Reviser(cfg, session, tokenizer, constitution)
+        reviser = Reviser(cfg, session, tokenizer, constitution, endpoint)
         reviser.draft(examples)
         for k in range(1, cfg.cai.rounds + 1):
             reviser.round(examples, k)
@@ -198,8 +225,16 @@ def run_cai(cfg: RunConfig) -> dict[str, Any]:
     report = {"constitution": constitution.source, "principles": [p.name for p in constitution.principles],
               "rounds": cfg.cai.rounds, "prompts": len(prompts), "given_critiques": len(examples) - len(prompts),
               "finished": len(done), "dropped": dict(Counter(e.dropped for e in examples if e.dropped)),
-              "pairs": pair_report, "eval": evaluation, "seconds": time.perf_counter() - start}
+              "pairs": pair_report, "eval": evaluation, "endpoint": _endpoint_report(endpoint),
+              "seconds": time.perf_counter() - start}
     return _write(cfg.run_dir, examples, done, rows, report)
+
+
+def _endpoint_report(endpoint: OpenAIEndpoint | None) -> dict[str, Any] | None:
+    """Who wrote the critiques and revisions when not the policy, and what it cost (OpenAIEndpoint.counters)."""
+    if endpoint is None:
+        return None
+    return {"base_url": endpoint.options.base_url, "model": endpoint.options.model} | endpoint.counters
 
 
 def _write(run_dir: Path, examples: list[Example], done: list[Example], pairs: list[dict],
@@ -214,7 +249,8 @@ def _write(run_dir: Path, examples: list[Example], done: list[Example], pairs: l
     (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     table = [("constitution", f"{report['constitution']} ({len(report['principles'])} principles)"),
              ("prompts drafted + given critiques", f"{report['prompts']} + {report['given_critiques']}"),
-             ("critique → revision rounds", report["rounds"]), ("examples finished", report["finished"]),
+             ("critique → revision rounds", report["rounds"]),
+             ("critiques and revisions by", _endpoint_line(report["endpoint"])), ("examples finished", report["finished"]),
              ("examples dropped", report["dropped"] or None), ("SFT rows (final revisions)", report["sft_rows"]),
              ("preference pairs", report["pair_rows"]), ("pairs not made", report["pairs"].get("dropped") or None),
              ("judge agreement across orders", report["pairs"].get("agreement")),
@@ -223,6 +259,13 @@ def _write(run_dir: Path, examples: list[Example], done: list[Example], pairs: l
     print(summary_table([(k, v) for k, v in table if v is not None], title="== Constitutional AI summary =="),
           flush=True)
     return report
+
+
+def _endpoint_line(counts: dict[str, Any] | None) -> str | None:
+    if counts is None:
+        return None
+    return (f"{counts['model']} at {counts['base_url']}: {counts['requests']} requests, {counts['prompt_tokens']} + "
+            f"{counts['completion_tokens']} tokens, estimated cost {counts['estimated_cost']:.4g}")
 
 
 def _trace(example: Example) -> dict[str, Any]:
