@@ -11,9 +11,9 @@ handle (no HTTP hop) or over HTTP from outside (ARCHITECTURE.md §5).
 - `RewardDeployment` runs one reward source (model, function or judge, built by
   `build_reward_source` as in a reward worker) in each replica. Samples of every request that
   arrive together are scored in one call of up to `max_batch_size` samples (`serve.batch`), one call
-  at a time per replica; the source runs off the replica's event loop. `check_health` fails a
-  replica whose source is gone; Serve replaces it. On shutdown Serve stops routing to a replica and
-  lets its requests in flight finish (`graceful_shutdown_timeout_s`).
+  at a time per replica; the source runs off the replica's event loop. Serve checks every replica's
+  liveness (`health_check_period_s`) and replaces one that died. On shutdown Serve stops routing to a
+  replica and lets its requests in flight finish (`graceful_shutdown_timeout_s`).
 - HTTP: with `route_prefix` the same replicas answer `POST <route_prefix>/score` in the contract of
   the `http` source (`{"prompts", "responses", "metadata"}` → `{"scores"}`; 400 bad request, 422 a
   bad value from the source, 500 any other failure) and `GET <route_prefix>/health`, through Serve's
@@ -113,10 +113,6 @@ class RewardDeployment:
             return (await self._scores(*([part] for part in sample)))[0]
         except RewardError as error:
             return error
-
-    def check_health(self) -> None:
-        if self.source is None:
-            raise RuntimeError(f"reward source '{self.name}' is not loaded")
 
     def counters(self) -> dict[str, Any]:
         """This replica's request and batch counts, its source's counters, and its engine's class."""
