@@ -181,8 +181,19 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         print(f"FAILED {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         raise
+    write_report(cfg)
     print(f"done in {time.perf_counter() - start:.1f}s", flush=True)
     return 0
+
+
+def write_report(cfg: RunConfig) -> None:
+    """The run's self-contained HTML report (`rlhf_ray.report`) beside its metrics; a stage without
+    metrics.jsonl (pipeline, iterate: their stages have their own) gets none."""
+    if not (cfg.run_dir / "metrics.jsonl").exists():
+        return
+    from rlhf_ray.report import write_report as write
+
+    print(f"report: {write(cfg.run_dir)}", flush=True)
 
 
 if __name__ == "__main__":

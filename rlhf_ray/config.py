@@ -408,6 +408,14 @@ class CheckpointConfig(Section):
     allow_incompatible_resume: bool = Field(False, description="Resume even when world sizes, models or data differ from the checkpoint's (the differing fields are logged).")
 
 
+class OverOptimisationConfig(Section):
+    gold: str | None = Field(None, description="Name of a held-out 'gold' reward source (weight 0: logged, never trained on) watched beside the trained proxy at every evaluation; null: no watch.")
+    proxy: str = Field("reward", description="The trained proxy: 'reward' (the weighted score) or a reward source's name.")
+    patience: int = Field(2, gt=0, description="Evaluations in a row the gold reward must stay below its best (by more than min_delta) while the proxy rises, before the watch fires.")
+    min_delta: float = Field(0.0, ge=0, description="A fall of the gold reward smaller than this is noise, not over-optimisation.")
+    action: Literal["stop", "warn"] = Field("stop", description="'stop': end the run at the evaluation that fires (a checkpoint is written; the summary names the best gold step); 'warn': log and carry on.")
+
+
 class TrainerConfig(Section):
     name: str = Field("run", description="Run name; the run directory is <output_dir>/<name>.")
     output_dir: str = Field("runs", description="Parent of run directories.")
@@ -425,6 +433,7 @@ class TrainerConfig(Section):
     eval_pass_k: list[int] = Field(default_factory=list, description="k values for pass@k on verifiable tasks (each <= eval_samples); a sample passes when its score >= eval_pass_threshold.")
     eval_pass_threshold: float = Field(1.0, description="Score at or above which an eval sample counts as correct for pass@k.")
     eval_win_rate: bool = Field(False, description="Also report the win-rate of the policy against the reference policy's responses, judged by the reward sources.")
+    overoptimisation: OverOptimisationConfig = Field(default_factory=OverOptimisationConfig, description="Over-optimisation watch during RL: stop (or warn) when a held-out gold reward falls while the trained proxy rises (needs trainer.eval_every).")
     timeout_s: float = Field(600.0, gt=0, description="Deadline of one phase's remote calls, seconds.")
     max_restarts: int = Field(0, ge=0, description="Restart the stage from its latest checkpoint this many times after a training rank dies (needs checkpoint.every > 0).")
     max_skipped_steps: int = Field(3, gt=0, description="Stop after this many consecutive steps whose update was skipped for non-finite values (the last good checkpoint is kept).")
@@ -622,8 +631,28 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
         return [msg for check in checks for msg in check(cfg)] + _override_list_rules(cfg)
     checks = [_batch_divisibility, _deepspeed_rules, _placement_rules, _toy_rules, _checkpoint_rules]
     if cfg.stage == "ppo":  # RL-only rules: offline stages ignore these sections
-        checks += [_rollout_rules, _estimator_rules, _kl_rules, _dapo_rules, _hosting_rules, _rollout_correction_rules, _async_rules, _env_rules]
+        checks += [_rollout_rules, _estimator_rules, _kl_rules, _dapo_rules, _hosting_rules, _rollout_correction_rules, _async_rules, _env_rules,
+                   _overoptimisation_rules]
     return [msg for check in checks for msg in check(cfg)] + _stage_rules(cfg)
+
+
+def _overoptimisation_rules(cfg: RunConfig) -> list[str]:
+    w = cfg.trainer.overoptimisation
+    if w.gold is None:
+        return []
+    names = {s.name: s for s in cfg.reward.sources if s.name}
+    out = []
+    if w.gold not in names:
+        out.append(f"trainer.overoptimisation.gold={w.gold!r} names no reward source (named: {sorted(names)}); add the "
+                   f"gold source to reward.sources with that name and weight 0.")
+    elif names[w.gold].weight != 0:
+        out.append(f"trainer.overoptimisation.gold={w.gold!r} has weight {names[w.gold].weight:g}: a gold reward the policy "
+                   f"trains on is no check; set its weight to 0.")
+    if w.proxy != "reward" and w.proxy not in names:
+        out.append(f"trainer.overoptimisation.proxy={w.proxy!r} is neither 'reward' nor a reward source's name ({sorted(names)}).")
+    if not cfg.trainer.eval_every or cfg.data.eval is None:
+        out.append("trainer.overoptimisation.gold is set, but the watch reads evaluations: set trainer.eval_every > 0 and data.eval.")
+    return out
 
 
 def _batch_divisibility(cfg: RunConfig) -> list[str]:

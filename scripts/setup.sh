@@ -8,6 +8,10 @@
 #   3. its torchvision / torchaudio / torchcodec removed: the index's builds are CUDA builds that break
 #      `import transformers` beside a +cpu torch, and vLLM needs them only for multimodal models.
 # With CUDA: the `vllm` extra (the CUDA build) instead. RLHF_RAY_NO_VLLM=1 skips vLLM (HF generate only).
+# Chromium (Debian's package, when /usr/bin/chromium is missing and apt-get exists): the browser in which
+# tests/integration/test_report_browser.py renders the HTML run report (rlhf_ray/report.py), driven by
+# Playwright from the `test` extra. Playwright's own browser download (`playwright install`) is not used:
+# only PyPI and Debian packages are reachable from CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -30,5 +34,13 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
   done
 elif [ -z "${RLHF_RAY_NO_VLLM:-}" ]; then
   EXTRAS="$EXTRAS,vllm"
+fi
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  if ! apt-cache show chromium >/dev/null 2>&1; then
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq || true
+  fi
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium ||
+    echo "setup.sh: chromium not installed; tests/integration/test_report_browser.py will fail without it" >&2
 fi
 "$PY" -m pip install --quiet -e ".[$EXTRAS]"

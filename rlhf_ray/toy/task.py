@@ -85,6 +85,23 @@ def vowel_reward(
     return [toy_score(p, r) for p, r in zip(prompts, responses)]
 
 
+def a_heavy_vowel_reward(
+    prompts: list[str], responses: list[str], metadata: list[dict] | None = None
+) -> list[float]:
+    """A hackable proxy (`configs/toy_overopt.yaml`): per character, 'a' scores 1, any other vowel 0.6, the
+    rest 0, averaged. It agrees with the gold while consonants turn into vowels, then pays for
+    collapsing every vowel into 'a'."""
+    return [sum(1.0 if c == "a" else 0.6 if c in VOWELS else 0.0 for c in r) / max(1, len(r)) for r in responses]
+
+
+def vowel_variety_reward(
+    prompts: list[str], responses: list[str], metadata: list[dict] | None = None
+) -> list[float]:
+    """The gold beside `a_heavy_vowel_reward`: the vowel share times the share of the five vowels used,
+    so a response of only 'a' scores 1/5 of one that uses every vowel."""
+    return [toy_score(p, r) * len(set(r) & set(VOWELS)) / len(VOWELS) for p, r in zip(prompts, responses)]
+
+
 def format_reward(
     prompts: list[str], responses: list[str], metadata: list[dict] | None = None
 ) -> list[float]:

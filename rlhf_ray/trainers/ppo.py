@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import ray
@@ -428,6 +429,8 @@ class PPOTrainer:
         self.moments = RunningMoments()
         self.violations: Counter = Counter()  # reward-contract violations by kind, over the run
         self.version, self.skipped_in_a_row, self.first_eval = 0, 0, {}
+        self.watched: list[tuple[int, float, float]] = []  # (step, proxy, gold) fed to the over-optimisation watch
+        self.watch = self._new_watch()
         self.reference_samples: Samples | None = None  # win-rate baseline, computed at the first evaluation
         print(f"rollout: {cfg.rollout.num_engines} {cfg.rollout_backend} engine(s)", flush=True)
         self.roles = Roles(cfg, inputs.models, inputs.reward_paths, probe_tokens(len(self.tokenizer)))
@@ -636,18 +639,25 @@ class PPOTrainer:
         t = self.cfg.trainer
         if self.start_step == 1:
             self.first_eval = self.evaluate(0)
+            self._watch(0, dict(self.first_eval))
         last: dict[str, float] = self.logger.history[-1] if self.logger.history else {}
+        final_step, overoptimised = t.total_steps, False  # trainer.overoptimisation may stop the run early
         for step in range(self.start_step, t.total_steps + 1):
             metrics = self.train_step(step)
             if t.eval_every and step % t.eval_every == 0 and step != t.total_steps:
                 metrics |= self.evaluate(step)
+                overoptimised = self._watch(step, metrics)
             self.logger.log(step, metrics)
             last = metrics
-            if self.checkpoints.due(step) or stop_requested():
+            if self.checkpoints.due(step) or stop_requested() or overoptimised:
                 saved = self.checkpoints.save(step, self.state_dict(step), self.queue.tensors())
                 if stop_requested():
                     raise StopRequested(step, saved)
-        final_eval = self.evaluate(t.total_steps)
+            if overoptimised:  # trainer.overoptimisation.action=stop
+                final_step = step
+                break
+        final_eval = ({k: v for k, v in last.items() if k.startswith("eval/")} if overoptimised  # just evaluated
+                      else self.evaluate(final_step))
         exported = self.roles.export(str(self.cfg.run_dir / "export")) if self.cfg.checkpoint.export_hf else {}
         return self._summarise(self.first_eval, final_eval, last, exported)
 
@@ -655,7 +665,7 @@ class PPOTrainer:
         """Everything of the driver a resumed run needs to continue exactly (models are saved by their ranks)."""
         return {"step": step, "version": self.version, "iterator": self.iterator.state_dict(),
                 "kl_ctl": self.kl_ctl.state_dict(), "moments": vars(self.moments), "violations": dict(self.violations),
-                "skipped_in_a_row": self.skipped_in_a_row, "first_eval": self.first_eval,
+                "skipped_in_a_row": self.skipped_in_a_row, "first_eval": self.first_eval, "watched": self.watched,
                 "rollout_queue": self.queue.state_dict(step)}
 
     def _resume(self) -> int:
@@ -669,6 +679,9 @@ class PPOTrainer:
         vars(self.moments).update(state["moments"])
         self.violations = Counter(state["violations"])
         self.skipped_in_a_row, self.first_eval = state["skipped_in_a_row"], state["first_eval"]
+        self.watch = self._new_watch()
+        for step, proxy, gold in state.get("watched", []):  # replayed: the same state as the uninterrupted run
+            self._feed_watch(step, proxy, gold)
         self.version = state["version"]
         self.roles.sync(self.version, "resume")
         self.queue.load_state_dict(state["rollout_queue"], tensors)
@@ -685,6 +698,7 @@ class PPOTrainer:
                 *[(f"eval {k.removeprefix('eval/')}, after", v) for k, v in final.items()
                   if k.startswith(("eval/pass@", "eval/win_rate"))],
                 ("median step time (s)", float(np.median([h["time/step"] for h in self.logger.history]))),
+                *self._watch_rows(),
                 *self._async_rows(),
                 ("run directory", str(self.cfg.run_dir))]
         rows += [(f"exported {k}", v) for k, v in exported.items()]
@@ -694,7 +708,44 @@ class PPOTrainer:
         return {"eval_before": first.get("eval/reward_mean"), "eval_after": final.get("eval/reward_mean"),
                 "first_reward": first_train.get("reward/score_mean"), "last_reward": last.get("reward/score_mean"),
                 **{f"export_{k}": v for k, v in exported.items()},
+                "overoptimisation": self.watch.reason if self.watch is not None else "",
+                "gold_best_step": self.watch.best_step if self.watch is not None else None,
                 "eval_first": first, "eval_final": final}  # every eval metric, for the pipeline's summary
+
+    def _new_watch(self):
+        from rlhf_ray.eval_metrics import OverOptimisationWatch
+
+        w = self.cfg.trainer.overoptimisation
+        self.watched = []
+        return OverOptimisationWatch(w.patience, w.min_delta) if w.gold else None
+
+    def _feed_watch(self, step: int, proxy: float, gold: float) -> bool:
+        self.watched.append((step, proxy, gold))
+        return self.watch.update(step, proxy, gold)
+
+    def _watch(self, step: int, metrics: dict[str, float]) -> bool:
+        """Feed the over-optimisation watch one evaluation (adds its metrics); → whether the run stops here."""
+        w = self.cfg.trainer.overoptimisation
+        if self.watch is None or not metrics:
+            return False
+        was = self.watch.triggered
+        proxy = metrics["eval/reward_mean"] if w.proxy == "reward" else metrics[f"eval/{w.proxy}_mean"]
+        fired = self._feed_watch(step, proxy, metrics[f"eval/{w.gold}_mean"])
+        metrics |= {"overopt/gold_best": self.watch.best_gold, "overopt/gold_best_step": float(self.watch.best_step),
+                    "overopt/triggered": float(fired)}
+        if fired and not was:
+            print(f"over-optimisation at step {step}: {self.watch.reason}"
+                  f"{'; stopping' if w.action == 'stop' else ''}", flush=True)
+        return fired and w.action == "stop"
+
+    def _watch_rows(self) -> list[tuple[str, Any]]:
+        if self.watch is None:
+            return []
+        w = self.cfg.trainer.overoptimisation
+        rows = [(f"gold reward ({w.gold}), best", self.watch.best_gold), ("gold reward, best at step", self.watch.best_step)]
+        if self.watch.triggered:
+            rows.append(("over-optimisation", f"{'stopped' if w.action == 'stop' else 'warned'}: {self.watch.reason}"))
+        return rows
 
     def _async_rows(self) -> list[tuple[str, float]]:
         """Asynchronous RL at a glance: how stale the trained samples were and who waited for whom."""
