@@ -5,11 +5,16 @@ function resolved; `rlhf_ray.preflight`) → join or start Ray → run the stage
     python launch.py --config configs/toy_ppo.yaml trainer.total_steps=5
     python launch.py --config configs/toy_sft.yaml       # one stage alone: toy_{sft,rm,dpo,ppo}.yaml
     python launch.py --config configs/toy_iterate.yaml   # data stages: toy_{feedback,cai,label}.yaml; rounds: toy_iterate.yaml
+    python launch.py --config configs/toy_eval.yaml      # judge finished policies and a reward model; gate
     python launch.py --config configs/toy_ppo.yaml --print-config
     ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- python launch.py --config ...
 
 With `RAY_ADDRESS` set (as under `ray job submit`) it joins that cluster; otherwise it starts a
 local Ray bound to 127.0.0.1 (Ray's job API has no authentication by default).
+
+Exit codes: 0 done; 1 a phase failed (one line naming phase, role, step and cause); 2 a config or
+pre-flight error (before any actor starts); 3 stage eval ran and wrote its outputs, but checks of
+eval.gate failed (each printed as `gate: <message>`); 128 + SIGTERM (143) stopped by a signal.
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ def _actor_cpus(cfg: RunConfig) -> float:
         return max(required_cpus(stage_cfg) for stage_cfg in iterate_stage_configs(cfg, 1, cfg.model.policy).values())
     if cfg.stage == "feedback":  # the driver alone
         return 0.0
+    if cfg.stage == "eval":  # one policy's engines at a time, and the reward-side actor scoring (and judging)
+        return cfg.placement.rollout.cpus * cfg.rollout.num_engines + cfg.placement.reward.cpus
     if cfg.stage in ("cai", "label"):  # engines, and one reward-side actor to label and/or evaluate
         p = cfg.placement
         reward_side = cfg.stage == "label" or cfg.cai.pairs == "judge" or cfg.data.eval is not None
@@ -129,6 +136,7 @@ def _try_import(module: str) -> None:
 def run(cfg: RunConfig) -> dict:
     from rlhf_ray.trainers.cai import run_cai
     from rlhf_ray.trainers.dpo import run_dpo
+    from rlhf_ray.trainers.eval import run_eval
     from rlhf_ray.trainers.feedback import run_feedback
     from rlhf_ray.trainers.iterate import run_iterate
     from rlhf_ray.trainers.label import run_label
@@ -138,7 +146,8 @@ def run(cfg: RunConfig) -> dict:
     from rlhf_ray.trainers.sft import run_sft
 
     stages = {"ppo": run_ppo, "sft": run_sft, "rm": run_rm, "dpo": run_dpo, "pipeline": run_pipeline,
-              "feedback": run_feedback, "cai": run_cai, "label": run_label, "iterate": run_iterate}
+              "feedback": run_feedback, "cai": run_cai, "label": run_label, "iterate": run_iterate,
+              "eval": run_eval}
     return stages[cfg.stage](cfg)
 
 
@@ -166,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.stage != "feedback":  # feedback ingestion runs on the driver alone
         init_ray(cfg)
     loading.join()
+    from rlhf_ray.trainers.eval import GATE_EXIT_CODE, GateFailed  # after the preload: the stack is imported by now
     install_stop_handler()  # after ray.init, which installs a SIGTERM handler of its own
     try:
         run(cfg)
@@ -175,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     except PhaseError as err:  # the one line naming phase, role, step and cause
         print(err, file=sys.stderr, flush=True)
         return 1
+    except GateFailed as failed:  # the outputs are written; the `gate: …` lines are printed
+        print(failed, file=sys.stderr, flush=True)
+        return GATE_EXIT_CODE
     except ConfigError as err:  # found while preparing inputs (e.g. a model's head size), before any actor
         print(f"config error: {err}", file=sys.stderr, flush=True)
         return 2
@@ -188,8 +201,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_report(cfg: RunConfig) -> None:
     """The run's self-contained HTML report (`rlhf_ray.report`) beside its metrics; a stage without
-    metrics.jsonl (pipeline, iterate: their stages have their own) gets none."""
-    if not (cfg.run_dir / "metrics.jsonl").exists():
+    metrics.jsonl (pipeline, iterate: their stages have their own) gets none; stage eval writes its own
+    (with samples and bars)."""
+    if cfg.stage == "eval" or not (cfg.run_dir / "metrics.jsonl").exists():
         return
     from rlhf_ray.report import write_report as write
 

@@ -13,6 +13,7 @@ random models and the synthetic vowel task, built into the run directory at star
 from __future__ import annotations
 
 import difflib
+import re
 import string
 from pathlib import Path
 from typing import Any, Literal
@@ -523,9 +524,107 @@ class IterateConfig(Section):
     ppo: list[str] = Field(default_factory=list, description="Overrides of each round's PPO stage (critic and reward = the round's RM; reward.sources at weight 0 as monitors).")
 
 
+# ---------------------------------------------------------------------------------------------
+# Evaluation of finished models (stage eval) and its gate
+# ---------------------------------------------------------------------------------------------
+
+GATE_OPS = (">=", "<=", ">", "<")  # the ops of rlhf_ray.eval_metrics.check_gate, longest first for parsing
+_TOY_SEEDED = re.compile(r"toy:(\d+)")
+
+
+def toy_policy_seed(spec: str, default_seed: int) -> int | None:
+    """eval.policies value → the toy policy's seed: 'toy' → model.toy.seed, 'toy:N' → N; None: not a toy."""
+    if spec == TOY:
+        return default_seed
+    match = _TOY_SEEDED.fullmatch(spec)
+    return int(match.group(1)) if match else None
+
+
+def parse_gate_check(text: str) -> tuple[str, float]:
+    """'>= 0.5' → ('>=', 0.5); ValueError saying what is wrong otherwise."""
+    stripped = str(text).strip()
+    op = next((o for o in GATE_OPS if stripped.startswith(o)), None)
+    if op is None:
+        raise ValueError(f"no comparison op: write '<op> <threshold>' with op one of {list(GATE_OPS)}, e.g. '>= 0.5'")
+    try:
+        return op, float(stripped[len(op):])
+    except ValueError:
+        raise ValueError(f"threshold {stripped[len(op):].strip()!r} is not a number; write e.g. '{op} 0.5'") from None
+
+
+class EvalConfig(Section):
+    policies: dict[str, str] = Field(default_factory=lambda: {"initial": TOY}, description="Policies to evaluate, name → exported model directory (e.g. runs/toy_pipeline/ppo/export/policy), hub id, 'toy' (the toy policy) or 'toy:N' (the toy policy built with seed N). Names become metric keys eval/<name>/….")
+    baseline: str | None = Field(None, description="The policy (a name in eval.policies) every other one is compared with: win-rate and length-controlled win-rate (ALGORITHMS.md §11); null: no comparisons.")
+    judge: RewardSourceConfig | None = Field(None, description="Who compares two responses: kind=judge with judge.mode=compare, asked in both orders (a model in the run, 'toy', or judge.endpoint); identical responses count ½ unasked. null: the higher summed score of reward.sources wins, ties ½.")
+    refusal_patterns: list[str] | None = Field(None, description="Regexes (case-insensitive, searched anywhere) that flag a response as a refusal; null: rlhf_ray.eval_metrics.DEFAULT_REFUSAL_PATTERNS.")
+    rules: list[str] = Field(default_factory=list, description="Checks `module:function`, called as fn(prompts, responses, metadata) → one bool or float in [0, 1] per response; eval/<policy>/rule/<function> is their mean (the pass share).")
+    reward_model: str | None = Field(None, description="A reward model to evaluate on eval.preference_data (directory, hub id or 'toy'): accuracy per subset, calibration, length bias (ALGORITHMS.md §9), scored by its own convention (prompt ⊕ response ⊕ EOS, last token).")
+    preference_data: str | None = Field(None, description="RewardBench-style pairs for eval.reward_model: .jsonl/.json/.parquet or hub id with data.prompt_key, data.chosen_key, data.rejected_key and a `subset` column (absent: one subset 'all'); 'toy': toy vowel pairs in subsets clear / close.")
+    gate: dict[str, str] = Field(default_factory=dict, description="Checks the run must pass, metric → '<op> <threshold>' (op: >=, <=, >, <), e.g. {eval/trained/lc_win_rate: '>= 0.5'}; a failed or missing metric fails the stage with exit code 3.")
+    samples_in_report: int = Field(8, ge=0, description="Prompts shown in report.html with each compared policy's and the baseline's responses, scores and the judge's verdict.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EvalConfig:
+        problems = [f"eval.gate[{key!r}]={value!r}: {err}" for key, value, err in self._gate_errors()]
+        bad_names = [n for n in self.policies if not n or "/" in n or n == "rm"]
+        if not self.policies:
+            problems.append("eval.policies is empty; name at least one, e.g. {trained: runs/x/ppo/export/policy}.")
+        if bad_names:
+            problems.append(f"eval.policies names {bad_names} cannot be metric keys (eval/<name>/…): use names without "
+                            f"'/', other than 'rm' (the reward model's metrics).")
+        toyish = [v for v in self.policies.values() if v.startswith(TOY + ":") and not _TOY_SEEDED.fullmatch(v)]
+        if toyish:
+            problems.append(f"eval.policies values {toyish} look like toy policies; write 'toy' or 'toy:<seed>', e.g. 'toy:1'.")
+        if self.baseline is not None and self.baseline not in self.policies:
+            problems.append(f"eval.baseline={self.baseline!r} is not in eval.policies ({sorted(self.policies)}); name one "
+                            f"of them, or set eval.baseline=null (no comparisons).")
+        if self.judge is not None and (self.judge.kind != "judge" or not self.judge.judge or self.judge.judge.mode != "compare"):
+            mode = self.judge.judge.mode if self.judge.judge else None
+            problems.append(f"eval.judge has kind={self.judge.kind}, judge.mode={mode}: it compares two responses in both "
+                            f"orders; set eval.judge.kind=judge and eval.judge.judge.mode=compare (or eval.judge=null to "
+                            f"compare by reward.sources).")
+        bad_rules = [r for r in self.rules if r.count(":") != 1 or not all(r.split(":"))]
+        if bad_rules:
+            problems.append(f"eval.rules {bad_rules} are not `module:function`; write e.g. rlhf_ray.toy.task:format_reward.")
+        names = [r.rpartition(":")[2] for r in self.rules]
+        if len(set(names)) < len(names):
+            problems.append(f"eval.rules {self.rules} repeat a function name, which names the metric eval/<policy>/rule/<function>.")
+        for pattern in self.refusal_patterns or []:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                problems.append(f"eval.refusal_patterns: {pattern!r} is not a regex ({err}).")
+        if (self.reward_model is None) != (self.preference_data is None):
+            problems.append(f"eval.reward_model={self.reward_model!r} and eval.preference_data={self.preference_data!r}: "
+                            f"the reward-model evaluation needs both (or neither).")
+        if problems:
+            raise ConfigError("\n".join(problems))
+        return self
+
+    def _gate_errors(self) -> list[tuple[str, str, str]]:
+        errors = []
+        for key, value in self.gate.items():
+            try:
+                parse_gate_check(value)
+            except ValueError as err:
+                errors.append((key, value, str(err)))
+                continue
+            scope = key.split("/")[1] if key.startswith("eval/") and key.count("/") >= 2 else None
+            if scope is None:
+                errors.append((key, value, "gate keys are eval.json metrics, eval/<policy>/<metric> or eval/rm/…"))
+            elif scope != "rm" and scope not in self.policies:
+                errors.append((key, value, f"'{scope}' is not a policy of eval.policies ({sorted(self.policies)}) nor 'rm'"))
+        return errors
+
+    @property
+    def gate_checks(self) -> dict[str, tuple[str, float]]:
+        """The gate as rlhf_ray.eval_metrics.check_gate reads it: metric → (op, threshold)."""
+        return {key: parse_gate_check(value) for key, value in self.gate.items()}
+
+
 class RunConfig(Section):
-    stage: Literal["ppo", "sft", "rm", "dpo", "pipeline", "feedback", "cai", "label", "iterate"] = Field(
-        "ppo", description="What to run: 'ppo' (RL, any estimator), 'sft', 'rm' (reward model), 'dpo' (DPO family), 'pipeline' (sft → rm → ppo), 'feedback' (feedback records → datasets), 'cai' (Constitutional AI data), 'label' (AI preference labels), or 'iterate' (rounds of sample → label → train → evaluate).")
+    stage: Literal["ppo", "sft", "rm", "dpo", "pipeline", "feedback", "cai", "label", "iterate", "eval"] = Field(
+        "ppo", description="What to run: 'ppo' (RL, any estimator), 'sft', 'rm' (reward model), 'dpo' (DPO family), 'pipeline' (sft → rm → ppo), 'feedback' (feedback records → datasets), 'cai' (Constitutional AI data), 'label' (AI preference labels), 'iterate' (rounds of sample → label → train → evaluate), or 'eval' (judge finished policies and a reward model; gate).")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Models.")
     data: DataConfig = Field(default_factory=DataConfig, description="Datasets.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Generation.")
@@ -546,6 +645,7 @@ class RunConfig(Section):
     label: LabelConfig = Field(default_factory=LabelConfig, description="AI preference labelling (stage label; cai with cai.pairs=judge).")
     cai: CAIConfig = Field(default_factory=CAIConfig, description="Constitutional AI critique → revision (stage cai).")
     iterate: IterateConfig = Field(default_factory=IterateConfig, description="Rounds and per-stage overrides of stage=iterate.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Policies, judge, reward model and gate of stage=eval.")
 
     @model_validator(mode="after")
     def _cross_field(self) -> RunConfig:
@@ -626,6 +726,9 @@ def cross_field_problems(cfg: RunConfig) -> list[str]:
         return _pipeline_rules(cfg)
     if cfg.stage == "iterate":
         return _iterate_rules(cfg)
+    if cfg.stage == "eval":  # rollout engines and a reward-side actor, as the data stages
+        checks = [_rollout_rules, _placement_rules, _toy_rules, _eval_rules]
+        return [msg for check in checks for msg in check(cfg)] + _override_list_rules(cfg)
     if cfg.stage in FEEDBACK_STAGES:  # the driver and rollout engines only: no batch, RL or training rules
         checks = [_deepspeed_rules, _rollout_rules, _placement_rules, _toy_rules, _feedback_stage_rules]
         return [msg for check in checks for msg in check(cfg)] + _override_list_rules(cfg)
@@ -1056,6 +1159,14 @@ def _feedback_stage_rules(cfg: RunConfig) -> list[str]:
         mode = labeler.judge.mode if labeler.judge else None
         out.append(f"label.labeler.judge.mode={mode}: labelling asks the judge to compare two responses in both "
                    f"orders; set label.labeler.judge.mode=compare.")
+    return out
+
+
+def _eval_rules(cfg: RunConfig) -> list[str]:
+    out = []
+    if cfg.data.eval is None:
+        out.append("stage=eval answers the golden prompts of data.eval, which is null; set data.eval (a prompt file, "
+                   "hub id or 'toy').")
     return out
 
 

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from rlhf_ray.config import (
-    TOY, RewardSourceConfig, RunConfig, iterate_paths, iterate_stage_configs, pipeline_exports, pipeline_stage_configs)
+    TOY, RewardSourceConfig, RunConfig, iterate_paths, iterate_stage_configs, pipeline_exports, pipeline_stage_configs,
+    toy_policy_seed)
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
@@ -71,6 +72,8 @@ def stage_needs(cfg: RunConfig) -> list[Need]:
         return [Need("feedback.input", cfg.feedback.input, "file")]
     if cfg.stage == "label":
         return _sampling_needs(cfg, labeler=True)
+    if cfg.stage == "eval":
+        return _eval_needs(cfg)
     if cfg.stage == "cai":
         c = cfg.cai
         files = [Need("cai.constitution", c.constitution, "file")] + ([Need("cai.critiques", c.critiques, "file")]
@@ -115,6 +118,27 @@ def _sampling_needs(cfg: RunConfig, labeler: bool) -> list[Need]:
     if labeler:
         needs += _source_needs("label.labeler", cfg.label.labeler)
     return needs + (_reward_needs(cfg) if cfg.data.eval else [])
+
+
+def _eval_needs(cfg: RunConfig) -> list[Need]:
+    """Each policy (and its tokenizer, or model.tokenizer), the golden prompts, reward.sources, the judge,
+    the rule functions, the reward model and its preference pairs."""
+    e, needs = cfg.eval, []
+    for name, spec in e.policies.items():
+        if toy_policy_seed(spec, cfg.model.toy.seed) is None:
+            needs.append(Need(f"eval.policies.{name}", spec, "model"))
+            if not cfg.model.tokenizer:
+                needs.append(Need(f"eval.policies.{name}", spec, "tokenizer"))
+    if cfg.model.tokenizer:
+        needs.append(Need("model.tokenizer", cfg.model.tokenizer, "tokenizer"))
+    needs += [Need("data.eval", cfg.data.eval, "data")] if cfg.data.eval else []
+    needs += _reward_needs(cfg) + (_source_needs("eval.judge", e.judge) if e.judge else [])
+    needs += [Need(f"eval.rules.{i}", spec, "function") for i, spec in enumerate(e.rules)]
+    if e.reward_model:
+        needs += [Need("eval.reward_model", e.reward_model, "model"), Need("eval.reward_model", e.reward_model, "tokenizer")]
+    if e.preference_data:
+        needs.append(Need("eval.preference_data", e.preference_data, "data"))
+    return needs
 
 
 def _reward_needs(cfg: RunConfig) -> list[Need]:

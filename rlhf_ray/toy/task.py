@@ -211,3 +211,21 @@ def _write_jsonl(path: Path, rows: list[dict]) -> str:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     return str(path)
+
+
+CLEAR_GAP = 0.4  # toy RM-evaluation pairs whose vowel shares differ by at least this are in subset "clear"
+
+
+def toy_reward_bench_rows(seed: int = 0, n: int = 64) -> list[dict]:
+    """RewardBench-style rows (prompt, chosen, rejected, subset) of toy preference pairs: subset "clear"
+    when toy_score(chosen) − toy_score(rejected) >= CLEAR_GAP, else "close" (the harder pairs)."""
+    return [{**dataclasses.asdict(p),
+             "subset": "clear" if toy_score("", p.chosen) - toy_score("", p.rejected) >= CLEAR_GAP else "close"}
+            for p in ToyTask(seed).preference_pairs(n)]
+
+
+def write_toy_reward_bench(path: str | Path, seed: int = 0, n: int = 64) -> str:
+    """`toy_reward_bench_rows` as a JSONL file (the eval stage's eval.preference_data='toy')."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _write_jsonl(path, toy_reward_bench_rows(seed, n))
