@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -40,9 +39,9 @@ import openai
 
 from rlhf_ray.config import JudgeEndpointConfig
 from rlhf_ray.rewards.base import RewardError
+from rlhf_ray.rewards.retry import backoff_s, retry_after_s
 
 FAILURE_KINDS = ("connection", "timeout", "rate_limited", "server_error", "malformed", "http_error")
-MAX_WAIT_S = 30.0  # longest backoff or Retry-After wait before a retry
 NO_KEY = "EMPTY"  # the placeholder key sent without api_key_env
 Prompt = str | list[dict[str, str]]  # what one request sends: chat messages (api="chat") or a text ("completions")
 
@@ -158,7 +157,7 @@ class OpenAIEndpoint:
                                                  f"attempts; last: {failure.kind}: {failure}",
                                       kind="timeout" if failure.kind == "timeout" else "exception") from None
                 self._count("retries")
-                stop.wait(failure.retry_after if failure.retry_after is not None else self._backoff(attempt))
+                stop.wait(failure.retry_after if failure.retry_after is not None else backoff_s(self.options.backoff_s, attempt))
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _request(self, prompt: Prompt, max_tokens: int) -> str:
@@ -211,10 +210,6 @@ class OpenAIEndpoint:
     def _redact(self, text: str) -> str:
         return text.replace(self._key, "<api key>") if self._key != NO_KEY else text
 
-    def _backoff(self, attempt: int) -> float:
-        delay = min(MAX_WAIT_S, self.options.backoff_s * 2**attempt)
-        return delay / 2 + random.uniform(0, delay / 2)
-
     def _count(self, kind: str) -> None:
         with self._lock:
             self._counts[kind] += 1
@@ -236,9 +231,4 @@ def _tokens(usage: dict | None, key: str) -> int:
     return value if isinstance(value, int) and value >= 0 else 0
 
 
-def _retry_after(value: str | None) -> float | None:
-    """A Retry-After in seconds, capped at MAX_WAIT_S; None when absent or an HTTP date."""
-    try:
-        return min(MAX_WAIT_S, max(0.0, float(value)))
-    except (TypeError, ValueError):
-        return None
+_retry_after = retry_after_s  # a Retry-After in seconds, capped at 30 s; None when absent or an HTTP date

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,12 +37,12 @@ import httpx
 
 from rlhf_ray.config import HttpSourceConfig
 from rlhf_ray.rewards.base import RewardError, check_scores
+from rlhf_ray.rewards.retry import backoff_s, retry_after_s
 
 FAILURE_KINDS = ("connection", "timeout", "server_error", "http_error", "malformed_json", "missing_scores",
                  "wrong_count", "bad_value")
 RETRYABLE_STATUS = (429,)  # and every 5xx
 RETRY_AFTER_STATUS = (429, 503)
-MAX_BACKOFF_S = 30.0
 MAX_RESPONSE_BYTES = 64 << 20
 
 
@@ -125,7 +124,7 @@ class HttpReward:
                     kind = "timeout" if error.kind == "timeout" else "exception"
                     raise RewardError(self.name, f"{where} failed after {attempts} attempts: {error}", kind=kind) from None
                 self._count("retries")
-                time.sleep(max(self._backoff(attempt), error.retry_after))
+                time.sleep(max(backoff_s(self.options.backoff_s, attempt), error.retry_after))
         return self._decode(raw, len(prompts), start, where)
 
     def _encode(self, prompts: list[str], responses: list[str], metadata: list[dict], start: int) -> bytes:
@@ -177,10 +176,6 @@ class HttpReward:
             index = None if error.index is None else start + error.index
             raise RewardError(self.name, f"{where}: {error.message}", index, kind=error.kind) from None
 
-    def _backoff(self, attempt: int) -> float:
-        delay = min(MAX_BACKOFF_S, self.options.backoff_s * 2**attempt)
-        return delay / 2 + random.uniform(0, delay / 2)
-
     def _count(self, kind: str) -> None:
         with self._lock:
             self.counters[kind] += 1
@@ -205,11 +200,7 @@ def _read(response: httpx.Response, limit: int) -> bytes:
 
 def _retry_after(response: httpx.Response) -> float:
     """The wait `Retry-After` asks for in seconds, capped at 30 s; 0 when absent, not positive, or an HTTP-date."""
-    try:
-        seconds = float(response.headers.get("Retry-After", "0"))
-    except ValueError:
-        return 0.0
-    return min(MAX_BACKOFF_S, seconds) if seconds > 0 else 0.0
+    return retry_after_s(response.headers.get("Retry-After")) or 0.0
 
 
 def _error_detail(response: httpx.Response) -> str:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import random
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -43,6 +42,7 @@ from ray import serve
 
 from rlhf_ray import faults
 from rlhf_ray.rewards.base import RewardError, check_scores
+from rlhf_ray.rewards.retry import backoff_s
 
 if TYPE_CHECKING:
     from rlhf_ray.config import RewardSourceConfig, RunConfig, ServeSourceConfig
@@ -302,7 +302,7 @@ class ServeReward:
                     raise self._failure(error, kind, s, attempts[i] + 1) from None
                 attempts[i] += 1
                 self._count("retries")
-                time.sleep(min(MAX_BACKOFF_S, 0.5 * 2 ** attempts[i]) * random.uniform(0.5, 1.0))
+                time.sleep(backoff_s(0.5, attempts[i], cap_s=MAX_BACKOFF_S))
                 pending[i] = self._send(prompts[s], responses[s], metadata[s])
         return [score for i in range(len(parts)) for score in out[i]]
 

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,6 +17,7 @@ import pytest
 
 from rlhf_ray.checkpoint import CheckpointStore, read_manifest
 from rlhf_ray.toy import vowel_reward
+from tests.local_http import send_json, serving
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,25 +71,13 @@ def vowel_server(token: str):
                 status, answer = 401, {"error": "missing or wrong bearer token"}
             else:
                 status, answer = 200, {"scores": vowel_reward(body["prompts"], body["responses"])}
-            data = json.dumps(answer).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, status, answer)
 
         def log_message(self, *args):
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serving(ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as httpd:
         yield f"http://127.0.0.1:{httpd.server_address[1]}/score"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
 
 
 def test_secrets_never_reach_logs_or_run_files(tmp_path):

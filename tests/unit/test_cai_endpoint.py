@@ -23,6 +23,7 @@ from rlhf_ray.rewards import RewardError
 from rlhf_ray.rewards.endpoint import OpenAIEndpoint
 from rlhf_ray.toy.feedback import TOY_CONSTITUTION, write_toy_constitution
 from rlhf_ray.trainers import cai
+from tests.local_http import send_json, serving
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 MODEL = "critic-model"
@@ -68,28 +69,11 @@ class _Handler(BaseHTTPRequestHandler):
         size = sum(len(m["content"]) for m in body["messages"])
         if fake.refuse_over is not None and size > fake.refuse_over:
             message = f"This model's maximum context length is {fake.refuse_over} tokens. However, you requested {size}."
-            return self._send(400, {"error": {"message": message}})
+            return send_json(self, 400, {"error": {"message": message}})
         text = reply(body["messages"])
-        self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}],
+        send_json(self, 200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}],
                          "usage": {"prompt_tokens": size, "completion_tokens": len(text)}})
 
-    def _send(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-
-def start(server: ChatServer) -> ChatServer:
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    return server
-
-
-def stop(server: ChatServer) -> None:
-    server.shutdown()
-    server.server_close()
 
 
 class DraftingSession:
@@ -130,15 +114,14 @@ def cai_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cai_endpoint")
     given = tmp / "critiques.jsonl"
     given.write_text("".join(json.dumps(r) + "\n" for r in GIVEN))
-    server = start(ChatServer())
-    cfg = load_config(CONFIGS / "toy_cai.yaml", [
-        f"trainer.output_dir={tmp}", "logging.progress_bar=false", "data.toy_train_size=16", "cai.num_prompts=3",
-        "cai.rounds=2", "cai.critique_max_new_tokens=7", "rollout.max_new_tokens=9", f"cai.critiques={given}",
-        endpoint_override(server)])
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cai, "SamplingSession", DraftingSession)
-        report = cai.run_cai(cfg)
-    stop(server)
+    with serving(ChatServer()) as server:
+        cfg = load_config(CONFIGS / "toy_cai.yaml", [
+            f"trainer.output_dir={tmp}", "logging.progress_bar=false", "data.toy_train_size=16", "cai.num_prompts=3",
+            "cai.rounds=2", "cai.critique_max_new_tokens=7", "rollout.max_new_tokens=9", f"cai.critiques={given}",
+            endpoint_override(server)])
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(cai, "SamplingSession", DraftingSession)
+            report = cai.run_cai(cfg)
     return cfg, report, server.bodies, DraftingSession.last
 
 
@@ -206,24 +189,18 @@ def _reviser(tmp_path, server: ChatServer) -> tuple[cai.Reviser, list[cai.Exampl
 
 
 def test_the_policys_context_limit_is_not_the_endpoints(tmp_path):
-    server = start(ChatServer())
-    try:
+    with serving(ChatServer()) as server:
         reviser, examples = _reviser(tmp_path, server)  # cai.max_context_len=16: the policy would drop it
         reviser.round(examples, 1)
-    finally:
-        stop(server)
     assert examples[0].dropped is None and examples[0].response == "rev<" + "b" * 40 + ">"
 
 
 def test_a_conversation_the_server_refuses_fails_the_run_with_its_error(tmp_path):
-    server = start(ChatServer(refuse_over=50))
-    try:
+    with serving(ChatServer(refuse_over=50)) as server:
         reviser, examples = _reviser(tmp_path, server)
         with pytest.raises(RewardError, match=rf"{server.base_url}/chat/completions \(model '{MODEL}'\) answered "
                                               rf"HTTP 400: .*maximum context length is 50 tokens"):
             reviser.round(examples, 1)
-    finally:
-        stop(server)
     assert len(server.bodies) == 1  # a 400 is not retried
 
 

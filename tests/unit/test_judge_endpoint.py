@@ -17,6 +17,7 @@ import pytest
 from rlhf_ray.config import JudgeEndpointConfig, JudgeSourceConfig, RewardSourceConfig
 from rlhf_ray.rewards import JudgeReward, RewardError, WeightedSum
 from rlhf_ray.rewards.endpoint import OpenAIEndpoint, _retry_after
+from tests.local_http import send, serving
 
 MODEL = "judge-model"
 PROMPTS = ["say: abc", "say: hello", "say: xyz", "say: q"]
@@ -93,34 +94,23 @@ class _Handler(BaseHTTPRequestHandler):
                 {"index": 0, "text": reply}
             usage = {"prompt_tokens": len(text), "completion_tokens": len(reply), "total_tokens": len(text) + len(reply)}
             payload = {"choices": [choice]} | ({"usage": usage} if action == "ok" else {})
-            return self._send(200, json.dumps(payload).encode())
+            return send(self, 200, json.dumps(payload).encode())
         if action in MALFORMED:
-            return self._send(200, MALFORMED[action][1], MALFORMED[action][0])
+            return send(self, 200, MALFORMED[action][1], MALFORMED[action][0])
         if action == "echo-auth":
-            return self._send(500, json.dumps({"error": {"message": f"bad upstream for {self.headers['Authorization']}"}}).encode())
+            return send(self, 500, json.dumps({"error": {"message": f"bad upstream for {self.headers['Authorization']}"}}).encode())
         status, _, retry_after = action.partition(":")
         headers = {"Retry-After": retry_after} if retry_after else {}
-        self._send(int(status), json.dumps({"error": {"message": f"fault {status}"}}).encode(), headers=headers)
-
-    def _send(self, status: int, payload: bytes, content_type: str = "application/json", headers: dict | None = None):
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(payload)))
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(payload)
+        send(self, int(status), json.dumps({"error": {"message": f"fault {status}"}}).encode(), headers=headers)
 
 
 @pytest.fixture
 def server():
-    fake = FakeServer()
-    thread = threading.Thread(target=fake.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield fake
-    fake.release.set()
-    fake.shutdown()
-    fake.server_close()
+    with serving(FakeServer()) as fake:
+        try:
+            yield fake
+        finally:
+            fake.release.set()  # before the shutdown: a hanging handler ends
 
 
 def endpoint_options(server: FakeServer, backoff_s: float = 0.01, **fields) -> JudgeEndpointConfig:

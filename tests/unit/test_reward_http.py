@@ -18,6 +18,7 @@ import rlhf_ray.rewards.http as reward_http
 from rlhf_ray.config import HttpSourceConfig, RewardSourceConfig
 from rlhf_ray.rewards import FunctionReward, HttpReward, RewardError, build_reward_sources
 from rlhf_ray.toy import vowel_reward
+from tests.local_http import send_json, serving
 
 PROMPTS = [f"say: p{i}\n" for i in range(10)]
 RESPONSES = ["aeiou", "boom", "zzz a", "", "a much longer response, with punctuation!", "x", "oo", "brr", "ia", "q u"]
@@ -50,25 +51,13 @@ def scoring_server(source):
             with lock:  # before the answer is sent: a client that has it may send its next request at once
                 stats["in_flight"] -= 1
                 stats["failed"] += status != 200
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_json(self, status, body)
 
         def log_message(self, *args):
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serving(ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as httpd:
         yield f"http://127.0.0.1:{httpd.server_address[1]}/score", stats
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
 
 
 @pytest.fixture
@@ -198,16 +187,11 @@ def broken_server(reply, connections: list | None = None):
         def log_message(self, *args):
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/score", bodies
-    finally:
-        release.set()
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
+    with serving(ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as httpd:
+        try:
+            yield f"http://127.0.0.1:{httpd.server_address[1]}/score", bodies
+        finally:
+            release.set()  # before the shutdown: a handler waiting on it ends
 
 
 def scores_json(values) -> bytes:
