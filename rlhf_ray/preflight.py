@@ -133,6 +133,7 @@ def _eval_needs(cfg: RunConfig) -> list[Need]:
         needs.append(Need("model.tokenizer", cfg.model.tokenizer, "tokenizer"))
     needs += [Need("data.eval", cfg.data.eval, "data")] if cfg.data.eval else []
     needs += _reward_needs(cfg) + (_source_needs("eval.judge", e.judge) if e.judge else [])
+    needs += _source_needs("eval.refusal_judge", e.refusal_judge) if e.refusal_judge else []
     needs += [Need(f"eval.rules.{i}", spec, "function") for i, spec in enumerate(e.rules)]
     if e.reward_model:
         needs += [Need("eval.reward_model", e.reward_model, "model"), Need("eval.reward_model", e.reward_model, "tokenizer")]
@@ -202,10 +203,10 @@ def check_model(need: Need) -> str | None:
                 f"{need.field} at the folder save_pretrained wrote")
     if path.exists():
         return "is a file; looked for a model directory holding config.json; point at that directory"
-    return _hub_problem(need, "model", ("config.json",),
-                        f"no such directory{_relative_note(path)}, and not a hub id (org/name); looked for a local "
-                        f"model directory holding config.json; fix the path, or use a hub id (e.g. "
-                        f"Qwen/Qwen2.5-0.5B-Instruct) or 'toy'")
+    return _export_note(_hub_problem(need, "model", ("config.json",),
+                                     f"no such directory{_relative_note(path)}, and not a hub id (org/name); looked "
+                                     f"for a local model directory holding config.json; fix the path, or use a hub id "
+                                     f"(e.g. Qwen/Qwen2.5-0.5B-Instruct) or 'toy'"), path)
 
 
 def check_tokenizer(need: Need) -> str | None:
@@ -307,6 +308,15 @@ CHECKS = {"model": check_model, "tokenizer": check_tokenizer, "data": check_data
 
 def _relative_note(path: Path) -> str:
     return "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+
+
+def _export_note(problem: str | None, path: Path) -> str | None:
+    """A missing <run_dir>/<stage>/export/<policy|reward>: the problem, and which run writes that directory."""
+    if problem is None or len(path.parts) < 3 or path.parts[-2] != "export":
+        return problem
+    run = path.parents[2]
+    return (f"{problem}; it is what stage {path.parts[-3]!r} of run {str(run)!r} exports: run that first"
+            + (" (python launch.py: the toy pipeline)" if run.name == "toy_pipeline" else ""))
 
 
 # ---------------------------------------------------------------------------------------------

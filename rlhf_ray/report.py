@@ -231,6 +231,8 @@ def chart_figure(title: str, svg: str, names: Sequence[str] = ()) -> str:
 
 
 def charts_section(series: dict[str, list[tuple[float, float]]]) -> str:
+    """Line charts of the metrics logged at two steps or more (a single row, e.g. stage eval's, is a table)."""
+    series = {name: points for name, points in series.items() if len(points) >= 2}
     groups, figures = chart_groups(series), []
     for title, y_label, _ in CHARTS:
         if title in groups:
@@ -239,6 +241,11 @@ def charts_section(series: dict[str, list[tuple[float, float]]]) -> str:
     if not figures:
         return ""
     return f'<h2>Metrics over steps</h2><div class="charts">{"".join(figures)}</div>'
+
+
+def _no_charts_note(series: dict[str, list[tuple[float, float]]]) -> str:
+    why = "No metrics.jsonl rows with numbers" if not series else "Metrics at one step only (the values below)"
+    return f'<p class="note">{why}: no charts over steps.</p>'
 
 
 def bars_section(bars: dict[str, dict[str, float]]) -> str:
@@ -251,8 +258,9 @@ def meaning(name: str) -> str:
     """The metric's line in metrics.METRICS; templated names (`reward/<source>_mean`) match any segment."""
     if name in METRICS:
         return METRICS[name]
-    return next((text for key, text in METRICS.items()
-                 if "<" in key and re.fullmatch(re.sub(r"<\w+>", "[^/]+", re.escape(key)), name)), "")
+    matches = [key for key in METRICS if "<" in key and re.fullmatch(re.sub(r"<\w+>", "[^/]+", re.escape(key)), name)]
+    # the most specific template wins: eval/<policy>/length_mean over eval/<policy>/<source>_mean
+    return METRICS[max(matches, key=lambda key: len(re.sub(r"<\w+>", "", key)))] if matches else ""
 
 
 def final_values_section(series: dict[str, list[tuple[float, float]]]) -> str:
@@ -325,8 +333,14 @@ def header_rows(run_dir: Path, config: dict[str, Any]) -> list[tuple[str, str]]:
 # The report
 # ------------------------------------------------------------------------------------------------
 
+def tables_section(tables: dict[str, tuple[Sequence[str], Sequence[Sequence[Any]]]]) -> str:
+    return "".join(f"<h2>{html.escape(title)}</h2>" + html_table([[_cell(v) for v in row] for row in rows], header)
+                   for title, (header, rows) in tables.items() if rows)
+
+
 def render_report(run_dir: Path, samples: Sequence[dict[str, Any]] | None = None, title: str | None = None,
-                  bars: dict[str, dict[str, float]] | None = None) -> str:
+                  bars: dict[str, dict[str, float]] | None = None,
+                  tables: dict[str, tuple[Sequence[str], Sequence[Sequence[Any]]]] | None = None) -> str:
     """The report's HTML (see the module docstring)."""
     config_path = run_dir / "config.yaml"
     config_text = config_path.read_text() if config_path.exists() else ""
@@ -335,8 +349,8 @@ def render_report(run_dir: Path, samples: Sequence[dict[str, Any]] | None = None
     info = header_rows(run_dir, config)
     title = title or f"rlhf_ray run: {info[0][1]}"
     body = [f"<h1>{html.escape(title)}</h1>", html_table(info, cls="info"),
-            charts_section(series) or '<p class="note">No metrics.jsonl rows with numbers: no charts.</p>',
-            bars_section(bars or {}), final_values_section(series), samples_section(samples or []),
+            charts_section(series) or ("" if bars else _no_charts_note(series)),
+            tables_section(tables or {}), bars_section(bars or {}), final_values_section(series), samples_section(samples or []),
             config_section(config_text)]
     return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -346,14 +360,16 @@ def render_report(run_dir: Path, samples: Sequence[dict[str, Any]] | None = None
 
 def write_report(run_dir: str | Path, out_path: str | Path | None = None,
                  samples: Sequence[dict[str, Any]] | None = None, title: str | None = None,
-                 bars: dict[str, dict[str, float]] | None = None) -> Path:
+                 bars: dict[str, dict[str, float]] | None = None,
+                 tables: dict[str, tuple[Sequence[str], Sequence[Sequence[Any]]]] | None = None) -> Path:
     """Write the run's report (default `<run_dir>/report.html`) and return its path.
 
     samples: dicts {prompt, response, score} with optional baseline_response, baseline_score, judge.
-    bars: chart title → {label: value}, e.g. {"accuracy by subset": {"chat": 0.91, "safety": 0.78}}."""
+    bars: chart title → {label: value}, e.g. {"accuracy by subset": {"chat": 0.91, "safety": 0.78}}.
+    tables: section title → (header, rows), shown before the bars (e.g. stage eval's policies side by side)."""
     run_dir = Path(run_dir)
     out = Path(out_path) if out_path else run_dir / "report.html"
-    out.write_text(render_report(run_dir, samples, title, bars), encoding="utf-8")
+    out.write_text(render_report(run_dir, samples, title, bars, tables), encoding="utf-8")
     return out
 
 

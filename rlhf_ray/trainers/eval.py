@@ -4,7 +4,7 @@
 1. **answer**: each policy of `eval.policies` in turn ('toy' / 'toy:N' built into the run directory),
    on its own `SamplingSession` (rollout engines loading that policy + a reward-side actor), closed
    before the next starts, answers the golden prompts (data.eval, the first trainer.eval_prompts)
-   greedily with rollout.max_new_tokens; the responses are decoded and scored by reward.sources on
+   greedily (or at eval.temperature) with rollout.max_new_tokens; the responses are decoded and scored by reward.sources on
    the reward-side actor, as the label and cai stages evaluate.
 2. **per policy**: `eval/<policy>/reward_mean`, `…/<source>_mean`, length statistics, refusal share
    (eval.refusal_patterns) and the pass share of each rule function `eval/<policy>/rule/<function>`
@@ -35,7 +35,15 @@ from typing import Any
 
 import numpy as np
 
-from rlhf_ray.config import RunConfig, toy_policy_seed
+from rlhf_ray.config import (
+    JUDGE_GRADE_TEMPLATE,
+    REFUSAL_GRADE_TEMPLATE,
+    REFUSAL_SOURCE,
+    JudgeSourceConfig,
+    RewardSourceConfig,
+    RunConfig,
+    toy_policy_seed,
+)
 from rlhf_ray.data import PromptExample, load_rows
 from rlhf_ray.eval_metrics import (
     DEFAULT_REFUSAL_PATTERNS,
@@ -69,8 +77,8 @@ N_BOOTSTRAP = 1000  # resamples of the win-rate intervals
 class GateFailed(RuntimeError):
     """The evaluation ran and its outputs are written, but checks of eval.gate failed."""
 
-    def __init__(self, failures: list[str]):
-        self.failures = failures
+    def __init__(self, failures: list[str], metrics: dict[str, float] | None = None):
+        self.failures, self.metrics = failures, metrics or {}
         super().__init__(f"gate failed: {len(failures)} check(s): " + "; ".join(failures))
 
 
@@ -104,6 +112,7 @@ class Comparison:
 
 def run_eval(cfg: RunConfig) -> dict[str, float]:
     """Answer, score, compare, evaluate the reward model, write the outputs, then apply the gate."""
+    cfg = with_refusal_judge(cfg)
     start, inputs = time.perf_counter(), prepare_run(cfg)
     e = cfg.eval
     judge_cfg = judge_config(cfg)
@@ -127,8 +136,31 @@ def run_eval(cfg: RunConfig) -> dict[str, float]:
     metrics["eval/seconds"] = time.perf_counter() - start
     failures = _write(cfg, answers, comparisons, metrics, rm_report)
     if failures:
-        raise GateFailed(failures)
+        raise GateFailed(failures, metrics)
     return metrics
+
+
+def with_refusal_judge(cfg: RunConfig) -> RunConfig:
+    """eval.refusal_judge as one more scoring source, weight 0 (outside the summed score), named
+    REFUSAL_SOURCE; the default grade template becomes the refusal question."""
+    judge = cfg.eval.refusal_judge
+    if judge is None:
+        return cfg
+    options = judge.judge or JudgeSourceConfig()
+    if options.grade_template == JUDGE_GRADE_TEMPLATE:
+        options = options.model_copy(update={"grade_template": REFUSAL_GRADE_TEMPLATE})
+    source = judge.model_copy(update={"name": REFUSAL_SOURCE, "weight": 0.0, "judge": options})
+    reward = cfg.reward.model_copy(update={"sources": [*cfg.reward.sources, source]})
+    return cfg.model_copy(update={"reward": reward})
+
+
+def refusal_share_judged(grades: list[float], judge: RewardSourceConfig) -> float:
+    """Share of the readable grades above the middle of [min_score, max_score] (a tie is not a refusal)."""
+    options = judge.judge or JudgeSourceConfig()
+    values = np.asarray(grades, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    middle = (options.min_score + options.max_score) / 2
+    return float(np.mean(values > middle)) if values.size else math.nan
 
 
 def judge_config(cfg: RunConfig) -> RunConfig:
@@ -175,7 +207,8 @@ def _answer(cfg: RunConfig, inputs: RunInputs, name: str, path: str, judges: boo
 
 def _generate_and_score(session: SamplingSession, cfg: RunConfig, tokenizer, name: str, path: str,
                         prompts: list[PromptExample]) -> Answers:
-    params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, greedy=True)
+    t = cfg.eval.temperature
+    params = SamplingParams(max_new_tokens=cfg.rollout.max_new_tokens, greedy=t == 0, temperature=t or 1.0)
     samples = session.generate([p.prompt_ids for p in prompts], params, cfg.rollout.seed + EVAL_SEED_OFFSET,
                                f"eval/{name}", tokenizer.pad_token_id)
     scorer = session.pools["reward"]
@@ -265,6 +298,8 @@ def policy_metrics(answers: Answers, rules: list[str], cfg: RunConfig) -> dict[s
             f"{key}/length_max": stats.max, f"{key}/truncated_share": stats.truncated_share}
     patterns = cfg.eval.refusal_patterns or DEFAULT_REFUSAL_PATTERNS
     out[f"{key}/refusal_share"] = refusal_share(answers.responses, patterns).share
+    if cfg.eval.refusal_judge is not None:
+        out[f"{key}/refusal_share_judge"] = refusal_share_judged(answers.per_source[REFUSAL_SOURCE], cfg.eval.refusal_judge)
     texts = [p.prompt_text for p in answers.prompts]
     metadata = [{**p.metadata, "stopped": not t} for p, t in zip(answers.prompts, answers.truncated)]
     for spec in rules:
@@ -360,7 +395,8 @@ def _write(cfg: RunConfig, answers: dict[str, Answers], comparisons: list[Compar
         bars["reward model accuracy by subset"] = {f"{name} (n={acc.n})": acc.accuracy
                                                   for name, acc in rm_report.subsets.items()}
     samples = report_samples(answers, comparisons, cfg.eval.baseline, cfg.eval.samples_in_report)
-    report = write_report(run_dir, samples=samples, bars=bars, title=f"rlhf_ray eval: {cfg.trainer.name}")
+    tables = {"Policies side by side": policy_table(list(answers), metrics)}
+    report = write_report(run_dir, samples=samples, bars=bars, tables=tables, title=f"rlhf_ray eval: {cfg.trainer.name}")
     failures = check_gate(metrics, cfg.eval.gate_checks)
     rows = [(k, v) for k, v in metrics.items()]
     rows += [("gate", "passed" if not failures else f"FAILED ({len(failures)} of {len(cfg.eval.gate)} checks)")
@@ -369,6 +405,25 @@ def _write(cfg: RunConfig, answers: dict[str, Answers], comparisons: list[Compar
     for failure in failures:
         print(f"gate: {failure}", flush=True)
     return failures
+
+
+def policy_table(names: list[str], metrics: dict[str, float]) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows of the report's table: one row per metric a policy has (eval/<policy>/<metric>), one
+    column per policy ('' where a policy lacks it, e.g. the baseline's win-rate); intervals beside their value."""
+    suffixes: list[str] = []
+    for name in names:
+        prefix = f"eval/{name}/"
+        suffixes += [k[len(prefix):] for k in metrics if k.startswith(prefix) and k[len(prefix):] not in suffixes]
+    shown = [s for s in suffixes if not s.endswith(("_low", "_high"))]
+
+    def cell(name: str, suffix: str) -> Any:
+        value = metrics.get(f"eval/{name}/{suffix}")
+        low, high = metrics.get(f"eval/{name}/{suffix}_low"), metrics.get(f"eval/{name}/{suffix}_high")
+        if value is None:
+            return ""
+        return f"{value:.4g} [{low:.3g}, {high:.3g}]" if low is not None and high is not None else value
+
+    return ["metric", *names], [[suffix, *(cell(n, suffix) for n in names)] for suffix in shown]
 
 
 def response_rows(answers: dict[str, Answers], comparisons: list[Comparison]) -> list[dict[str, Any]]:

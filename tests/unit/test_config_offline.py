@@ -7,6 +7,7 @@ import pytest
 
 import launch
 from rlhf_ray.config import ConfigError, load_config, pipeline_exports, pipeline_stage_configs
+from rlhf_ray.preflight import preflight_problems, stage_needs
 
 ROOT = Path(__file__).resolve().parents[2]
 TOY_PIPELINE = ROOT / "configs" / "toy_pipeline.yaml"
@@ -33,6 +34,13 @@ TOY_PIPELINE = ROOT / "configs" / "toy_pipeline.yaml"
     (["stage=pipeline", "pipeline.sft=[trainer.totl_steps=3]"], "pipeline.sft: trainer.totl_steps: unknown key; did you mean"),
     (["stage=pipeline", "pipeline.ppo=[algo.advantage=grpo]"], "pipeline.ppo: algo.advantage=grpo compares samples"),
     (["stage=pipeline", "pipeline.sft=[no_equals_sign]"], "is not of the form section.field=value"),
+    (["stage=pipeline", "pipeline.stages=[sft, eval]"], "pipeline.stages=['sft', 'eval'] is not a pipeline this runs; "
+     "use [sft, rm, ppo] or [sft, ppo], optionally ending with eval."),
+    (["stage=pipeline", "pipeline.eval=[eval.temperature=1]"], "pipeline.eval overrides are set but pipeline.stages="),
+    (["stage=pipeline", "pipeline.stages=[sft, rm, ppo, eval]", "pipeline.eval=[eval.baseline=x]"],
+     "pipeline.eval: override 'eval.baseline=x' sets eval.baseline, which the pipeline wires itself"),
+    (["stage=pipeline", "pipeline.stages=[sft, rm, ppo, eval]", "pipeline.eval=[eval.policies.a=toy]"],
+     "sets eval.policies, which the pipeline wires"),
 ])
 def test_broken_offline_configs_name_field_value_and_fix(overrides, expected):
     with pytest.raises(ConfigError) as err:
@@ -75,6 +83,33 @@ def test_pipeline_stage_configs_are_wired_to_the_exports(tmp_path):
     assert [(s.name, s.weight) for s in monitors] == [("vowel", 0.0), ("format", 0.0)]
     assert ppo.reward.missing_eos_penalty == -4.0
     assert sft.checkpoint.export_hf and rm.checkpoint.export_hf
+
+
+def test_an_eval_stage_judges_the_sft_and_ppo_exports(tmp_path):
+    cfg = load_config(TOY_PIPELINE, [f"trainer.output_dir={tmp_path}", "pipeline.stages=[sft, rm, ppo, eval]",
+                                     "eval.preference_data=toy", "pipeline.eval=[eval.temperature=1.0]"])
+    stages, exports = pipeline_stage_configs(cfg), pipeline_exports(cfg)
+    assert list(stages) == ["sft", "rm", "ppo", "eval"] and list(exports) == ["sft", "rm", "ppo"]  # eval exports nothing
+    e = stages["eval"]
+    assert (e.stage, str(e.run_dir)) == ("eval", str(tmp_path / "toy_pipeline" / "eval"))
+    assert e.eval.policies == {"sft": exports["sft"], "ppo": exports["ppo"]} and e.eval.baseline == "sft"
+    assert (e.eval.reward_model, e.eval.preference_data, e.eval.temperature) == (exports["rm"], "toy", 1.0)
+    assert [(s.name, s.path, s.weight) for s in e.reward.sources] == [
+        ("rm", exports["rm"], 1.0), ("vowel", "rlhf_ray.toy.task:vowel_reward", 0.0),
+        ("format", "rlhf_ray.toy.task:format_reward", 0.0)]
+    # the exports the run writes itself are not pre-flight needs; without an RM stage nothing RM-side is wired
+    assert not {n.value for n in stage_needs(cfg)} & set(exports.values())
+    no_rm = pipeline_stage_configs(load_config(TOY_PIPELINE, [
+        f"trainer.output_dir={tmp_path}", "pipeline.stages=[sft, ppo, eval]", "pipeline.rm=[]",
+        "reward.sources=[{kind: function, path: 'rlhf_ray.toy.task:vowel_reward'}]", "pipeline.eval=[eval.reward_model=toy, eval.preference_data=toy]"]))
+    assert no_rm["eval"].eval.reward_model == "toy" and no_rm["eval"].reward.sources[0].kind == "function"
+
+
+def test_a_missing_export_says_which_run_writes_it(tmp_path):
+    cfg = load_config(ROOT / "configs" / "toy_eval.yaml", [f"eval.policies.ppo={tmp_path}/toy_pipeline/ppo/export/policy"])
+    problems = "\n".join(preflight_problems(cfg))
+    assert f"it is what stage 'ppo' of run '{tmp_path}/toy_pipeline' exports: run that first (python launch.py: " \
+           f"the toy pipeline)" in problems
 
 
 def test_launch_defaults_to_the_pipeline_and_sizes_ray_for_its_largest_stage():

@@ -72,6 +72,11 @@ def test_a_gate_key_must_name_an_eval_metric_of_a_policy_or_the_rm(key, words):
     (["eval.policies={a: toy, b: 'toy:one'}"], "write 'toy' or 'toy:<seed>'"),
     (["eval.policies={a: toy, 'x/y': toy}", "eval.baseline=null"], "cannot be metric keys"),
     (["data.eval=null"], "answers the golden prompts of data.eval, which is null"),
+    (["eval.refusal_judge={kind: judge, path: toy, judge: {mode: compare}}"], "set eval.refusal_judge.kind=judge and judge.mode=grade"),
+    (["eval.refusal_judge={kind: model, path: toy}"], "eval.refusal_judge has kind=model"),
+    (["eval.refusal_judge={kind: judge, path: toy}", "reward.sources=[{kind: function, path: 'rlhf_ray.toy.task:vowel_reward', "
+      "name: refusal_judge}]"], "a source named 'refusal_judge', the name eval.refusal_judge scores under"),
+    (["eval.temperature=-1"], "eval.temperature"),
 ])
 def test_eval_rules_name_the_field_and_the_fix(overrides, words):
     with pytest.raises(ConfigError) as err:
@@ -97,6 +102,25 @@ def test_the_eval_judge_with_all_its_options_is_the_labeller_the_sessions_build(
     assert (labeler.judge.chat_template, labeler.judge.reference_key, labeler.judge.grade_template) == (
         False, "ref", "Grade {response}")
     assert judge_config(_cfg()).label.labeler == cfg.label.labeler  # no judge: the config as it is
+
+
+def test_the_refusal_judge_scores_beside_the_sources_with_weight_0_and_the_refusal_question():
+    from rlhf_ray.config import JUDGE_GRADE_TEMPLATE, REFUSAL_GRADE_TEMPLATE
+    from rlhf_ray.trainers.eval import refusal_share_judged, with_refusal_judge
+
+    cfg = _cfg("eval.refusal_judge={kind: judge, path: toy, weight: 3, judge: {min_score: 1, max_score: 5}}")
+    sources = with_refusal_judge(cfg).reward.sources
+    assert sources[:-1] == cfg.reward.sources  # the config's sources unchanged, the judge appended
+    judge = sources[-1]
+    assert (judge.name, judge.weight, judge.path) == ("refusal_judge", 0.0, "toy")
+    assert judge.judge.grade_template == REFUSAL_GRADE_TEMPLATE != JUDGE_GRADE_TEMPLATE
+    assert (judge.judge.min_score, judge.judge.max_score) == (1, 5)
+    own = _cfg("eval.refusal_judge={kind: judge, path: toy, judge: {grade_template: 'Refuses? {response}'}}")
+    assert with_refusal_judge(own).reward.sources[-1].judge.grade_template == "Refuses? {response}"
+    assert with_refusal_judge(_cfg()) == _cfg()  # no refusal judge: nothing added
+    # grades above the middle of [1, 5] are refusals; the middle itself (a tie) is not; unreadable (nan) left out
+    assert refusal_share_judged([1, 3, 3.5, 5, math.nan], cfg.eval.refusal_judge) == 0.5
+    assert math.isnan(refusal_share_judged([math.nan], cfg.eval.refusal_judge))
 
 
 def test_toy_policies_take_a_seed():
@@ -186,3 +210,14 @@ def test_toy_reward_bench_pairs_are_split_by_how_clear_they_are():
     for r in rows:
         gap = toy_score("", r["chosen"]) - toy_score("", r["rejected"])
         assert gap > 0 and (r["subset"] == "clear") == (gap >= CLEAR_GAP)
+
+
+def test_the_reports_policy_table_has_a_column_per_policy_and_intervals_beside_values():
+    from rlhf_ray.trainers.eval import policy_table
+
+    metrics = {"eval/sft/n": 4, "eval/sft/reward_mean": 0.5, "eval/ppo/n": 4, "eval/ppo/reward_mean": 0.75,
+               "eval/ppo/win_rate": 0.625, "eval/ppo/win_rate_low": 0.25, "eval/ppo/win_rate_high": 1.0,
+               "eval/rm/accuracy": 0.9}
+    header, rows = policy_table(["sft", "ppo"], metrics)
+    assert header == ["metric", "sft", "ppo"]
+    assert rows == [["n", 4, 4], ["reward_mean", 0.5, 0.75], ["win_rate", "", "0.625 [0.25, 1]"]]

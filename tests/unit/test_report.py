@@ -132,3 +132,19 @@ def test_write_report_and_cli(tmp_path, capsys):
     main([str(run_dir), "--out", str(tmp_path / "r.html"), "--samples", str(run_dir / "samples.jsonl")])
     assert capsys.readouterr().out.strip() == str(tmp_path / "r.html")
     assert "<td>r!</td><td>0.25</td>" in (tmp_path / "r.html").read_text()
+
+
+def test_one_row_of_evaluation_metrics_is_a_table_with_meanings_not_a_chart(tmp_path):
+    row = {"step": 0, "eval/ppo/lc_win_rate": 0.7, "eval/ppo/rule/format_reward": 1.0, "eval/rm/close/accuracy": 0.9,
+           "eval/sft/rm_mean": -1.0}
+    page = render_report(_run_dir(tmp_path, [row], config="stage: eval\n"))
+    assert "<svg" not in page and "Metrics at one step only" in page  # no single-point line charts
+    assert meaning("eval/ppo/lc_win_rate").startswith("length-controlled win-rate")
+    assert meaning("eval/ppo/rule/format_reward").startswith("pass share of one eval.rules function")
+    assert meaning("eval/rm/close/accuracy") == "accuracy on one subset of eval.preference_data"
+    assert meaning("eval/sft/rm_mean") == "mean score of one reward source over its answers"
+    assert meaning("eval/sft/length_mean").startswith("mean response length")  # not the <source>_mean template
+    for text in ("length-controlled win-rate", "pass share of one eval.rules", "accuracy on one subset"):
+        assert text in page
+    with_bars = render_report(tmp_path, bars={"accuracy by subset": {"close": 0.9}})
+    assert "no charts" not in with_bars and with_bars.count("<svg") == 1
