@@ -112,8 +112,27 @@ def init_ray(cfg: RunConfig) -> None:
         return
     cpus = max(os.cpu_count() or 1, math.ceil(required_cpus(cfg)))
     export_worker_env(RoleSpec("worker", 1, 1.0, 0.0, cfg.placement.torch_threads))  # what CPU actors need
+    resources, labels = local_node_placement(cfg)
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True,
-             _system_config=NO_PRESTART)
+             _system_config=NO_PRESTART, resources=resources or None, labels=labels or None)
+
+
+def local_node_placement(cfg: RunConfig) -> tuple[dict[str, float], dict[str, str]]:
+    """The custom resources and node labels `placement.<role>` asks for, which a local one-node Ray gets
+    so a multi-node config runs on one machine (resources: as much as every actor asks together;
+    labels: each key's value, when the roles agree on it)."""
+    from rlhf_ray.config import ROLES
+
+    resources: dict[str, float] = {}
+    labels: dict[str, set[str]] = {}
+    for role in ROLES:
+        res = getattr(cfg.placement, role)
+        count = cfg.rollout.num_engines if role == "rollout" else res.num_workers
+        for name, amount in res.resources.items():
+            resources[name] = resources.get(name, 0.0) + amount * count
+        for key, value in res.labels.items():
+            labels.setdefault(key, set()).add(value)
+    return resources, {key: values.pop() for key, values in labels.items() if len(values) == 1}
 
 
 def preload(stage: str) -> threading.Thread:

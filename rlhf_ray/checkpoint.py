@@ -64,6 +64,20 @@ deletes `.tmp-*` entries, so ranks never open one; they receive the tmp dir's pa
 module functions. Checkpoints newer than `latest` (from a crash between 4 and 5, or from an
 earlier run resumed at an older step) are ignored by resume and left alone by retention.
 
+Storage faults: every write (begin, the writers, commit, `latest`, retention, the startup
+clean-up) turns an error of the filesystem into one `StorageError` line naming the path, the errno
+and the fix: a full disk (ENOSPC), a quota (EDQUOT), the file-size limit (EFBIG), a read-only mount
+(EROFS), permissions (EACCES, EPERM), an I/O error (EIO); any other OSError names its errno. Some
+writers say it without an errno: safetensors ("os error 28") and torch's legacy writer ("failed
+with No space left on device") in the message; torch's zip writer, which DeepSpeed uses, not at all
+("unexpected pos"), so after its RuntimeError the filesystem itself is asked (read-only flag, a
+64 KiB test write beside the file). A commit the storage refuses before `latest` moved is undone:
+the new step_N leaves (on a full disk it would keep the space the next save needs) and a step_N it
+replaced comes back. The writer's `abort(tmp)` deletes the tmp dir: on a full disk that frees the
+space; on a read-only one it cannot, and the next store's startup does. `latest` keeps naming the
+previous, complete checkpoint. Only retention fails after `latest` moved: the new checkpoint is
+then in force and the old one intact (renamed away whole or not at all).
+
 Fault injection (tests): with `RLHF_RAY_FAULTS` containing `crash@checkpoint.<point>` (see
 `rlhf_ray.faults`), commit prints one line to stderr and ends the process with
 `os._exit(FAULT_EXIT_CODE)` at that point: no cleanup runs, as in a real crash. Points: `FAULT_POINTS`.
@@ -80,10 +94,12 @@ import random
 import re
 import secrets
 import shutil
+import traceback
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -107,11 +123,51 @@ _REPLACED = ".replaced-"  # a step_N moved aside while a new step_N is renamed i
 _STEP_NAME = re.compile(r"step_(\d{8,})")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 1 << 20
+_PROBE_BYTES = 64 << 10  # a write failed without an errno: can this much still be written beside it?
+_ELSEWHERE = "or point checkpoint.dir at other storage"
+_STORAGE_FIXES = {  # errno → what to do about it
+    errno.ENOSPC: f"free space there (a save needs room for checkpoint.keep_last + 1 checkpoints) {_ELSEWHERE}",
+    errno.EDQUOT: f"free space within the disk quota or raise it, {_ELSEWHERE}",
+    errno.EFBIG: "raise the file-size limit (ulimit -f) or point checkpoint.dir at a filesystem allowing larger files",
+    errno.EROFS: f"remount that filesystem read-write {_ELSEWHERE}",
+    errno.EACCES: f"make the directory writable by this user {_ELSEWHERE}",
+    errno.EPERM: f"make the directory writable by this user {_ELSEWHERE}",
+    errno.EIO: f"check the device or the network storage (dmesg) {_ELSEWHERE}",
+}
 _T = TypeVar("_T")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be written, found, verified or resumed; the message says which and why."""
+
+
+class StorageError(CheckpointError):
+    """The filesystem refused a checkpoint write: one line naming the path, the errno and the fix."""
+
+    def __init__(self, path: str | os.PathLike, code: int, reason: str, doing: str = "write checkpoint"):
+        self.path, self.errno, self.reason, self.doing = str(path), code, reason, doing
+        fix = _STORAGE_FIXES.get(code, f"check that filesystem {_ELSEWHERE}")
+        super().__init__(f"cannot {doing} {path}: {reason}: {fix}")
+
+    def __reduce__(self):  # crosses process boundaries (a rank's save → the driver)
+        return (StorageError, (self.path, self.errno, self.reason, self.doing))
+
+
+@contextmanager
+def storage_errors(path: str | os.PathLike, doing: str = "write checkpoint") -> Iterator[None]:
+    """Raise a StorageError naming `path` when the body fails because the storage refused a write
+    (see `_storage_reason`); other errors pass through unchanged."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as err:
+        found = _storage_reason(err, Path(path))
+        if found is None:
+            raise
+        for e in _exception_chain(err):  # a writer's frames may hold its half-written file open (torch's zip
+            traceback.clear_frames(e.__traceback__)  # writer does): close it now, so deleting it frees the space
+        raise StorageError(path, *found, doing=doing) from err
 
 
 def step_dir_name(step: int) -> str:
@@ -137,14 +193,16 @@ class CheckpointStore:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.root = Path(root)
         self.keep_last = keep_last
-        self.root.mkdir(parents=True, exist_ok=True)
+        with storage_errors(self.root, "create the checkpoint directory"):
+            self.root.mkdir(parents=True, exist_ok=True)
         self._recover()
 
     def begin(self, step: int) -> Path:
         """A fresh, empty directory on the root's filesystem where the writers of `step` put their files."""
         _check_step(step)
         tmp = self.root / f"{_TMP}{step_dir_name(step)}-{secrets.token_hex(4)}"
-        tmp.mkdir()
+        with storage_errors(tmp):
+            tmp.mkdir()
         return tmp
 
     def commit(self, tmp_dir: str | os.PathLike, step: int, metadata: dict[str, Any] | None = None) -> Path:
@@ -159,36 +217,52 @@ class CheckpointStore:
             metadata = json.loads(json.dumps(metadata or {}))
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"checkpoint metadata is not JSON-serialisable: {e}") from e
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "step": step,
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "metadata": metadata,
-            "files": _seal_files(tmp_dir),
-        }
-        _fault("after_files")
-        _write_atomic(tmp_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-        _fault("after_manifest")
-
         final = self.root / step_dir_name(step)
-        replaced = None
-        if final.exists():  # e.g. a step_N left by a crash before `latest` moved, saved again after resume
-            replaced = self.root / f"{_REPLACED}{final.name}-{secrets.token_hex(4)}"
-            os.rename(final, replaced)
-            _fsync_dir(self.root)
-            logger.warning("checkpoint %s already exists: replacing it with the new save", final)
-            _fault("after_move_aside")
-        os.rename(tmp_dir, final)
-        _fsync_dir(self.root)
-        _fault("after_rename")
-        _write_atomic(self.root / LATEST, final.name + "\n")
+        replaced: Path | None = None  # a step_N moved aside, once it is
+        installed = False  # tmp_dir renamed to final
+        try:
+            files = self._seal(tmp_dir, step, metadata)
+            if final.exists():  # e.g. a step_N left by a crash before `latest` moved, saved again after resume
+                aside = self.root / f"{_REPLACED}{final.name}-{secrets.token_hex(4)}"
+                with storage_errors(final, "move aside the existing checkpoint"):
+                    os.rename(final, aside)
+                    replaced = aside
+                    _fsync_dir(self.root)
+                logger.warning("checkpoint %s already exists: replacing it with the new save", final)
+                _fault("after_move_aside")
+            with storage_errors(final):
+                os.rename(tmp_dir, final)
+                installed = True
+                _fsync_dir(self.root)
+            _fault("after_rename")
+            with storage_errors(self.root / LATEST):
+                _write_atomic(self.root / LATEST, final.name + "\n")
+        except StorageError:  # other errors leave what a crash would, for the next store's startup
+            self._undo(final if installed else None, replaced)
+            raise
         _fault("after_latest")
         if replaced is not None:
-            _remove(replaced)
+            with storage_errors(replaced, "delete the replaced checkpoint"):
+                _remove(replaced)
         self._apply_retention(step)
-        logger.info("checkpoint %s committed (%d files)", final, len(manifest["files"]))
+        logger.info("checkpoint %s committed (%d files)", final, files)
         return final
+
+    def abort(self, tmp_dir: str | os.PathLike) -> None:
+        """Delete the tmp dir of a save that failed, as far as the storage lets us: on a full disk
+        this frees the space; what cannot be deleted (read-only) the next store's startup deletes."""
+        tmp_dir = Path(tmp_dir)
+        if tmp_dir.parent.resolve() != self.root.resolve() or not tmp_dir.name.startswith(_TMP):
+            raise CheckpointError(f"{tmp_dir} is not a tmp dir of the store at {self.root}")
+        try:
+            _remove(tmp_dir)
+        except OSError as e:
+            logger.warning("could not delete %s after the failed save (%s); the next CheckpointStore on %s will",
+                           tmp_dir, e, self.root)
+
+    def latest_name(self) -> str | None:
+        """The checkpoint name `latest` holds (not verified), or None."""
+        return self._read_latest()[0]
 
     def latest_valid(self) -> Path | None:
         """The checkpoint `latest` names, or the newest older one that verifies; None if none does."""
@@ -225,6 +299,42 @@ class CheckpointStore:
         return path
 
     # --- internals --------------------------------------------------------------------------
+
+    def _seal(self, tmp_dir: Path, step: int, metadata: dict[str, Any]) -> int:
+        """Steps 1-2: hash and fsync every file, write the manifest last; → the number of files."""
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "metadata": metadata,
+            "files": _seal_files(tmp_dir),
+        }
+        _fault("after_files")
+        with storage_errors(tmp_dir / MANIFEST):
+            _write_atomic(tmp_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        _fault("after_manifest")
+        return len(manifest["files"])
+
+    def _undo(self, installed: Path | None, replaced: Path | None) -> None:
+        """Take back a commit the storage refused before `latest` named its checkpoint (on a full
+        disk, a step_N left in place would keep the space the next save needs): delete the new
+        checkpoint if it was renamed in, rename the step_N it replaced back (a tmp dir not yet
+        renamed is the caller's to `abort`). Best effort: what the storage refuses, the next
+        store's startup settles (module docstring)."""
+        if installed is not None and self.latest_name() == installed.name:
+            return  # `latest` was replaced before the error (e.g. a failed fsync): the new checkpoint is in force
+        try:
+            if installed is not None:
+                trash = self.root / f"{_TMP}trash-{installed.name}-{secrets.token_hex(4)}"
+                os.rename(installed, trash)
+                _remove(trash)
+            if replaced is not None:
+                os.rename(replaced, self.root / replaced.name[len(_REPLACED):].rsplit("-", 1)[0])
+            _fsync_dir(self.root)
+        except OSError as e:
+            logger.warning("could not undo the failed commit under %s (%s); the next CheckpointStore there will",
+                           self.root, e)
 
     def _step_dirs(self) -> dict[int, Path]:
         """Every `step_*` directory on disk, by step."""
@@ -283,10 +393,12 @@ class CheckpointStore:
             if step in kept:
                 continue
             trash = self.root / f"{_TMP}trash-{dirs[step].name}-{secrets.token_hex(4)}"
-            os.rename(dirs[step], trash)
-            _fsync_dir(self.root)
+            with storage_errors(dirs[step], "delete the old checkpoint"):
+                os.rename(dirs[step], trash)
+                _fsync_dir(self.root)
             _fault("during_retention")
-            shutil.rmtree(trash)
+            with storage_errors(trash, "delete the old checkpoint"):
+                shutil.rmtree(trash)
             logger.info("retention (keep_last=%d): deleted %s", self.keep_last, dirs[step].name)
         newer = [dirs[s].name for s in dirs if s > latest_step]
         if newer:
@@ -301,20 +413,23 @@ class CheckpointStore:
             target = self.root / p.name[len(_REPLACED):].rsplit("-", 1)[0]
             if not p.name.startswith(_REPLACED) or _step_of(target.name) is None:
                 continue
-            if target.exists():
-                _remove(p)
-                logger.warning("removed %s: the save replacing it completed", p)
-            else:
-                os.rename(p, target)
-                logger.warning("restored %s: the save replacing it was interrupted", target)
+            with storage_errors(p, "clean up"):
+                if target.exists():
+                    _remove(p)
+                    logger.warning("removed %s: the save replacing it completed", p)
+                else:
+                    os.rename(p, target)
+                    logger.warning("restored %s: the save replacing it was interrupted", target)
             changed = True
         for p in _children(self.root):
             if p.name.startswith(_TMP):
-                _remove(p)
+                with storage_errors(p, "clean up"):
+                    _remove(p)
                 logger.warning("removed stale %s (left by an interrupted save)", p)
                 changed = True
         if changed:
-            _fsync_dir(self.root)
+            with storage_errors(self.root, "clean up"):
+                _fsync_dir(self.root)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,10 +522,16 @@ def _seal_files(tmp_dir: Path) -> list[dict[str, Any]]:
     rel = [p.relative_to(tmp_dir).as_posix() for p in paths]
     if MANIFEST in rel:
         raise CheckpointError(f"{tmp_dir / MANIFEST}: the name {MANIFEST} is reserved for the checkpoint's manifest")
-    sealed = _map_threads(lambda p: _hash_file(p, sync=True), paths)
+    sealed = _map_threads(_sync_file, paths)
     for dirpath, _, _ in sorted(os.walk(tmp_dir), key=lambda w: -len(w[0])):  # deepest first
-        _fsync_dir(Path(dirpath))
+        with storage_errors(dirpath):
+            _fsync_dir(Path(dirpath))
     return sorted(({"path": r, "size": s, "sha256": h} for r, (s, h) in zip(rel, sealed)), key=lambda e: e["path"])
+
+
+def _sync_file(path: Path) -> tuple[int, str]:
+    with storage_errors(path):
+        return _hash_file(path, sync=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,7 +546,7 @@ def save_json(directory: str | os.PathLike, name: str, obj: Any) -> Path:
         text = json.dumps(obj)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: state is not JSON-serialisable: {e}") from e
-    with open(path, "x", encoding="utf-8") as f:
+    with storage_errors(path), open(path, "x", encoding="utf-8") as f:
         f.write(text)
     return path
 
@@ -440,7 +561,8 @@ def save_tensors(directory: str | os.PathLike, name: str, tensors: dict[str, Ten
     bad = [k for k, v in tensors.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
     if bad:
         raise CheckpointError(f"{path}: save_tensors takes a dict of str → Tensor; bad entries: {bad[:5]}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    with storage_errors(path):
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
     return path
 
 
@@ -556,7 +678,8 @@ def _new_member(directory: str | os.PathLike, name: str, suffix: str) -> Path:
     path = _member(directory, name, suffix)
     if path.exists():
         raise CheckpointError(f"{path} was already written in this save: every writer needs its own name")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with storage_errors(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -614,11 +737,16 @@ def _fsync_dir(path: Path) -> None:
 def _write_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` so readers see the old or the new content, never a mix."""
     tmp = path.parent / f"{_TMP}{path.name}-{secrets.token_hex(4)}"
-    with open(tmp, "x", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):  # best effort: a read-only filesystem keeps it until a store's startup
+            tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 
@@ -627,3 +755,66 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
+
+
+def _storage_reason(err: BaseException, path: Path) -> tuple[int, str] | None:
+    """(errno, reason) when `err`, raised while writing `path`, means the storage refused the write;
+    None for any other error. The errno comes from an OSError in the chain, else from the message
+    (safetensors: "os error 28"; torch: "failed with No space left on device"), else, for an I/O
+    error without one (torch's zip writer: "unexpected pos"), from the filesystem's own state."""
+    chain = _exception_chain(err)
+    for e in chain:
+        if isinstance(e, OSError) and e.errno in _STORAGE_FIXES:
+            return e.errno, _errno_text(e.errno)
+    text = " ".join(str(e) for e in chain)
+    for code in _STORAGE_FIXES:
+        if f"os error {code})" in text or os.strerror(code) in text:
+            return code, _errno_text(code)
+    if isinstance(err, (OSError, RuntimeError)):
+        probed = _probe_filesystem(path)
+        if probed is not None:
+            code, state = probed
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+            name = errno.errorcode.get(code, code)
+            return code, f"{os.strerror(code)} ({name}: {state}; the writer said {type(err).__name__}: {first})"
+    coded = next((e for e in chain if isinstance(e, OSError) and e.errno), None)
+    return (coded.errno, _errno_text(coded.errno)) if coded is not None else None
+
+
+def _probe_filesystem(path: Path) -> tuple[int, str] | None:
+    """(errno, what was seen) when the filesystem holding `path` refuses writes: it is mounted
+    read-only, or a small test write beside `path` fails (full, over quota, I/O error); else None."""
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+    directory = existing if existing.is_dir() else existing.parent
+    with suppress(OSError):
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            return errno.EROFS, "the filesystem is mounted read-only"
+    probe = directory / f"{_TMP}probe-{secrets.token_hex(4)}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            data = memoryview(bytes(_PROBE_BYTES))
+            while data:
+                data = data[os.write(fd, data):]
+        finally:
+            os.close(fd)
+    except OSError as e:
+        if e.errno not in _STORAGE_FIXES:
+            return None
+        return e.errno, f"a {_PROBE_BYTES >> 10} KiB test write in {directory} failed too"
+    finally:
+        with suppress(OSError):
+            probe.unlink()
+    return None
+
+
+def _exception_chain(err: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    return chain
+
+
+def _errno_text(code: int) -> str:
+    return f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"

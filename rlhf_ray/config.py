@@ -109,7 +109,7 @@ class RolloutConfig(Section):
     suppress_special_tokens: bool = Field(False, description="Never sample special tokens (EOS included): every response has max_new_tokens tokens. For benchmarks.")
     seed: int = Field(0, description="Base sampling seed; step and engine are mixed in.")
     weight_sync: Literal["object_store", "gloo", "nccl", "cuda_ipc"] = Field("object_store", description="Policy → engine weight transport: Ray object store (numpy), a stateless gloo group (CPU), NCCL (GPU policy and engines), or CUDA IPC (policy rank r and engine r colocated on one GPU).")
-    sync_probe_tol: float | None = Field(None, gt=0, description="Largest |engine − policy| log-prob on the sync probe sequence after a sync; null: 1e-4 in fp32, 5e-2 in bf16.")
+    sync_probe_tol: float | None = Field(None, gt=0, description="Largest |engine − policy| / max(1, |policy|) log-prob on the sync probe sequence after a sync (relative: rounding grows with a log-prob's magnitude); null: 1e-4 in fp32, 5e-2 in bf16.")
     sync_bucket_mb: float = Field(64.0, gt=0, description="Weights are sent in buckets of about this many MiB.")
     update_in_flight: Literal["between_requests", "mid_request"] = Field("between_requests", description="With algo.max_staleness >= 1, how new weights meet busy engines: 'between_requests' queues them behind the batches already submitted (each sample is produced by one version; runs are reproducible and resume exactly), 'mid_request' loads them at the next segment boundary of running requests (partial rollouts: fresher samples, each token tagged with its version; timing-dependent).")
     segment_tokens: int = Field(16, gt=0, description="rollout.update_in_flight=mid_request: tokens a request generates between checks for new weights.")
@@ -379,6 +379,9 @@ class RoleResources(Section):
     num_workers: int = Field(1, gt=0, description="Ray actors of this role (data-parallel ranks for trained roles).")
     cpus: float = Field(1.0, gt=0, description="CPUs per actor (fractions allowed when colocated).")
     gpus: float = Field(0.0, ge=0, description="GPUs per actor; 0 on CPU-only clusters.")
+    strategy: Literal["pack", "spread", "strict_pack", "strict_spread"] = Field("pack", description="How the role's actors (one placement-group bundle each) spread over nodes: 'pack' on as few nodes as fit, 'spread' over as many as possible, 'strict_pack' all on one node, 'strict_spread' each on a different node (Ray placement strategies). Colocated roles share their group's: set it alike.")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per actor, reserved in its bundle: the actors go only to nodes that have them (e.g. {node_b: 0.01} with `ray start --resources='{\"node_b\": 1}'`; a resource several nodes have = a pool of nodes). Nodes lost later: Ray re-places the bundles on surviving nodes with the resource.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Ray node labels every actor's node must carry (placement-group bundle label selector), e.g. {rlhf-pool: rollout} with `ray start --labels='{\"rlhf-pool\": \"rollout\"}'`.")
 
 
 class PlacementConfig(Section):
@@ -919,6 +922,18 @@ def _placement_rules(cfg: RunConfig) -> list[str]:
             elif role in seen:
                 out.append(f"placement.colocate lists role '{role}' in more than one group; each role may appear once.")
             seen.add(role)
+        members = [r for r in group if r in ROLES]
+        placed = {(getattr(cfg.placement, r).strategy, tuple(sorted(getattr(cfg.placement, r).labels.items())))
+                  for r in members}
+        if len(placed) > 1:
+            out.append(f"placement.colocate group {members} mixes strategies or labels "
+                       f"({', '.join(f'{r}: {getattr(cfg.placement, r).strategy} {getattr(cfg.placement, r).labels}' for r in members)}); "
+                       f"colocated roles share one placement group: give them the same placement.<role>.strategy and labels.")
+    for role in ROLES:
+        bad = {k: v for k, v in getattr(cfg.placement, role).resources.items() if k in ("CPU", "GPU", "memory") or v <= 0}
+        if bad:
+            out.append(f"placement.{role}.resources={bad}: custom resources only, each > 0 (CPUs and GPUs are "
+                       f"placement.{role}.cpus / gpus).")
     return out
 
 

@@ -36,6 +36,7 @@ tests/integration/test_deepspeed_model.py checks this numerically (2 ranks × 1 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -347,7 +348,8 @@ class DeepSpeedModel:
         if skipped:  # ZeRO-0 has no overflow check: drop the gradients so the optimizer leaves every weight alone
             for p in self._ds.module.parameters():
                 p.grad = None
-        self._ds.step()
+        with _no_clipping(self._ds) if skipped else contextlib.nullcontext():  # no gradient left to clip
+            self._ds.step()
         self._micro_batches = 0
         # ZeRO 1-3 skip the update themselves when the (all-reduced) gradient norm is not finite
         skipped = skipped or bool(getattr(self._ds.optimizer, "overflow", False))
@@ -448,13 +450,29 @@ class DeepSpeedModel:
     # --- DeepSpeed checkpoints (model + optimizer + scheduler; all ranks call) ---------------------
 
     def save_checkpoint(self, directory: str | os.PathLike, tag: str) -> None:
-        """With LoRA the frozen base is left out: it is the model path's, reloaded at every start."""
-        self._ds.save_checkpoint(str(directory), tag=tag, exclude_frozen_parameters=self.lora is not None)
+        """With LoRA the frozen base is left out: it is the model path's, reloaded at every start. A
+        write the storage refuses raises a StorageError naming `directory` (DeepSpeed's own errors
+        may carry no errno: torch's zip writer reports a full disk as "unexpected pos")."""
+        from rlhf_ray.checkpoint import storage_errors
+
+        with storage_errors(directory):
+            self._ds.save_checkpoint(str(directory), tag=tag, exclude_frozen_parameters=self.lora is not None)
 
     def load_checkpoint(self, directory: str | os.PathLike, tag: str) -> None:
         path, _ = self._ds.load_checkpoint(str(directory), tag=tag, load_module_strict=self.lora is None)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint with tag {tag!r} under {directory}")
+
+
+@contextlib.contextmanager
+def _no_clipping(engine):
+    """Gradient clipping off for one `engine.step()`: after a skip no gradient is left, and DeepSpeed's
+    fp32 clip (ZeRO-0) reads the device of the first one (IndexError on none)."""
+    clip, engine._config.gradient_clipping = engine._config.gradient_clipping, 0.0
+    try:
+        yield
+    finally:
+        engine._config.gradient_clipping = clip
 
 
 def _grad_norm(module: torch.nn.Module) -> float | None:

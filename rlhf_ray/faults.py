@@ -3,7 +3,9 @@
     RLHF_RAY_FAULTS="crash@rollout.generate#3,hang@reward.score,nan@reward.score#2,crash@checkpoint.after_files"
 
 Each spec is `<kind>@<role>[<rank>].<point>[#<n>]`:
-- kind: `crash` (the process exits at once, as if killed), `hang` (sleeps until killed: tests
+- kind: `crash` (the process exits at once, as if killed), `node` (the whole node the process runs
+  on is lost: its raylet and every process under it, this one included, are SIGKILLed — a machine
+  failure; on the head node that is the whole cluster), `hang` (sleeps until killed: tests
   deadlines), `raise` (an exception), `nan` (the call's floating-point results become NaN),
   `corrupt` (checkpoint files only: a byte of a written file is flipped), or `slow` (every call from
   the n-th on sleeps a random 0–`RLHF_RAY_FAULTS_SLOW_S` seconds, default 0.5, seeded by the call's
@@ -40,7 +42,7 @@ import numpy as np
 ENV = "RLHF_RAY_FAULTS"
 DIR_ENV = "RLHF_RAY_FAULTS_DIR"
 CRASH_EXIT_CODE = 86
-KINDS = ("crash", "hang", "raise", "nan", "corrupt", "slow")
+KINDS = ("crash", "node", "hang", "raise", "nan", "corrupt", "slow")
 SLOW_ENV = "RLHF_RAY_FAULTS_SLOW_S"
 _SPEC = re.compile(r"^(?P<kind>\w+)@(?P<role>\w+)(?:\[(?P<rank>\d+)\])?\.(?P<point>\w+)(?:#(?P<n>\d+))?$")
 _calls: dict[tuple[str, str, str, str], int] = {}
@@ -95,12 +97,32 @@ def fire(role: str, point: str, rank: int = 0) -> str | None:
             print(f"[faults] injecting {fault.key} (rank {rank})", file=sys.stderr, flush=True)
             if fault.kind == "crash":
                 os._exit(CRASH_EXIT_CODE)
+            if fault.kind == "node":
+                kill_node()
             if fault.kind == "hang":
                 time.sleep(10**6)
             if fault.kind == "raise":
                 raise InjectedFault(f"injected fault {fault.key}")
             return fault.kind
     return None
+
+
+def kill_node() -> None:
+    """SIGKILL this Ray worker's raylet (its parent) and every process under it, then this one."""
+    import signal
+
+    import psutil
+
+    raylet = psutil.Process(os.getppid())
+    if raylet.name() != "raylet":
+        raise InjectedFault(f"a node fault needs a Ray worker process (parent is {raylet.name()!r}, not the raylet)")
+    for proc in [raylet, *raylet.children(recursive=True)]:
+        if proc.pid != os.getpid():
+            try:
+                proc.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _claim(fault: Fault, rank: int) -> bool:

@@ -29,12 +29,15 @@ class PhaseError(RuntimeError):
     """A phase failed or missed its deadline. `restartable`: a restart from the last checkpoint may
     get past it (a dead or hung rank), unlike e.g. repeated non-finite values."""
 
-    def __init__(self, phase: str, role: str, step: int | str, cause: str, restartable: bool = True):
+    def __init__(self, phase: str, role: str, step: int | str, cause: str, restartable: bool = True,
+                 node: str | None = None):
         self.phase, self.role, self.step, self.cause, self.restartable = phase, role, step, cause, restartable
-        super().__init__(f"FAILED phase={phase} role={role} step={step} cause={cause}")
+        self.node = node  # the node(s) of the actors that failed or did not answer, when known
+        where = f" node={node}" if node else ""
+        super().__init__(f"FAILED phase={phase} role={role} step={step}{where} cause={cause}")
 
     def __reduce__(self):
-        return (PhaseError, (self.phase, self.role, self.step, self.cause, self.restartable))
+        return (PhaseError, (self.phase, self.role, self.step, self.cause, self.restartable, self.node))
 
 
 class PlacementError(RuntimeError):
@@ -43,17 +46,27 @@ class PlacementError(RuntimeError):
 
 @dataclass(frozen=True)
 class RoleSpec:
-    """Resources of one role: `num_workers` actors of `cpus`/`gpus` each."""
+    """Resources of one role: `num_workers` actors of `cpus`/`gpus` (and custom `resources`) each, placed
+    by `strategy` on nodes carrying `labels`."""
 
     role: str
     num_workers: int
     cpus: float
     gpus: float
     torch_threads: int | None = None
+    strategy: str = "pack"  # placement.<role>.strategy
+    resources: tuple[tuple[str, float], ...] = ()  # custom Ray resources per actor
+    labels: tuple[tuple[str, str], ...] = ()  # node labels each actor's node must carry
 
     @property
     def threads(self) -> int:
         return self.torch_threads or max(1, math.ceil(self.cpus))
+
+
+def role_spec(role: str, res: Any, num_workers: int | None = None, torch_threads: int | None = None) -> RoleSpec:
+    """The RoleSpec of `placement.<role>` (a RoleResources); `num_workers` overrides its count (engines)."""
+    return RoleSpec(role, res.num_workers if num_workers is None else num_workers, res.cpus, res.gpus, torch_threads,
+                    res.strategy, tuple(sorted(res.resources.items())), tuple(sorted(res.labels.items())))
 
 
 def wait(refs: list[ray.ObjectRef], *, phase: str, role: str, step: int | str, timeout_s: float) -> list[Any]:
@@ -61,12 +74,41 @@ def wait(refs: list[ray.ObjectRef], *, phase: str, role: str, step: int | str, t
     try:
         return ray.get(refs, timeout=timeout_s)
     except GetTimeoutError:
-        raise PhaseError(phase, role, step, f"no answer within {timeout_s:g}s") from None
+        _, late = ray.wait(refs, num_returns=len(refs), timeout=0)
+        actors = [ref.task_id().actor_id().hex() for ref in late]
+        states = [_actor_record(a).get("State") for a in dict.fromkeys(actors)]
+        unplaced = sum(state in ("PENDING_CREATION", "RESTARTING") for state in states)
+        why = (f": {unplaced} actor(s) restarting and not placed (their node was lost and no alive node has room for "
+               f"their bundle: add capacity)") if unplaced else ""
+        raise PhaseError(phase, role, step, f"no answer within {timeout_s:g}s{why}", node=nodes_of(actors)) from None
     except RayTaskError as err:
         cause = err.cause if err.cause is not None else err
         raise PhaseError(phase, role, step, f"{type(cause).__name__}: {_first_line(cause)}") from err
     except RayActorError as err:
-        raise PhaseError(phase, role, step, f"actor died: {_first_line(err)}") from err
+        actor = getattr(err, "actor_id", None)
+        raise PhaseError(phase, role, step, f"actor died: {_first_line(err)}",
+                         node=nodes_of([actor]) if actor else None) from err
+
+
+def nodes_of(actor_ids: list[str]) -> str | None:
+    """The nodes (described) the given actors run on, or last ran on; None when none is known."""
+    nodes: list[str] = []
+    for actor_id in dict.fromkeys(actor_ids):
+        address = _actor_record(actor_id).get("Address") or {}
+        node_id = address.get("NodeID") if address.get("IPAddress") else None  # '' while not placed
+        if node_id and node_id not in nodes:
+            nodes.append(node_id)
+    return "; ".join(describe_node(n) for n in nodes) or None
+
+
+def _actor_record(actor_id: str) -> dict[str, Any]:
+    """The GCS actor table's row (state, address) of an actor; {} when it cannot be read."""
+    from ray._private.state import state  # works without the dashboard
+
+    try:
+        return state.actor_table(actor_id) or {}
+    except Exception:  # noqa: BLE001 - naming the node is best effort; the failure itself is reported
+        return {}
 
 
 def _first_line(err: BaseException) -> str:
@@ -81,20 +123,45 @@ def reserve(specs: list[RoleSpec], timeout_s: float) -> PlacementGroup:
     gpus = max(s.gpus for s in specs)  # the GPU is shared: each colocated actor takes gpus / len(specs)
     if gpus > 0:
         bundle["GPU"] = gpus
-    pg = placement_group([dict(bundle) for _ in range(n)], strategy="PACK")
+    for spec in specs:  # custom resources, like CPUs, each colocated actor keeps its own
+        for name, amount in spec.resources:
+            bundle[name] = bundle.get(name, 0.0) + amount
+    labels = dict(specs[0].labels)  # colocated roles share strategy and labels (a config rule)
+    pg = placement_group([dict(bundle) for _ in range(n)], strategy=specs[0].strategy.upper(),
+                         bundle_label_selector=[dict(labels) for _ in range(n)] if labels else None)
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
     if not ready:
         remove_placement_group(pg)
         roles = "+".join(s.role for s in specs)
+        where = f", strategy {specs[0].strategy}" + (f", on nodes labelled {labels}" if labels else "")
+        custom = sorted(k for k in bundle if k not in ("CPU", "GPU"))
         raise PlacementError(
-            f"placement for {roles} not granted within {timeout_s:g}s: asked {n} bundle(s) of {bundle}; "
-            f"cluster total {_resources(ray.cluster_resources())}, available {_resources(ray.available_resources())}. "
-            f"Lower placement.<role>.num_workers/cpus/gpus or add nodes.")
+            f"placement for {roles} not granted within {timeout_s:g}s: asked {n} bundle(s) of {bundle}{where}; "
+            f"cluster total {_resources(ray.cluster_resources(), custom)}, available "
+            f"{_resources(ray.available_resources(), custom)} over {len(alive_nodes())} node(s). Lower "
+            f"placement.<role>.num_workers/cpus/gpus, relax its strategy/resources/labels, or add nodes.")
     return pg
 
 
-def _resources(res: dict[str, float]) -> dict[str, float]:
-    return {k: v for k, v in res.items() if k in ("CPU", "GPU", "memory")}
+def _resources(res: dict[str, float], custom: list[str] = ()) -> dict[str, float]:
+    return {k: v for k, v in res.items() if k in ("CPU", "GPU", "memory", *custom)}
+
+
+def alive_nodes() -> list[dict[str, Any]]:
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def describe_node(node_id: str) -> str:
+    """'<id8> (<ip>[, <custom resources>][, <labels>])' of a Ray node, as failures name it."""
+    for node in ray.nodes():
+        if node.get("NodeID") == node_id:
+            custom = sorted(k for k in node.get("Resources", {}) if k not in ("CPU", "GPU", "memory", "object_store_memory")
+                            and not k.startswith(("node:", "accelerator_type:")))
+            labels = {k: v for k, v in (node.get("Labels") or {}).items() if not k.startswith("ray.io/")}
+            extra = "".join(f", {x}" for x in (", ".join(custom), ", ".join(f"{k}={v}" for k, v in labels.items())) if x)
+            state = "" if node.get("Alive") else ", dead"
+            return f"{node_id[:8]} ({node.get('NodeManagerAddress', '?')}{extra}{state})"
+    return node_id[:8]
 
 
 class WorkerPool(Generic[W]):

@@ -6,6 +6,12 @@ controller, reward normaliser, …) as JSON and tensors, then the store commits:
 `latest` pointer, retention. Resume loads the same pieces back after checking that the run is
 compatible (world sizes, models, data, stage), and refuses when it is not, naming the field.
 
+Storage faults (a full or read-only checkpoint.dir, a quota, EIO): a save that the storage refuses,
+in the driver or in any rank, deletes its tmp dir where it can and stops the run with one line,
+`FAILED phase=checkpoint role=<who wrote> step=<k> cause=StorageError: cannot write checkpoint
+<path>: <errno>: <fix>; <root>/latest names <checkpoint>`; not restartable (a restart would hit the
+same storage). The previous checkpoint stays complete and named by `latest`.
+
 Graceful stop: `install_stop_handler` makes SIGTERM (what `ray job stop` sends) set a flag; the
 loops check it after each step, save a complete checkpoint and raise `StopRequested`.
 """
@@ -21,8 +27,8 @@ import torch
 
 from rlhf_ray import __version__
 from rlhf_ray.checkpoint import (
-    CheckpointStore, capture_rng, check_compatible, load_json, load_rng, load_tensors, read_manifest, restore_rng,
-    save_json, save_rng, save_tensors)
+    CheckpointStore, StorageError, capture_rng, check_compatible, load_json, load_rng, load_tensors, read_manifest,
+    restore_rng, save_json, save_rng, save_tensors)
 from rlhf_ray.config import OFFLINE_ROLE, RunConfig, dump_config
 from rlhf_ray.placement import PhaseError, WorkerPool
 
@@ -71,14 +77,33 @@ class RunCheckpoints:
     def __init__(self, cfg: RunConfig, pools: dict[str, WorkerPool]):
         self.cfg, self.pools = cfg, pools
         self.root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else cfg.run_dir / "checkpoints"
-        self.store = CheckpointStore(self.root, cfg.checkpoint.keep_last)
+        try:
+            self.store = CheckpointStore(self.root, cfg.checkpoint.keep_last)
+        except StorageError as err:
+            raise PhaseError("checkpoint", "driver", "init", f"StorageError: {err}", restartable=False) from err
 
     def due(self, step: int) -> bool:
         every = self.cfg.checkpoint.every
         return bool(every) and step % every == 0
 
     def save(self, step: int, driver: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> Path:
-        tmp = self.store.begin(step)
+        """Every pool's ranks and the driver write into a tmp dir, then the store commits it. On a
+        failure the tmp dir is deleted where the storage allows; a storage fault ends the run (`_storage_failure`)."""
+        tmp = None
+        try:
+            tmp = self.store.begin(step)
+            self._write(tmp, step, driver, tensors)
+            metadata = {"compat": compat_fields(self.cfg), "code_version": __version__, "config": dump_config(self.cfg)}
+            return self.store.commit(tmp, step, metadata)
+        except BaseException as err:
+            if tmp is not None:
+                self.store.abort(tmp)
+            failure = self._storage_failure(err, step)
+            if failure is None:
+                raise
+            raise failure from err
+
+    def _write(self, tmp: Path, step: int, driver: dict[str, Any], tensors: dict[str, torch.Tensor] | None) -> None:
         pending = [(g, g.call(lambda w, d=str(tmp / name): w.save_state.remote(d))) for name, g in self.pools.items()]
         for pool, refs in pending:
             pool.get(refs, "checkpoint", step)
@@ -86,8 +111,17 @@ class RunCheckpoints:
         save_rng(tmp, "driver_rng", capture_rng())
         if tensors:
             save_tensors(tmp, "driver_tensors", tensors)
-        metadata = {"compat": compat_fields(self.cfg), "code_version": __version__, "config": dump_config(self.cfg)}
-        return self.store.commit(tmp, step, metadata)
+
+    def _storage_failure(self, err: BaseException, step: int) -> PhaseError | None:
+        """The one-line, non-restartable failure for a save the storage refused (in the driver or in a
+        rank: then `err` is the pool's PhaseError over the rank's StorageError); None for other errors."""
+        storage = _storage_error(err)
+        if storage is None:
+            return None
+        latest = self.store.latest_name()
+        kept = f"{self.root}/latest names {latest}" if latest else f"no checkpoint under {self.root} yet"
+        return PhaseError("checkpoint", getattr(err, "role", "driver"), step, f"StorageError: {storage}; {kept}",
+                          restartable=False)
 
     def restore(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
         """(driver state, driver tensors) of the checkpoint `checkpoint.resume` selects, with every pool's
@@ -105,6 +139,18 @@ class RunCheckpoints:
         tensors = load_tensors(path, "driver_tensors") if (path / "driver_tensors.safetensors").exists() else {}
         print(f"resumed from {path}", flush=True)
         return load_json(path, "driver"), tensors
+
+
+def _storage_error(err: BaseException | None) -> StorageError | None:
+    """The StorageError behind `err`: itself or, through `raise ... from`, the one a rank raised (a Ray
+    task error holds it as `.cause`; its own str is the remote traceback, so `.cause` comes first)."""
+    while err is not None:
+        if isinstance(getattr(err, "cause", None), StorageError):
+            return err.cause
+        if isinstance(err, StorageError):
+            return err
+        err = err.__cause__
+    return None
 
 
 T = TypeVar("T")

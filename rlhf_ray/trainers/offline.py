@@ -38,7 +38,7 @@ from rlhf_ray.batch import OfflineBatch
 from rlhf_ray.config import OFFLINE_ROLE, RunConfig
 from rlhf_ray.data import BatchIterator, DataError, LoadReport, PreferenceExample, RankedExample
 from rlhf_ray.metrics import MetricsLogger, Timer, mean_over_ranks, summary_table
-from rlhf_ray.placement import RoleSpec, WorkerPool, rendezvous, reserve
+from rlhf_ray.placement import WorkerPool, rendezvous, reserve, role_spec
 from rlhf_ray.trainers.checkpointing import RunCheckpoints, StopRequested, stop_requested, with_restarts
 from rlhf_ray.trainers.common import RunInputs, data_keys, prepare_run
 from rlhf_ray.workers import ModelPaths, OfflineWorker
@@ -315,8 +315,7 @@ def start_ranks(cfg: RunConfig, stage: OfflineStage) -> tuple[WorkerPool[Offline
     """`placement.<role>.num_workers` OfflineWorkers in one placement group, joined into one DeepSpeed group."""
     role = OFFLINE_ROLE[cfg.stage]
     res = getattr(cfg.placement, role)
-    spec = RoleSpec(role=role, num_workers=res.num_workers, cpus=res.cpus, gpus=res.gpus,
-                    torch_threads=cfg.placement.torch_threads)
+    spec = role_spec(role, res, torch_threads=cfg.placement.torch_threads)
     pg = reserve([spec], cfg.placement.timeout_s)
     pool = WorkerPool(spec, OfflineWorker, pg, 1.0, lambda r: (cfg, stage.paths, r, spec.num_workers, stage.loss),
                         cfg.trainer.timeout_s)

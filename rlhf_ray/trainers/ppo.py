@@ -22,7 +22,7 @@ from rlhf_ray.batch import Experience, Samples, concat_samples
 from rlhf_ray.config import RunConfig
 from rlhf_ray.data import BatchIterator, PromptExample, load_prompts
 from rlhf_ray.metrics import MetricsLogger, Timer, mean_over_ranks, summary_table
-from rlhf_ray.placement import LocalPool, PhaseError, RoleSpec, WorkerPool, rendezvous, reserve
+from rlhf_ray.placement import LocalPool, PhaseError, RoleSpec, WorkerPool, rendezvous, reserve, role_spec
 from rlhf_ray.rollout.base import SamplingParams, probe_tokens
 from rlhf_ray.threads import split_budget
 from rlhf_ray.trainers.checkpointing import RunCheckpoints, StopRequested, stop_requested, with_restarts
@@ -78,7 +78,9 @@ class Roles:
             cls, args = make[role]
             pg, share = pgs[role]
             restarts = 0 if role in ("policy", "critic") else p.max_restarts  # trained ranks: restart the stage
-            retries = restarts if role in ("reference", "reward") else 0  # idempotent calls; rollout re-syncs first
+            # idempotent calls retried until the restarted actor answers (a lost node takes seconds to be
+            # noticed and its bundle re-placed), bounded by each phase's deadline; rollout re-syncs first
+            retries = -1 if restarts and role in ("reference", "reward") else 0
             options = {"concurrency_groups": {"sync": 1}} if role == "rollout" and self.partial_rollouts else None
             self.pools[role] = WorkerPool(spec, cls, pg, share, args, cfg.trainer.timeout_s, restarts, retries, options)
         self._placement_groups = {id(pg): pg for pg, _ in pgs.values()}
@@ -310,11 +312,12 @@ class Roles:
             self.policy.get(self.policy.call(lambda w: w.release_cuda_ipc.remote()), "sync", step)
         gaps = [0.0]
         for i, (held, engine_probe) in zip(engines, states):
-            gaps.append(float(np.abs(engine_probe - pending.expected).max()))
+            gaps.append(probe_gap(engine_probe, pending.expected))
             if held != pending.version or not gaps[-1] <= self.cfg.probe_tolerance:  # a NaN gap fails too
                 raise PhaseError("sync", f"rollout[{i}]", step,
                                  f"engine holds version {held} (expected {pending.version}); its probe log-probs differ "
-                                 f"from the policy's by up to {gaps[-1]:.3g} (rollout.sync_probe_tol={self.cfg.probe_tolerance:g})")
+                                 f"from the policy's by up to {gaps[-1]:.3g} relative (rollout.sync_probe_tol="
+                                 f"{self.cfg.probe_tolerance:g})")
         return max(gaps)
 
     def sync_engines(self, version: int, step: int | str, engines: list[int]) -> float:
@@ -372,8 +375,16 @@ class Roles:
         delete_served_rewards(self.served)
 
 
+def probe_gap(engine: np.ndarray, policy: np.ndarray) -> float:
+    """Largest |engine − policy| / max(1, |policy|) over the probe's log-probs: relative for large-magnitude
+    log-probs, whose float rounding grows with them (a sharp policy's unlikely tokens reach −20 and more),
+    absolute near 0. NaN anywhere gives NaN (which fails every tolerance)."""
+    policy = np.asarray(policy, dtype=np.float64)
+    return float((np.abs(np.asarray(engine, dtype=np.float64) - policy) / np.maximum(1.0, np.abs(policy))).max())
+
+
 def _spec(role: str, res, n: int, threads: int | None) -> RoleSpec:
-    return RoleSpec(role=role, num_workers=n, cpus=res.cpus, gpus=res.gpus, torch_threads=threads)
+    return role_spec(role, res, n, threads)
 
 
 def _reserve_all(specs: dict[str, RoleSpec], colocate: list[list[str]], timeout: float) -> dict[str, tuple]:

@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from rlhf_ray.batch import Samples, concat_samples
 from rlhf_ray.config import TOY, RunConfig
 from rlhf_ray.data import PromptExample, load_prompts, render_messages
-from rlhf_ray.placement import RoleSpec, WorkerPool, reserve
+from rlhf_ray.placement import RoleSpec, WorkerPool, reserve, role_spec
 from rlhf_ray.rewards.labeling import PairJudgement
 from rlhf_ray.rollout.base import SamplingParams
 from rlhf_ray.trainers.common import data_keys, delete_served_rewards, start_served_rewards, toy_model
@@ -42,8 +42,7 @@ class SamplingSession:
         self._pgs, self.pools = [], {}
         self.served = start_served_rewards(cfg, reward_paths, p.timeout_s) if reward_paths is not None else []
         try:
-            self.pools["rollout"] = self._group(RoleSpec("rollout", cfg.rollout.num_engines, p.rollout.cpus,
-                                                          p.rollout.gpus, p.torch_threads),
+            self.pools["rollout"] = self._group(role_spec("rollout", p.rollout, cfg.rollout.num_engines, p.torch_threads),
                                                  RolloutWorker, lambda r: (cfg, models, r))
             if labeler:  # one actor labels and, with reward_paths, scores the evaluation
                 self.pools["reward"] = self._group(self._reward_spec(), LabelWorker,
@@ -59,15 +58,14 @@ class SamplingSession:
             raise
 
     def _reward_spec(self) -> RoleSpec:
-        r = self.cfg.placement.reward
-        return RoleSpec("reward", 1, r.cpus, r.gpus, self.cfg.placement.torch_threads)
+        return role_spec("reward", self.cfg.placement.reward, 1, self.cfg.placement.torch_threads)
 
     def _group(self, spec: RoleSpec, cls: type, make_args) -> WorkerPool:
         """Stateless actors: a dead one is restarted (weights from its path) and its call retried."""
         pg = reserve([spec], self.cfg.placement.timeout_s)
         self._pgs.append(pg)
         restarts = self.cfg.placement.max_restarts
-        return WorkerPool(spec, cls, pg, 1.0, make_args, self.cfg.trainer.timeout_s, restarts, restarts)
+        return WorkerPool(spec, cls, pg, 1.0, make_args, self.cfg.trainer.timeout_s, restarts, -1 if restarts else 0)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int, phase: str,
                  pad_token_id: int) -> Samples:
