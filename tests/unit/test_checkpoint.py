@@ -6,9 +6,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
+import pickle
 import random
+import subprocess
+import sys
+import tempfile
 from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,19 +142,15 @@ def test_retention_keeps_newest_and_is_rebuilt_from_disk(tmp_path):
 
 
 def _commit_in_crashing_child(store, tmp, step, point):
-    """Run commit in a forked child with the fault set; return the child's exit code."""
-    pid = os.fork()
-    if pid == 0:  # child: never return into pytest
-        code = 1
-        try:
-            os.environ["RLHF_RAY_FAULTS"] = f"crash@rollout.generate#9, crash@checkpoint.{point}"
-            os.environ["RLHF_RAY_FAULTS_DIR"] = tempfile.mkdtemp()  # a fresh run: the fault fires
-            store.commit(tmp, step, {"step_seen": step})
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+    """Run commit in a child interpreter with the fault set; return the child's exit code. A fresh
+    interpreter, not a fork: a forked pytest can block on a lock another test's thread held."""
+    state = Path(tempfile.mkdtemp())
+    (state / "commit.pkl").write_bytes(pickle.dumps((store, tmp, step)))
+    env = dict(os.environ, RLHF_RAY_FAULTS=f"crash@rollout.generate#9, crash@checkpoint.{point}",
+               RLHF_RAY_FAULTS_DIR=str(state / "faults"))  # a fresh run: the fault fires
+    code = ("import pickle, sys; store, tmp, step = pickle.load(open(sys.argv[1], 'rb')); "
+            "store.commit(tmp, step, {'step_seen': step})")
+    return subprocess.run([sys.executable, "-c", code, str(state / "commit.pkl")], env=env, timeout=300).returncode
 
 
 # point → which checkpoint resume must find afterwards, and whether the new step_2 exists

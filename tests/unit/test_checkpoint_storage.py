@@ -9,9 +9,8 @@ import errno
 import json
 import logging
 import os
-import resource
-import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -261,63 +260,61 @@ def test_a_run_on_a_read_only_checkpoint_dir_fails_at_start(tiny_fs):
 # --- the file-size limit (no privilege needed) ---------------------------------------------------
 
 
-def _in_child_with_fsize_limit(limit, fn, out):
-    """Run fn() in a forked child under RLIMIT_FSIZE=limit (SIGXFSZ ignored: writes fail with EFBIG);
-    the StorageError it raises goes to `out` as JSON."""
-    pid = os.fork()
-    if pid == 0:  # child: never return into pytest
-        code = 1
-        try:
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))  # the soft limit: no privilege needed
-            try:
-                fn()
-            except StorageError as e:
-                resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-                Path(out).write_text(json.dumps({"errno": e.errno, "path": e.path, "message": str(e)}))
-                code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, "the child raised no StorageError"
-    return json.loads(Path(out).read_text())
+# A fresh interpreter, not a fork: pytest's process holds other tests' threads (a Serve router, an
+# executor), and a forked child can block forever on a lock one of them held.
+FSIZE_CHILD = """
+import json, resource, signal, sys
+import torch
+from rlhf_ray import checkpoint as ck
+from rlhf_ray.checkpoint import CheckpointStore, StorageError
+
+root, limit, out, at = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+store = CheckpointStore(root, keep_last=1)
+tmp = store.begin(2)
+ck.save_json(tmp, "trainer", {"step": 2})
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))  # the soft limit: no privilege needed
+try:
+    if at == "writer":
+        ck.save_tensors(tmp, "policy/state", {"w": torch.zeros(100_000)})  # 400 kB
+    else:
+        store.commit(tmp, 2)
+except StorageError as e:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    seen = {"tmp": str(tmp), "errno": e.errno, "path": e.path, "message": str(e)}
+    open(out, "w").write(json.dumps(seen))
+finally:
+    store.abort(tmp)
+"""
+
+
+def _second_save_under_fsize_limit(root, limit, at, tmp_path):
+    """Step 2's save in a child process under RLIMIT_FSIZE=limit, failing `at` the writer or the
+    manifest; returns what the StorageError said (and the save's tmp dir)."""
+    out = tmp_path / "seen.json"
+    done = subprocess.run([sys.executable, "-c", FSIZE_CHILD, str(root), str(limit), str(out), at],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and out.exists(), f"the child raised no StorageError: {done.stderr[-2000:]}"
+    return json.loads(out.read_text())
 
 
 def test_file_size_limit_in_a_writer_keeps_the_previous_checkpoint(tmp_path):
     root = tmp_path / "ckpt"
-    store = CheckpointStore(root, keep_last=1)
-    _save(store, 1)
-    tmp = store.begin(2)
-
-    def second_save():
-        try:
-            ck.save_tensors(tmp, "policy/state", {"w": torch.zeros(100_000)})  # 400 kB > 64 KiB
-        finally:
-            store.abort(tmp)
-
-    seen = _in_child_with_fsize_limit(64 << 10, second_save, tmp_path / "seen.json")
-    assert seen["errno"] == errno.EFBIG and seen["path"] == str(tmp / "policy" / "state.safetensors")
-    assert seen["message"].startswith(f"cannot write checkpoint {tmp / 'policy' / 'state.safetensors'}: "
+    _save(CheckpointStore(root, keep_last=1), 1)
+    seen = _second_save_under_fsize_limit(root, 64 << 10, "writer", tmp_path)
+    written = Path(seen["tmp"]) / "policy" / "state.safetensors"
+    assert seen["errno"] == errno.EFBIG and seen["path"] == str(written)
+    assert seen["message"].startswith(f"cannot write checkpoint {written}: "
                                       "File too large (EFBIG): raise the file-size limit (ulimit -f)")
     _assert_first_in_force(root)
 
 
 def test_file_size_limit_at_the_manifest_keeps_the_previous_checkpoint(tmp_path):
     root = tmp_path / "ckpt"
-    store = CheckpointStore(root, keep_last=1)
-    _save(store, 1)
-    tmp = store.begin(2)
-    ck.save_json(tmp, "trainer", {"step": 2})
-
-    def commit():
-        try:
-            store.commit(tmp, 2)
-        finally:
-            store.abort(tmp)
-
-    seen = _in_child_with_fsize_limit(0, commit, tmp_path / "seen.json")
-    assert seen["errno"] == errno.EFBIG and seen["path"] == str(tmp / "manifest.json")
+    _save(CheckpointStore(root, keep_last=1), 1)
+    seen = _second_save_under_fsize_limit(root, 0, "manifest", tmp_path)
+    assert seen["errno"] == errno.EFBIG and seen["path"] == str(Path(seen["tmp"]) / "manifest.json")
     _assert_first_in_force(root)
 
 

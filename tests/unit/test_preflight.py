@@ -58,9 +58,31 @@ def test_every_problem_is_reported_at_once():
     assert all("\n" not in line for line in found)
 
 
-@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("toy_*.yaml")), ids=lambda p: p.stem)
+# toy configs that evaluate another run's exports: the run, and the exports it writes
+EXPORTS_OF = {"toy_eval": ("runs/toy_pipeline", {"sft/export/policy": "policy", "ppo/export/policy": "policy",
+                                                 "rm/export/reward": "reward"})}
+
+
+@pytest.mark.parametrize("config", sorted(p for p in (ROOT / "configs").glob("toy_*.yaml") if p.stem not in EXPORTS_OF),
+                         ids=lambda p: p.stem)
 def test_toy_configs_pass(config):
     assert problems(config=config) == []
+
+
+@pytest.mark.parametrize("name", sorted(EXPORTS_OF))
+def test_a_config_on_another_runs_exports_names_that_run_until_it_has_run(name, toy_models, tmp_path, monkeypatch):
+    run, exports = EXPORTS_OF[name]
+    monkeypatch.chdir(tmp_path)  # a fresh clone: nothing exported yet
+    found = problems(config=ROOT / "configs" / f"{name}.yaml")
+    assert found and all(any(f"'{run}/{sub}'" in line for sub in exports) for line in found)  # nothing else
+    for sub in exports:
+        lines = [line for line in found if f"'{run}/{sub}': no such directory" in line]
+        assert lines and all(line.endswith(f"it is what stage {sub.split('/')[0]!r} of run {run!r} exports: run "
+                                           "that first (python launch.py: the toy pipeline)") for line in lines)
+    for sub, kind in exports.items():  # the run has happened: its exports are saved models
+        (tmp_path / run / sub).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / run / sub).symlink_to(getattr(toy_models, kind))
+    assert problems(config=ROOT / "configs" / f"{name}.yaml") == []
 
 
 def test_saved_local_models_pass(toy_models):
