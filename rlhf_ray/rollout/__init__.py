@@ -94,6 +94,14 @@ def rollout_tokens(cfg: RunConfig) -> int:
     return max_trajectory_tokens(cfg) + FIRST_OBSERVATION_TOKENS
 
 
+def probe_length(cfg: RunConfig) -> int:
+    """Tokens of the sync probe: PROBE_LENGTH, or fewer where the engine's context is shorter (a short
+    prompt and response budget): vLLM scores the probe as a prompt, which must leave room for one token."""
+    from rlhf_ray.rollout.base import PROBE_LENGTH
+
+    return min(PROBE_LENGTH, (cfg.rollout.vllm.max_model_len or cfg.data.max_prompt_len + rollout_tokens(cfg)) - 1)
+
+
 FIRST_OBSERVATION_TOKENS = 64  # what `reset` may add to the prompt, within the engine's context (vLLM)
 
 

@@ -23,6 +23,7 @@ from rlhf_ray.config import RunConfig
 from rlhf_ray.data import BatchIterator, PromptExample, load_prompts
 from rlhf_ray.metrics import MetricsLogger, Timer, mean_over_ranks, summary_table
 from rlhf_ray.placement import LocalPool, PhaseError, RoleSpec, WorkerPool, rendezvous, reserve, role_spec
+from rlhf_ray.rollout import probe_length
 from rlhf_ray.rollout.base import SamplingParams, probe_tokens
 from rlhf_ray.threads import split_budget
 from rlhf_ray.trainers.checkpointing import RunCheckpoints, StopRequested, stop_requested, with_restarts
@@ -444,7 +445,7 @@ class PPOTrainer:
         self.watch = self._new_watch()
         self.reference_samples: Samples | None = None  # win-rate baseline, computed at the first evaluation
         print(f"rollout: {cfg.rollout.num_engines} {cfg.rollout_backend} engine(s)", flush=True)
-        self.roles = Roles(cfg, inputs.models, inputs.reward_paths, probe_tokens(len(self.tokenizer)))
+        self.roles = Roles(cfg, inputs.models, inputs.reward_paths, probe_tokens(len(self.tokenizer), probe_length(cfg)))
         self.queue = RolloutQueue(self.roles, cfg.algo.max_staleness, lambda: self.sampling(logprobs=self._engine_logprobs),
                                   lambda idx: [self.train_prompts[i].prompt_ids for i in idx], self.iterator.next_indices,
                                   self._seed, self.tokenizer.pad_token_id,

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from rlhf_ray.config import load_config
-from rlhf_ray.rollout import build_engine, engine_threads, vllm_options
+from rlhf_ray.rollout import build_engine, engine_threads, probe_length, vllm_options
 from rlhf_ray.toy import build_char_tokenizer, build_policy
 from rlhf_ray.trainers import ppo, sampling
 from rlhf_ray.trainers.common import toy_model
@@ -99,6 +99,14 @@ def test_vllm_max_model_len_and_threads_in_options():
     options = vllm_options(cfg, "m", seed=0)
     assert options.max_model_len == 300 and options.threads == 5  # vllm.threads beats placement.torch_threads
     assert vllm_options(cfg, "m", seed=0, full_context=True).max_model_len is None  # a judge: the model's own
+
+
+def test_the_sync_probe_fits_the_engines_context():
+    """vLLM scores the probe as a prompt, which must leave room for one token: a 16-token prompt budget
+    and 8-token responses (24 tokens of context) probe with 23 tokens, not 32."""
+    assert probe_length(load_config(None, [])) == 32
+    assert probe_length(load_config(None, ["data.max_prompt_len=16", "rollout.max_new_tokens=8"])) == 23
+    assert probe_length(load_config(None, ["rollout.vllm.max_model_len=20"])) == 19
 
 
 def test_engine_threads_order():
