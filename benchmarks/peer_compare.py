@@ -61,21 +61,29 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 WORKLOAD_ENV = "PEER_COMPARE_WORKLOAD"  # the parent's --workload, inherited by every contender's process
 WORKLOADS = {  # --workload → (GRPO config, model size)
     "toy": (ROOT / "configs" / "bench_grpo.yaml", "1M"),
-    "gen": (ROOT / "configs" / "bench_grpo_gen.yaml", "20M"),  # generation-heavy: 20M params, 128 tokens, vLLM
+    "gen": (ROOT / "configs" / "bench_grpo_gen.yaml", "20M"),  # generation-heavy: 20M params, 32 × 128 tokens, vLLM
+    "gen20m": (ROOT / "configs" / "bench_grpo_real.yaml", "20M"),  # issue 22: 128 sequences × 128 tokens, vLLM
+    "gen100m": (ROOT / "configs" / "bench_grpo_real.yaml", "100M"),
 }
-GRPO_CONFIG, MODEL_SIZE = WORKLOADS[os.environ.get(WORKLOAD_ENV, "toy")]
+WORKLOAD = os.environ.get(WORKLOAD_ENV, "toy")
+GRPO_CONFIG, MODEL_SIZE = WORKLOADS[WORKLOAD]
+REAL_SIZE = WORKLOAD.startswith("gen") and WORKLOAD != "gen"  # issue 22's workloads: GRPO only, vLLM contenders
 PPO_CONFIG = ROOT / "configs" / "bench_ppo.yaml"
 PROMPTS = ROOT / "benchmarks" / "data" / "bench_prompts.jsonl"
 GROUPS = {  # group → (config, contenders; those named rlhf_ray* are the ratios' numerators)
     "GRPO": (GRPO_CONFIG, ["rlhf_ray", "rlhf_ray+k1", "rlhf_ray+k2", "rlhf_ray+k4", "trl", "floor", "floor_recompute"]),
     "PPO": (PPO_CONFIG, ["rlhf_ray_ppo", "floor_ppo", "floor_ppo_recompute"]),
 }
+if REAL_SIZE:
+    GROUPS = {"GRPO": (GRPO_CONFIG, ["rlhf_ray", "rlhf_ray+k1", "rlhf_ray+k2", "trl", "trl_vllm", "floor",
+                                     "floor_vllm"])}
 BUILTIN_VARIANTS = {f"rlhf_ray+k{k}": [f"algo.max_staleness={k}"] for k in (1, 2, 4)}  # contender → config overrides
 MODEL_SIZES = {  # name → toy Llama sizes (hidden, intermediate, layers, heads); ~params with the char vocab
     "1M": (128, 512, 4, 4),
     "10M": (256, 1024, 10, 4),
     "20M": (512, 1536, 6, 8),  # head size 64: vLLM's CPU kernels run it
     "50M": (512, 2048, 12, 8),
+    "100M": (768, 3072, 12, 12),  # 113M with the char vocab; head size 64
 }
 
 
@@ -195,8 +203,9 @@ class Channel:
 
 
 def single_process_memory() -> dict[str, float]:
-    mem = smaps_kib(os.getpid())
-    return {"pss_mib": mem.get("Pss", 0) / 1024, "peak_rss_mib": vm_hwm_kib(os.getpid()) / 1024}
+    """PSS of this process and any it started (an engine's helper processes), and this process's peak RSS."""
+    pss = sum(smaps_kib(pid).get("Pss", 0) for pid in process_tree(os.getpid()))
+    return {"pss_mib": pss / 1024, "peak_rss_mib": vm_hwm_kib(os.getpid()) / 1024}
 
 
 def load_run_config(config: str, overrides: list[str]):
@@ -270,12 +279,15 @@ class RlhfRay:
 
 
 class Floor:
-    """The single-process floor: HF generate, the reward, and the loss math of rlhf_ray.algorithms,
+    """The single-process floor: HF generate (or, `engine="vllm"`, an in-process vLLM engine that takes
+    the policy's weights after every update), the reward, and the loss math of rlhf_ray.algorithms,
     with as few model passes as the math needs (or, with `recompute`, the separate no-grad
-    old-log-prob and value passes rlhf_ray's score phase runs)."""
+    old-log-prob and value passes rlhf_ray's score phase runs). The update runs in micro-batches of
+    trainer.micro_batch_size sequences, one AdamW step per rollout batch (GRPO)."""
 
-    def __init__(self, config: str, recompute: bool):
-        self.config, self.recompute = config, recompute
+    def __init__(self, config: str, recompute: bool, engine: str = "hf"):
+        self.config, self.recompute, self.engine_kind = config, recompute, engine
+        self.engine = None
 
     def setup(self, overrides: list[str], total_steps: int, models: dict[str, str]) -> dict[str, float]:
         import torch
@@ -299,7 +311,22 @@ class Floor:
         tok = self.tokenizer
         self.special_ids = sorted({*tok.all_special_ids, tok.eos_token_id, tok.pad_token_id})
         self.step_index = 0
+        if self.engine_kind == "vllm":
+            self.engine = self._start_vllm(models)
         return {}
+
+    def _start_vllm(self, models: dict[str, str]):
+        """vLLM in this process, configured as rlhf_ray's rollout engine is (rollout.vllm of the config)."""
+        import torch
+
+        from rlhf_ray.rollout.vllm import VLLMOptions, VLLMRolloutEngine
+
+        cfg, tok = self.cfg, self.tokenizer
+        v = cfg.rollout.vllm
+        options = VLLMOptions(model=models["policy"], tokenizer=models["tokenizer"], seed=cfg.trainer.seed,
+                              max_model_len=v.max_model_len or cfg.data.max_prompt_len + cfg.rollout.max_new_tokens,
+                              kv_cache_mb=v.kv_cache_mb, threads=torch.get_num_threads())
+        return VLLMRolloutEngine(options, tok.eos_token_id, tok.pad_token_id, self.special_ids, len(tok))
 
     @staticmethod
     def _adamw(model, optim):
@@ -343,6 +370,8 @@ class Floor:
         import torch
 
         r, n = self.cfg.rollout, self.cfg.rollout.samples_per_prompt
+        if self.engine is not None:
+            return self._rollout_vllm(ph)
         with ph("prompts"):
             texts = [t for t in self._batch() for _ in range(n)]
             prompt_ids, prompt_mask = self._left_pad(texts)
@@ -357,10 +386,33 @@ class Floor:
         is_eos = response == self.tokenizer.eos_token_id  # a response ends at its first EOS
         after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
         response_mask = (~after_eos).long()
-        with ph("reward"):
-            decoded = [self.tokenizer.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in zip(response, response_mask, strict=True)]
-            scores = torch.tensor(self.reward_fn(texts, decoded, [{} for _ in texts]), dtype=torch.float32)
+        scores = self._scores(ph, texts, response, response_mask)
         return sequences, torch.cat([prompt_mask, response_mask], 1), response_mask, P, scores
+
+    def _rollout_vllm(self, ph: Phases):
+        from rlhf_ray.rollout.base import SamplingParams
+
+        r = self.cfg.rollout
+        with ph("prompts"):
+            prompts = self._batch()
+            texts = [t for t in prompts for _ in range(r.samples_per_prompt)]
+            prompt_ids = [self.tokenizer.encode(t, add_special_tokens=True) for t in prompts]
+        with ph("rollout"):
+            params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                                    top_k=r.top_k, n=r.samples_per_prompt,
+                                    suppress_special_tokens=r.suppress_special_tokens)
+            samples = self.engine.generate(prompt_ids, params, seed=self.cfg.trainer.seed + self.step_index)
+        scores = self._scores(ph, texts, samples.response_ids, samples.response_mask)
+        return (samples.input_ids, samples.attention_mask, samples.response_mask, samples.prompt_ids.shape[1],
+                scores)
+
+    def _scores(self, ph: Phases, texts: list[str], response, response_mask):
+        import torch
+
+        with ph("reward"):
+            decoded = [self.tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
+                       for ids, m in zip(response, response_mask, strict=True)]
+            return torch.tensor(self.reward_fn(texts, decoded, [{} for _ in texts]), dtype=torch.float32)
 
     def step(self) -> dict[str, Any]:
         ph, t = Phases(), time.perf_counter()
@@ -378,20 +430,36 @@ class Floor:
         sequences, attention_mask, mask, P, scores = self._rollout(ph)
         with ph("advantages"):
             advantages = broadcast_to_tokens(group_advantages(scores, self.cfg.rollout.samples_per_prompt, a.advantage), mask)
+        micro = self._micro_batches(len(sequences))
         with ph("reference"), torch.no_grad():
-            ref_logprobs = self._logprobs(self.reference, sequences, attention_mask, P)
+            ref_logprobs = torch.cat([self._logprobs(self.reference, sequences[m], attention_mask[m], P) for m in micro])
         if self.recompute:
             with ph("old_logprobs"), torch.no_grad():
-                old_logprobs = self._logprobs(self.policy, sequences, attention_mask, P)
-        with ph("policy_forward"):
-            logprobs = self._logprobs(self.policy, sequences, attention_mask, P)
-            old = old_logprobs if self.recompute else logprobs.detach()
-            loss, _ = policy_loss(logprobs, old, advantages, mask, clip_low=a.clip_low, clip_high=a.clip_high,
-                                  agg=a.loss_agg)
-            kl, _ = kl_loss(logprobs, ref_logprobs, mask, kind="k3", agg=a.loss_agg)
-            loss = loss + a.kl.coef * kl
-        self._update(ph, loss)
+                old_logprobs = torch.cat([self._logprobs(self.policy, sequences[m], attention_mask[m], P) for m in micro])
+        tokens = mask.sum()
+        for m in micro:  # gradient accumulation; each micro-batch weighted by its share of the batch's tokens
+            with ph("policy_forward"):
+                logprobs = self._logprobs(self.policy, sequences[m], attention_mask[m], P)
+                old = old_logprobs[m] if self.recompute else logprobs.detach()
+                loss, _ = policy_loss(logprobs, old, advantages[m], mask[m], clip_low=a.clip_low,
+                                      clip_high=a.clip_high, agg=a.loss_agg)
+                kl, _ = kl_loss(logprobs, ref_logprobs[m], mask[m], kind="k3", agg=a.loss_agg)
+                loss = (loss + a.kl.coef * kl) * (mask[m].sum() / tokens)
+            with ph("backward"):
+                loss.backward()
+        self._optimizer_step(ph)
+        self._sync(ph)
         return float(mask.sum())
+
+    def _micro_batches(self, rows: int) -> list[slice]:
+        size = min(self.cfg.trainer.micro_batch_size, rows)
+        return [slice(i, i + size) for i in range(0, rows, size)]
+
+    def _sync(self, ph: Phases) -> None:
+        """The updated weights into the in-process vLLM engine (by HF name, as rlhf_ray's sync sends them)."""
+        if self.engine is not None:
+            with ph("sync"):
+                self.engine.load_weights((name, t.detach()) for name, t in self.policy.state_dict().items())
 
     def _ppo_step(self, ph: Phases) -> float:
         import torch
@@ -430,10 +498,13 @@ class Floor:
         return float(mask.sum())
 
     def _update(self, ph: Phases, loss) -> None:
-        import torch
-
         with ph("backward"):
             loss.backward()
+        self._optimizer_step(ph)
+
+    def _optimizer_step(self, ph: Phases) -> None:
+        import torch
+
         with ph("optimizer"):
             models = [(self.policy, self.cfg.policy_optim), (self.critic, self.cfg.critic_optim)]
             for (model, optim), opt in zip([m for m in models if m[0] is not None], self.optimizers, strict=True):
@@ -470,8 +541,9 @@ def serve_steps(chan: Channel, contender, models: dict[str, str]) -> None:
             return
 
 
-def run_trl(chan: Channel, config: str, models: dict[str, str], out_dir: str) -> None:
-    """TRL GRPOTrainer on the workload; its own training loop, paused between chunks by a callback."""
+def run_trl(chan: Channel, config: str, models: dict[str, str], out_dir: str, vllm: bool = False) -> None:
+    """TRL GRPOTrainer on the workload; its own training loop, paused between chunks by a callback.
+    `vllm`: TRL's colocate mode (vLLM in the trainer's process, weights loaded into it every step)."""
     import datasets
     import torch
     from transformers import TrainerCallback
@@ -489,14 +561,27 @@ def run_trl(chan: Channel, config: str, models: dict[str, str], out_dir: str) ->
     def vowel_share(prompts, completions, **kwargs):
         return rule(prompts, completions, [{} for _ in prompts])
 
+    specials = sorted({*tok.all_special_ids, tok.eos_token_id, tok.pad_token_id})
+    if not r.suppress_special_tokens:
+        generation = None
+    elif vllm:  # vLLM's SamplingParams: never EOS, only non-special tokens
+        generation = {"ignore_eos": True, "allowed_token_ids": sorted(set(range(len(tok))) - set(specials))}
+    else:  # merged into HF generate's GenerationConfig
+        generation = {"suppress_tokens": specials}
+    micro = min(cfg.trainer.micro_batch_size, cfg.sequences_per_step)
+    vllm_args = {}
+    if vllm:
+        v = cfg.rollout.vllm
+        vllm_args = dict(use_vllm=True, vllm_mode="colocate",
+                         vllm_max_model_length=v.max_model_len or cfg.data.max_prompt_len + r.max_new_tokens)
+        if v.kv_cache_mb:  # vLLM's CPU build sizes its KV cache from this variable (GiB)
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(v.kv_cache_mb / 1024))))
     args = GRPOConfig(
         output_dir=out_dir, use_cpu=True, bf16=False, fp16=False, seed=cfg.trainer.seed, report_to="none",
         save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, max_steps=cmd["total_steps"] + 1,
-        per_device_train_batch_size=cfg.sequences_per_step, gradient_accumulation_steps=1,
+        per_device_train_batch_size=micro, gradient_accumulation_steps=cfg.sequences_per_step // micro,
         num_generations=r.samples_per_prompt, max_completion_length=r.max_new_tokens,
-        temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-        generation_kwargs={"suppress_tokens": sorted({*tok.all_special_ids, tok.eos_token_id, tok.pad_token_id})}
-        if r.suppress_special_tokens else None,
+        temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, generation_kwargs=generation, **vllm_args,
         beta=a.kl.coef, epsilon=a.clip_low, epsilon_high=a.clip_high, num_iterations=a.epochs, loss_type="dapo",
         learning_rate=o.lr, lr_scheduler_type="constant", adam_beta1=o.betas[0], adam_beta2=o.betas[1],
         adam_epsilon=o.eps, weight_decay=o.weight_decay, max_grad_norm=o.grad_clip or 0.0,
@@ -569,7 +654,9 @@ def _instrument_trl(trainer, ph: Phases) -> None:
                 return fn(*args, **kwargs)
         return wrapper
 
-    trainer._generate = timed(trainer._generate, "rollout")  # tokenise, HF generate, decode
+    trainer._generate = timed(trainer._generate, "rollout")  # tokenise, generate, decode (+ vLLM's weight load)
+    if getattr(trainer, "vllm_generation", None) is not None:  # colocate mode: also timed on its own (within rollout)
+        trainer.vllm_generation.sync_weights = timed(trainer.vllm_generation.sync_weights, "sync (in rollout)")
     trainer._calculate_rewards = timed(trainer._calculate_rewards, "reward")
     trainer._get_per_token_logps_and_entropies = timed(
         trainer._get_per_token_logps_and_entropies,
@@ -588,13 +675,14 @@ def child_main(args: argparse.Namespace) -> int:
     models = json.loads(args.models)
     config = str(PPO_CONFIG if "_ppo" in args.child else GRPO_CONFIG)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if args.child == "trl":
-        run_trl(chan, config, models, args.out_dir)
+    if args.child in ("trl", "trl_vllm"):
+        run_trl(chan, config, models, args.out_dir, vllm=args.child == "trl_vllm")
         return 0
     if args.child.startswith("rlhf_ray"):  # also variants, "rlhf_ray+<label>" (--variant)
         contender = RlhfRay(config, threads, args.out_dir)
     else:
-        contender = Floor(config, recompute=args.child.endswith("recompute"))
+        contender = Floor(config, recompute=args.child.endswith("recompute"),
+                          engine="vllm" if args.child.endswith("_vllm") else "hf")
     serve_steps(chan, contender, models)
     return 0
 
@@ -685,6 +773,16 @@ def model_overrides(models: dict[str, str], rlhf: bool) -> list[str]:
     return base
 
 
+def failure_line(message: str) -> str:
+    """The last exception line of a dead contender's log tail (what went wrong, in one line)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    errors = [i for i, line in enumerate(lines) if "Error" in line.split(":")[0] or "Exception" in line.split(":")[0]]
+    if not errors:
+        return (lines or ["no output"])[-1][:400]
+    first = errors[-1]
+    return " ".join(lines[first:first + 3] if lines[first].endswith(":") else lines[first:first + 1])[:400]
+
+
 def chunk_plan(steps: int, chunk: int) -> list[int]:
     return [min(chunk, steps - i) for i in range(0, steps, chunk)]
 
@@ -698,9 +796,19 @@ def run_group(names: list[str], threads: int, args, models: dict[str, str], work
     try:
         for name in names:
             child = children[name] = Child(name, threads, models, work, args.env)
-            results[name] |= child.setup(model_overrides(models, name.startswith("rlhf_ray")) + variants.get(name, []),
-                                         args.warmup + args.steps)
+            try:
+                results[name] |= child.setup(model_overrides(models, name.startswith("rlhf_ray")) + args.set
+                                             + variants.get(name, []), args.warmup + args.steps)
+            except RuntimeError as e:  # a contender that cannot run here is reported, and the others go on
+                results[name]["failed"] = failure_line(str(e))
+                print(f"  {name:<20} t={threads}: FAILED to start: {results[name]['failed']} (log {child.log})",
+                      flush=True)
+                children.pop(name).close()
+                continue
             print(f"  {name:<20} t={threads}: started in {results[name]['startup_s']:.1f} s", flush=True)
+        names = list(children)
+        if not names:
+            return results
         for name, child in children.items():
             warm = child.run(args.warmup)
             results[name]["first_step_s"] = warm[0]["s"]
@@ -797,11 +905,37 @@ def print_ratios(all_summaries: dict[tuple[str, int], dict[str, dict[str, Any]]]
         print(f"{group:<6}{threads:>8}  " + ", ".join(cells))
 
 
+def print_targets(all_summaries: dict[tuple[str, int], dict[str, dict[str, Any]]]) -> None:
+    """Issue 22's targets, each with its measured figure: ✓ met, ✗ missed, — a contender did not run."""
+    print("\n== targets (issue 22; median step times of this run) ==")
+    for (group, threads), s in all_summaries.items():
+        def ratio(a: str, b: str) -> float | None:
+            return s[a]["median_s"] / s[b]["median_s"] if a in s and b in s else None
+
+        asynchronous = [n for n in s if n.startswith("rlhf_ray+k")]
+        best = min(asynchronous, key=lambda n: s[n]["median_s"]) if asynchronous else None
+        ours = s.get("rlhf_ray")
+        rows = [("on-policy / TRL (HF generate)", ratio("rlhf_ray", "trl"), 0.7, "×"),
+                ("on-policy / TRL with vLLM (colocate)", ratio("rlhf_ray", "trl_vllm"), 1.0, "×"),
+                (f"k-step async ({best or 'k'}) / TRL", ratio(best, "trl") if best else None, 0.5, "×"),
+                ("weight sync share of the on-policy step",
+                 ours["phases"].get("sync", 0.0) / ours["median_s"] if ours else None, 0.05, "share"),
+                ("start-up with vLLM, launch → first step", ours["startup_s"] if ours else None, 15.0, "s"),
+                ("peak memory, all processes (PSS) / TRL's",
+                 ours["mem"]["pss_all_mib"] / s["trl"]["mem"]["pss_mib"] if ours and "trl" in s else None, 1.5, "×")]
+        for label, value, limit, unit in rows:
+            shown = ("—" if value is None else f"{value * 100:.1f} %" if unit == "share" else
+                     f"{value:.1f} s" if unit == "s" else f"{value:.2f}×")
+            bound = f"{limit * 100:.0f} %" if unit == "share" else f"{limit:g} s" if unit == "s" else f"{limit:g}×"
+            mark = "—" if value is None else "✓" if value <= limit else "✗"
+            print(f"{group} t={threads}  {label:<44}{shown:>10}  target ≤ {bound:<7} {mark}")
+
+
 def compare(args, work: Path) -> dict[str, Any]:
     models = build_models(work, MODEL_SIZE)
     print(f"workload {os.environ.get(WORKLOAD_ENV, 'toy')} ({GRPO_CONFIG.name}); model: {count_params(models['policy']):,} parameters (policy); work dir {work}"
           + (f"; contender environment {args.env}" if args.env else ""))
-    summaries = {}
+    summaries, failures = {}, {}
     for group, (_, names) in GROUPS.items():
         chosen = [n for n in names if not args.only or n in args.only]
         variants = {f"{names[0]}+{label}": overrides for label, overrides in args.variant.get(group, {}).items()}
@@ -812,10 +946,15 @@ def compare(args, work: Path) -> dict[str, Any]:
         for threads in args.threads:
             print(f"[{group}, {threads} thread(s)] load average before: {os.getloadavg()[0]:.2f}", flush=True)
             raw = run_group(chosen, threads, args, models, work, variants)
-            summaries[(group, threads)] = {n: summarise(r) for n, r in raw.items()}
+            failures |= {f"{group}/t{threads}/{n}": r["failed"] for n, r in raw.items() if "failed" in r}
+            summaries[(group, threads)] = {n: summarise(r) for n, r in raw.items() if "failed" not in r}
             print_group(f"{group}, {threads} torch thread(s) per process / per node", summaries[(group, threads)])
     print_ratios(summaries)
-    return {f"{g}/t{t}": s for (g, t), s in summaries.items()}
+    if REAL_SIZE:
+        print_targets(summaries)
+    for key, why in failures.items():
+        print(f"did not run: {key}: {why}")
+    return {f"{g}/t{t}": s for (g, t), s in summaries.items()} | {"failed": failures}
 
 
 # --- scaling ------------------------------------------------------------------------------------
@@ -846,7 +985,8 @@ def scaling(args, work: Path) -> dict[str, Any]:
             warmup, steps = (1, max(2, args.steps // 6)) if heavy else (min(2, args.warmup), max(3, args.steps // 2))
             res = {}
             for name, child in children.items():
-                child.setup(model_overrides(models[size], name == "rlhf_ray") + overrides, warmup + steps, models[size])
+                child.setup(model_overrides(models[size], name == "rlhf_ray") + args.set + overrides, warmup + steps,
+                            models[size])
                 child.run(warmup)
                 res[name] = {"steps": []}
             for i, k in enumerate(chunk_plan(steps, args.chunk)):
@@ -891,7 +1031,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="environment of every contender's process (Ray actors inherit it), e.g. "
                         "OMP_WAIT_POLICY=PASSIVE (repeatable)")
     parser.add_argument("--workload", choices=list(WORKLOADS), default="toy",
-                        help="toy: the 1M-param workload; gen: generation-heavy (20M params, 128 tokens, vLLM; GRPO only)")
+                        help="toy: the 1M-param workload; gen: generation-heavy (20M params, 32 × 128 tokens, vLLM); "
+                        "gen20m / gen100m: issue 22's (128 sequences × 128 tokens at 20M / 113M params, vLLM, with "
+                        "TRL's vLLM colocate mode and the floor with vLLM; GRPO only)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a workload change for every contender, e.g. rollout.max_new_tokens=256 (repeatable)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 6 measured steps, 2 warm-up, chunks of 3")
     parser.add_argument("--scaling", action="store_true", help="step time vs response length, batch and model size "
                         "(rlhf_ray and the floor, GRPO; the last --threads setting; --steps/2 measured steps per point, "
