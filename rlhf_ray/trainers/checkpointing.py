@@ -88,7 +88,9 @@ class RunCheckpoints:
 
     def save(self, step: int, driver: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> Path:
         """Every pool's ranks and the driver write into a tmp dir, then the store commits it. On a
-        failure the tmp dir is deleted where the storage allows; a storage fault ends the run (`_storage_failure`)."""
+        failure the tmp dir is deleted where the storage allows; a storage fault ends the run
+        (`_storage_failure`), and so does any other error of the driver's own writes, as the phase's
+        one line (`_driver_failure`); a rank's failure keeps its own (restartable) PhaseError."""
         tmp = None
         try:
             tmp = self.store.begin(step)
@@ -98,7 +100,7 @@ class RunCheckpoints:
         except BaseException as err:
             if tmp is not None:
                 self.store.abort(tmp)
-            failure = self._storage_failure(err, step)
+            failure = self._storage_failure(err, step) or self._driver_failure(err, step)
             if failure is None:
                 raise
             raise failure from err
@@ -118,10 +120,22 @@ class RunCheckpoints:
         storage = _storage_error(err)
         if storage is None:
             return None
-        latest = self.store.latest_name()
-        kept = f"{self.root}/latest names {latest}" if latest else f"no checkpoint under {self.root} yet"
-        return PhaseError("checkpoint", getattr(err, "role", "driver"), step, f"StorageError: {storage}; {kept}",
+        return PhaseError("checkpoint", getattr(err, "role", "driver"), step,
+                          f"StorageError: {storage}; {self._latest_note()}", restartable=False)
+
+    def _driver_failure(self, err: BaseException, step: int) -> PhaseError | None:
+        """`FAILED phase=checkpoint role=driver step=<n> cause=<error>; <latest>` for an error the driver's
+        own part of a save raised (a bug, or an injected fault): not restartable, as a restart would
+        save the same way. None for a rank's PhaseError, a stop request and interpreter exits."""
+        if not isinstance(err, Exception) or isinstance(err, (PhaseError, StopRequested)):
+            return None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return PhaseError("checkpoint", "driver", step, f"{type(err).__name__}: {first}; {self._latest_note()}",
                           restartable=False)
+
+    def _latest_note(self) -> str:
+        latest = self.store.latest_name()
+        return f"{self.root}/latest names {latest}" if latest else f"no checkpoint under {self.root} yet"
 
     def restore(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
         """(driver state, driver tensors) of the checkpoint `checkpoint.resume` selects, with every pool's

@@ -241,6 +241,25 @@ def test_a_run_save_on_a_full_disk_fails_the_checkpoint_phase(tiny_fs):
     assert ck.verify(root / "step_00000001") == [] and ck.load_json(root / "step_00000001", "driver") == {"step": 1}
 
 
+def test_any_error_of_the_drivers_save_fails_the_checkpoint_phase_naming_the_step(tmp_path, monkeypatch):
+    """Not only storage faults: whatever the driver's part of a save raises ends the run with the
+    phase's one line and the checkpoint still in force (seen in the chaos run: a bare
+    `FAILED InjectedFault: ...` without phase, role or step)."""
+    from rlhf_ray.placement import PhaseError
+
+    monkeypatch.setenv("RLHF_RAY_FAULTS", "raise@checkpoint.after_files#2")
+    monkeypatch.setenv("RLHF_RAY_FAULTS_DIR", str(tmp_path / "faults"))
+    root = tmp_path / "ckpt"
+    checkpoints = _run_checkpoints(root)
+    checkpoints.save(1, {"step": 1})
+    with pytest.raises(PhaseError) as err:
+        checkpoints.save(2, {"step": 2})
+    assert str(err.value) == ("FAILED phase=checkpoint role=driver step=2 cause=InjectedFault: injected fault "
+                              f"raise@checkpoint.after_files#2; {root}/latest names step_00000001")
+    assert not err.value.restartable
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001"]  # the tmp dir was deleted
+
+
 def test_a_run_on_a_read_only_checkpoint_dir_fails_at_start(tiny_fs):
     from rlhf_ray.placement import PhaseError
 
