@@ -319,12 +319,13 @@ class Floor:
         """vLLM in this process, configured as rlhf_ray's rollout engine is (rollout.vllm of the config)."""
         import torch
 
+        from rlhf_ray.rollout import rl_context
         from rlhf_ray.rollout.vllm import VLLMOptions, VLLMRolloutEngine
 
         cfg, tok = self.cfg, self.tokenizer
         v = cfg.rollout.vllm
         options = VLLMOptions(model=models["policy"], tokenizer=models["tokenizer"], seed=cfg.trainer.seed,
-                              max_model_len=v.max_model_len or cfg.data.max_prompt_len + cfg.rollout.max_new_tokens,
+                              max_model_len=rl_context(cfg),
                               kv_cache_mb=v.kv_cache_mb, threads=torch.get_num_threads())
         return VLLMRolloutEngine(options, tok.eos_token_id, tok.pad_token_id, self.special_ids, len(tok))
 
@@ -551,6 +552,7 @@ def run_trl(chan: Channel, config: str, models: dict[str, str], out_dir: str, vl
 
     from rlhf_ray.models import load_tokenizer
     from rlhf_ray.rewards.function import import_function
+    from rlhf_ray.rollout import rl_context
 
     cmd = chan.recv()  # setup
     cfg = load_run_config(config, cmd["overrides"])
@@ -573,7 +575,7 @@ def run_trl(chan: Channel, config: str, models: dict[str, str], out_dir: str, vl
     if vllm:
         v = cfg.rollout.vllm
         vllm_args = dict(use_vllm=True, vllm_mode="colocate",
-                         vllm_max_model_length=v.max_model_len or cfg.data.max_prompt_len + r.max_new_tokens)
+                         vllm_max_model_length=rl_context(cfg))
         if v.kv_cache_mb:  # vLLM's CPU build sizes its KV cache from this variable (GiB)
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(v.kv_cache_mb / 1024))))
     args = GRPOConfig(

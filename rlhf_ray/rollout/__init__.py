@@ -75,8 +75,7 @@ def vllm_options(cfg: RunConfig, model_path: str, seed: int, full_context: bool 
     v = cfg.rollout.vllm
     # RL prompts are capped at data.max_prompt_len; the data stages' conversations (CAI critiques and
     # revisions, labelling) and a judge's templates are not: they get the model's own context (None)
-    max_model_len = None if full_context else v.max_model_len or (
-        cfg.data.max_prompt_len + rollout_tokens(cfg) if cfg.stage == "ppo" else None)
+    max_model_len = None if full_context else v.max_model_len or (rl_context(cfg) if cfg.stage == "ppo" else None)
     return VLLMOptions(
         model=model_path, tokenizer=model_path, dtype=cfg.model_dtype,
         seed=seed, max_model_len=max_model_len,
@@ -94,12 +93,17 @@ def rollout_tokens(cfg: RunConfig) -> int:
     return max_trajectory_tokens(cfg) + FIRST_OBSERVATION_TOKENS
 
 
+def rl_context(cfg: RunConfig) -> int:
+    """A rollout engine's context in RL: rollout.vllm.max_model_len, else a prompt plus what may follow it."""
+    return cfg.rollout.vllm.max_model_len or cfg.data.max_prompt_len + rollout_tokens(cfg)
+
+
 def probe_length(cfg: RunConfig) -> int:
     """Tokens of the sync probe: PROBE_LENGTH, or fewer where the engine's context is shorter (a short
     prompt and response budget): vLLM scores the probe as a prompt, which must leave room for one token."""
     from rlhf_ray.rollout.base import PROBE_LENGTH
 
-    return min(PROBE_LENGTH, (cfg.rollout.vllm.max_model_len or cfg.data.max_prompt_len + rollout_tokens(cfg)) - 1)
+    return min(PROBE_LENGTH, rl_context(cfg) - 1)
 
 
 FIRST_OBSERVATION_TOKENS = 64  # what `reset` may add to the prompt, within the engine's context (vLLM)
