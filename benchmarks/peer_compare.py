@@ -7,6 +7,8 @@
     python benchmarks/peer_compare.py --threads 1 --variant GRPO:zero0:deepspeed.zero_stage=0   # a config change, alongside
     python benchmarks/peer_compare.py --scaling --threads 1   # step time vs response length, batch and model size (~6 min)
     python benchmarks/peer_compare.py --workload gen --threads 2 --only rlhf_ray,rlhf_ray+k1,rlhf_ray+k2,rlhf_ray+k4,trl,floor
+    python benchmarks/peer_compare.py --workload gen20m --threads 2 --steps 4 --warmup 1 --chunk 1   # issue 22 (~30 min)
+    python benchmarks/peer_compare.py --workload gen20m --scaling --threads 2 --steps 12   # 1M → 113M, 32 → 512 tokens, vLLM
 
 The workload is `configs/bench_grpo.yaml` (PPO variant: `configs/bench_ppo.yaml`); every contender
 reads its hyper-parameters from that config, loads the same model files (built once, offline) and
@@ -973,22 +975,47 @@ SCALING_POINTS = [  # (label, model size, overrides of the GRPO workload)
 ]
 
 
+REAL_SCALING_POINTS = [  # issue 22 (--workload gen20m --scaling): (label, model size, overrides), vLLM rollouts
+    ("1M, 128 tokens", "1M", []),
+    ("20M, 128 tokens", "20M", []),
+    ("113M, 128 tokens", "100M", []),
+    ("20M, 32 tokens", "20M", ["rollout.max_new_tokens=32"]),
+    ("20M, 512 tokens", "20M", ["rollout.max_new_tokens=512"]),
+]
+REAL_SCALING_BATCH = ["trainer.prompts_per_step=8", "trainer.mini_batch_size=32"]  # 32 sequences: a quarter
+SHARE_PHASES = ("rollout", "score", "update", "sync")
+
+
+def phase_shares(seconds: float, phases: dict[str, float]) -> dict[str, float]:
+    """Each phase's share of the step; "other" is what no phase covers (orchestration, prompts, advantages)."""
+    shares = {p: phases.get(p, 0.0) / seconds for p in SHARE_PHASES}
+    return shares | {"other": 1.0 - sum(shares.values())}
+
+
 def scaling(args, work: Path) -> dict[str, Any]:
-    """Step time of rlhf_ray and the floor at each point, alternating; rlhf_ray keeps one Ray session."""
+    """Step time of rlhf_ray and the floor at each point, alternating; rlhf_ray keeps one Ray session. At
+    real sizes (--workload gen20m/gen100m) the floor is floor_vllm, in a fresh process per point (one
+    vLLM engine per process), and each row also gives the phases' shares of the step."""
     threads = args.threads[-1]
-    models = {size: build_models(work, size) for size in {p[1] for p in SCALING_POINTS}}
+    points = REAL_SCALING_POINTS if REAL_SIZE else SCALING_POINTS
+    base = REAL_SCALING_BATCH if REAL_SIZE else []
+    floor = "floor_vllm" if REAL_SIZE else "floor"
+    models = {size: build_models(work, size) for size in {p[1] for p in points}}
     params = {size: count_params(m["policy"]) for size, m in models.items()}
-    names = ["rlhf_ray", "floor"]
+    names = ["rlhf_ray", floor]
     rows = []
-    children = {n: Child(n, threads, models["1M"], work, args.env) for n in names}
+    children = {n: Child(n, threads, models[points[0][1]], work, args.env) for n in names}
     try:
-        for label, size, overrides in SCALING_POINTS:
+        for label, size, overrides in points:
+            if REAL_SIZE and rows:
+                children[floor].close()
+                children[floor] = Child(floor, threads, models[size], work, args.env)
             heavy = size != "1M"  # ~3 s (10M) and ~11 s (50M) per step on 2 cores: fewer steps
             warmup, steps = (1, max(2, args.steps // 6)) if heavy else (min(2, args.warmup), max(3, args.steps // 2))
             res = {}
             for name, child in children.items():
-                child.setup(model_overrides(models[size], name == "rlhf_ray") + args.set + overrides, warmup + steps,
-                            models[size])
+                child.setup(model_overrides(models[size], name == "rlhf_ray") + base + args.set + overrides,
+                            warmup + steps, models[size])
                 child.run(warmup)
                 res[name] = {"steps": []}
             for i, k in enumerate(chunk_plan(steps, args.chunk)):
@@ -999,23 +1026,34 @@ def scaling(args, work: Path) -> dict[str, Any]:
                 ss = res[name]["steps"]
                 row[name] = statistics.median([s["s"] for s in ss])
                 row[f"{name}_phases"] = {k: statistics.median([s["phases"].get(k, 0.0) for s in ss]) for k in ss[0]["phases"]}
+                row[f"{name}_shares"] = phase_shares(row[name], row[f"{name}_phases"])
             row["orchestration"] = statistics.median([s["orchestration"] for s in res["rlhf_ray"]["steps"]])
             rows.append(row)
-            print(f"  {label:<28} rlhf_ray {row['rlhf_ray']:.3f} s, floor {row['floor']:.3f} s, "
+            print(f"  {label:<28} rlhf_ray {row['rlhf_ray']:.3f} s, {floor} {row[floor]:.3f} s, "
                   f"orchestration {row['orchestration'] * 100:.0f}%", flush=True)
     finally:
         for child in children.values():
             child.close()
+    print_scaling(rows, names, threads)
+    return {"scaling": rows}
+
+
+def print_scaling(rows: list[dict[str, Any]], names: list[str], threads: int) -> None:
+    rlhf, floor = names
     print(f"\n== scaling: GRPO step time, {threads} torch thread(s) per process / per node ==")
-    print(f"{'point':<28}{'params':>12}{'rlhf_ray s':>12}{'floor s':>10}{'ratio':>8}{'orchestration':>15}"
+    print(f"{'point':<28}{'params':>12}{'rlhf_ray s':>12}{floor + ' s':>14}{'ratio':>8}{'orchestration':>15}"
           f"{'rollout s':>11}{'score s':>9}{'update s':>10}{'sync s':>8}")
     for r in rows:
-        p = r["rlhf_ray_phases"]
-        print(f"{r['label']:<28}{r['params']:>12,}{r['rlhf_ray']:>12.3f}{r['floor']:>10.3f}{r['rlhf_ray'] / r['floor']:>7.2f}×"
+        p = r[f"{rlhf}_phases"]
+        print(f"{r['label']:<28}{r['params']:>12,}{r[rlhf]:>12.3f}{r[floor]:>14.3f}{r[rlhf] / r[floor]:>7.2f}×"
               f"{r['orchestration'] * 100:>14.0f}%{p['rollout']:>11.3f}{p['score']:>9.3f}{p['update']:>10.3f}{p['sync']:>8.3f}")
+    print("\nphase shares of the step (rollout / score / update / sync / other):")
     for r in rows:
-        print(f"  floor at {r['label']} (ms): " + ", ".join(f"{k} {v * 1e3:.0f}" for k, v in r["floor_phases"].items()))
-    return {"scaling": rows}
+        cells = [f"{name} " + " / ".join(f"{r[f'{name}_shares'][k] * 100:.0f}%" for k in (*SHARE_PHASES, "other"))
+                 for name in names]
+        print(f"  {r['label']:<28}" + "   ".join(cells))
+    for r in rows:
+        print(f"  {floor} at {r['label']} (ms): " + ", ".join(f"{k} {v * 1e3:.0f}" for k, v in r[f"{floor}_phases"].items()))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -1041,7 +1079,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a smoke run: 6 measured steps, 2 warm-up, chunks of 3")
     parser.add_argument("--scaling", action="store_true", help="step time vs response length, batch and model size "
                         "(rlhf_ray and the floor, GRPO; the last --threads setting; --steps/2 measured steps per point, "
-                        "--steps/6 for the 10M and 50M models; ~6 min on an idle 2-core machine)")
+                        "--steps/6 for the 10M and 50M models; ~6 min on an idle 2-core machine); with --workload gen20m: "
+                        "model size 1M → 113M and response length 32 → 512 at 32 sequences a step, rlhf_ray vs "
+                        "floor_vllm, with each phase's share of the step")
     parser.add_argument("--json", default=str(ROOT / "runs" / "peer_compare.json"), help="where to write all figures")
     # child-process arguments (internal)
     for name, kind in (("--child", str), ("--reply-fd", int), ("--models", str), ("--out-dir", str)):
