@@ -76,9 +76,11 @@ def vllm_options(cfg: RunConfig, model_path: str, seed: int, full_context: bool 
     # RL prompts are capped at data.max_prompt_len; the data stages' conversations (CAI critiques and
     # revisions, labelling) and a judge's templates are not: they get the model's own context (None)
     max_model_len = None if full_context else v.max_model_len or (rl_context(cfg) if cfg.stage == "ppo" else None)
+    rollout_batch = cfg.stage == "ppo" and not full_context  # an RL rollout engine: it knows its batches
     return VLLMOptions(
         model=model_path, tokenizer=model_path, dtype=cfg.model_dtype,
         seed=seed, max_model_len=max_model_len,
+        batch_seqs=engine_batch_seqs(cfg) if rollout_batch else None,
         tensor_parallel_size=v.tensor_parallel_size, gpu_memory_utilization=v.gpu_memory_utilization,
         kv_cache_mb=v.kv_cache_mb, enable_sleep=v.enable_sleep, enforce_eager=v.enforce_eager,
         threads=engine_threads(cfg), trust_remote_code=cfg.model.trust_remote_code, lora_rank=lora_rank)
@@ -96,6 +98,13 @@ def rollout_tokens(cfg: RunConfig) -> int:
 def rl_context(cfg: RunConfig) -> int:
     """A rollout engine's context in RL: rollout.vllm.max_model_len, else a prompt plus what may follow it."""
     return cfg.rollout.vllm.max_model_len or cfg.data.max_prompt_len + rollout_tokens(cfg)
+
+
+def engine_batch_seqs(cfg: RunConfig) -> int:
+    """The most sequences one rollout engine generates in one call: its share of a step's, or of an
+    evaluation's (eval_prompts × eval_samples), whichever is larger."""
+    t = cfg.trainer
+    return -(-max(cfg.sequences_per_step, t.eval_prompts * t.eval_samples) // cfg.rollout.num_engines)
 
 
 def probe_length(cfg: RunConfig) -> int:

@@ -36,7 +36,10 @@ import of the project is in this module. Decisions (measured facts in STACK-NOTE
   cannot do (`RuntimeError: CPU Generator does not use offset` as soon as one step's prefills
   exceed 4,096 tokens): chunked prefill is off on CPU. `max_num_seqs` is capped at what the KV
   cache holds at full length (`cpu_max_num_seqs`), so sequences are never preempted and recomputed
-  (measured: 128 × 128 tokens at 20M params with a 256 MiB cache, 23 s capped vs 32 s preempting). `torch.set_num_threads` is a no-op in a process that runs
+  (measured: 128 × 128 tokens at 20M params with a 256 MiB cache, 23 s capped vs 32 s preempting).
+  With `rollout.vllm.kv_cache_mb` null, a rollout engine's cache is sized to hold its share of a
+  step's sequences at full length (`cpu_kv_cache_mb`): the batch runs in one wave, and no memory is
+  held for sequences that never come. `torch.set_num_threads` is a no-op in a process that runs
   in-process vLLM on CPU: the engine's threads are fixed at start (`threads`).
 """
 
@@ -70,6 +73,7 @@ class VLLMOptions:
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.5
     kv_cache_mb: float | None = None  # CPU: KV cache size; GPU: overrides gpu_memory_utilization when set
+    batch_seqs: int | None = None  # CPU, kv_cache_mb None: size the KV cache for this many sequences at full length
     enable_sleep: bool = False
     enforce_eager: bool | None = None  # None: eager on CPU, CUDA graphs on GPU
     threads: int | None = None  # CPU: OpenMP threads of the engine (fixed for its life)
@@ -225,14 +229,17 @@ def _start(options: VLLMOptions, on_gpu: bool):
         kwargs |= dict(enable_lora=True, max_loras=1, max_lora_rank=lora_slot_rank(options.lora_rank))
     if on_gpu:
         kwargs |= dict(gpu_memory_utilization=options.gpu_memory_utilization, enable_sleep_mode=options.enable_sleep)
-    kv_mb = options.kv_cache_mb if options.kv_cache_mb is not None else (None if on_gpu else 256.0)
+    kv_mb = options.kv_cache_mb
+    if kv_mb is None and not on_gpu:
+        kv_mb = (cpu_kv_cache_mb(options.model, options.batch_seqs, options.max_model_len, _dtype_bytes(options.dtype))
+                 if options.batch_seqs else DEFAULT_CPU_KV_CACHE_MB)
     if kv_mb is not None:
         kwargs["kv_cache_memory_bytes"] = int(kv_mb * 2**20)
     if not on_gpu:
         kwargs["enable_chunked_prefill"] = False  # a split prefill rewinds the seeded generator: see above
         kwargs["block_size"] = CPU_BLOCK_SIZE
         kwargs["max_num_seqs"] = cpu_max_num_seqs(options.model, int(kv_mb * 2**20), options.max_model_len,
-                                                  torch.empty(0, dtype=getattr(torch, options.dtype)).element_size())
+                                                  _dtype_bytes(options.dtype))
     return LLM(**kwargs)
 
 
@@ -248,9 +255,24 @@ def lora_slot_rank(rank: int) -> int:
     return fits[0]
 
 
+DEFAULT_CPU_KV_CACHE_MB = 256.0  # an engine that does not know its batch (judges, labelling, evaluation)
+
+
 def cpu_max_num_seqs(model_dir: str, kv_bytes: int, max_model_len: int | None, dtype_bytes: int, ceiling: int = 256) -> int:
     """Sequences the CPU engine may run at once: as many as fit the KV cache at full length, so none is
     ever preempted (its KV dropped and recomputed later)."""
+    return max(1, min(ceiling, kv_bytes // _sequence_kv_bytes(model_dir, max_model_len, dtype_bytes)))
+
+
+def cpu_kv_cache_mb(model_dir: str, seqs: int, max_model_len: int | None, dtype_bytes: int) -> float:
+    """A KV cache (MiB) that holds `seqs` sequences at full length: a rollout batch runs in one wave, and
+    no memory is held for sequences that never come (256 MiB held a third of 128 × 144 tokens at 20M
+    params; 16 MiB is all the toy run's 32 × 96 tokens need)."""
+    return seqs * _sequence_kv_bytes(model_dir, max_model_len, dtype_bytes) / 2**20
+
+
+def _sequence_kv_bytes(model_dir: str, max_model_len: int | None, dtype_bytes: int) -> int:
+    """KV-cache bytes of one sequence at full length, in whole blocks of CPU_BLOCK_SIZE tokens."""
     import json
     from pathlib import Path
 
@@ -261,7 +283,11 @@ def cpu_max_num_seqs(model_dir: str, kv_bytes: int, max_model_len: int | None, d
     per_token = 2 * config["num_hidden_layers"] * config.get("num_key_value_heads", heads) * head_dim * dtype_bytes
     length = max_model_len or config.get("max_position_embeddings", 2048)
     blocks = -(-length // CPU_BLOCK_SIZE)  # the KV cache is allocated in blocks of CPU_BLOCK_SIZE tokens
-    return max(1, min(ceiling, kv_bytes // (per_token * blocks * CPU_BLOCK_SIZE)))
+    return per_token * blocks * CPU_BLOCK_SIZE
+
+
+def _dtype_bytes(dtype: str) -> int:
+    return torch.empty(0, dtype=getattr(torch, dtype)).element_size()
 
 
 def _right_padded(rows: list[list], fill: int | float, dtype: torch.dtype) -> Tensor:

@@ -47,6 +47,20 @@ def engine(ray_session, tmp_path_factory):
     ray.kill(worker)
 
 
+@pytest.fixture(scope="module")
+def configured(ray_session, tmp_path_factory, engine):
+    """A vLLM `RolloutWorker` with every rollout.vllm field set, in its own actor; and its config. Its
+    160 MiB cache runs 256 sequences at once (max_num_seqs' ceiling; the default engine's holds its
+    batch: 16)."""
+    cfg = load_config(CONFIGS / "toy_grpo.yaml", toy_overrides(
+        tmp_path_factory.mktemp("configured"), "rollout.backend=vllm", "rollout.vllm.enforce_eager=false",
+        "rollout.vllm.kv_cache_mb=160", "rollout.vllm.max_model_len=200", "rollout.vllm.threads=1", "rollout.seed=7"))
+    worker = ray.remote(RolloutWorker).options(num_cpus=1).remote(cfg, engine[1], 1)
+    assert ray.get(worker.ping.remote(), timeout=300) > 0
+    yield worker, cfg
+    ray.kill(worker)
+
+
 def _generate(worker, prompts, params, seed, first_index: int = 0) -> Samples:
     return Samples.from_numpy(ray.get(worker.generate.remote(prompts, params, seed, first_index), timeout=120))
 
@@ -114,36 +128,43 @@ def test_a_batch_split_across_engines_gives_each_prompt_the_same_samples(engine)
     assert not torch.equal(unshifted.response_ids[:, :4], tail.response_ids[:, :4])
 
 
-def test_the_vllm_section_reaches_the_live_engine(engine, tmp_path):
+def _kv_bytes_per_sequence(model_dir: str, length: int) -> int:
+    """K and V × layers × KV heads × head size × fp32, over whole 128-token blocks."""
+    import json
+
+    c = json.loads((Path(model_dir) / "config.json").read_text())
+    head = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    per_token = 2 * c["num_hidden_layers"] * c.get("num_key_value_heads", c["num_attention_heads"]) * head * 4
+    return per_token * 128 * -(-length // 128)
+
+
+def test_the_vllm_section_reaches_the_live_engine(engine, configured):
     """rollout.vllm.* and rollout.seed, read back from the running vLLM engine in its actor."""
-    cfg = load_config(CONFIGS / "toy_grpo.yaml", toy_overrides(
-        tmp_path, "rollout.backend=vllm", "rollout.vllm.enforce_eager=false", "rollout.vllm.kv_cache_mb=48",
-        "rollout.vllm.max_model_len=200", "rollout.vllm.threads=1", "rollout.seed=7"))
-    worker = ray.remote(RolloutWorker).options(num_cpus=1).remote(cfg, engine[1], 1)
-    try:
-        def live(w):
-            v = w.engine.llm.llm_engine.vllm_config
-            return {"eager": v.model_config.enforce_eager, "kv_bytes": v.cache_config.kv_cache_memory_bytes,
-                    "max_len": v.model_config.max_model_len, "seed": v.model_config.seed,
-                    "threads": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS")}
+    def live(w):
+        v = w.engine.llm.llm_engine.vllm_config
+        return {"eager": v.model_config.enforce_eager, "kv_bytes": v.cache_config.kv_cache_memory_bytes,
+                "max_len": v.model_config.max_model_len, "seed": v.model_config.seed,
+                "max_seqs": v.scheduler_config.max_num_seqs, "threads": torch.get_num_threads(),
+                "omp": os.environ.get("OMP_NUM_THREADS")}
 
-        got = ray.get(worker.__ray_call__.remote(live), timeout=300)
-    finally:
-        ray.kill(worker)
-    assert got == {"eager": False, "kv_bytes": 48 * 2**20, "max_len": 200, "seed": 8,  # rollout.seed + engine index
-                   "threads": 1, "omp": "1"}
-    default = ray.get(engine[0].__ray_call__.remote(lambda w: (
-        w.engine.llm.llm_engine.vllm_config.model_config.enforce_eager,
-        w.engine.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes,
-        w.engine.llm.llm_engine.vllm_config.model_config.max_model_len)), timeout=60)
-    assert default == (True, 256 * 2**20, cfg.data.max_prompt_len + cfg.rollout.max_new_tokens)  # CPU: eager
+    worker, cfg = configured
+    per_sequence = _kv_bytes_per_sequence(engine[1].policy, 200)
+    assert ray.get(worker.__ray_call__.remote(live), timeout=60) == {
+        "eager": False, "kv_bytes": 160 * 2**20, "max_len": 200, "seed": 8,  # rollout.seed + engine index
+        "max_seqs": min(256, 160 * 2**20 // per_sequence), "threads": 1, "omp": "1"}
+    default = ray.get(engine[0].__ray_call__.remote(live), timeout=60)
+    length = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
+    batch = max(cfg.sequences_per_step, cfg.trainer.eval_prompts)  # 16 a step, 16 an evaluation (toy_overrides)
+    assert (default["eager"], default["max_len"]) == (True, length)  # CPU: eager
+    assert default["max_seqs"] == batch  # the whole batch at once ...
+    assert default["kv_bytes"] == batch * _kv_bytes_per_sequence(engine[1].policy, length)  # ... and no more
 
 
-def test_a_batch_whose_prefills_exceed_one_step_generates_and_reproduces(engine):
-    """256 sequences × ~70 prompt tokens: vLLM's 4,096-token step budget splits the prefills, and a split
-    prefill of a seeded request crashed vLLM 0.32 on CPU ('CPU Generator does not use offset') until
-    chunked prefill was turned off there."""
-    worker, paths = engine
+def test_a_batch_whose_prefills_exceed_one_step_generates_and_reproduces(engine, configured):
+    """256 sequences × ~70 prompt tokens, 160 at once: vLLM's 4,096-token step budget splits the prefills,
+    and a split prefill of a seeded request crashed vLLM 0.32 on CPU ('CPU Generator does not use
+    offset') until chunked prefill was turned off there."""
+    worker, paths = configured[0], engine[1]
     tokenizer = load_tokenizer(paths.tokenizer)
     prompts = _prompts(tokenizer, [f"<|user|>say: {'abcdefghij' * 6}{i}<|assistant|>" for i in range(64)])
     params = SamplingParams(max_new_tokens=6, n=4)

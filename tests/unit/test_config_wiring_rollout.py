@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from rlhf_ray.config import load_config
-from rlhf_ray.rollout import build_engine, engine_threads, probe_length, vllm_options
+from rlhf_ray.rollout import build_engine, engine_batch_seqs, engine_threads, probe_length, vllm_options
+from rlhf_ray.rollout.vllm import cpu_kv_cache_mb, cpu_max_num_seqs
 from rlhf_ray.toy import build_char_tokenizer, build_policy
 from rlhf_ray.trainers import ppo, sampling
 from rlhf_ray.trainers.common import toy_model
@@ -99,6 +100,25 @@ def test_vllm_max_model_len_and_threads_in_options():
     options = vllm_options(cfg, "m", seed=0)
     assert options.max_model_len == 300 and options.threads == 5  # vllm.threads beats placement.torch_threads
     assert vllm_options(cfg, "m", seed=0, full_context=True).max_model_len is None  # a judge: the model's own
+
+
+def test_a_rollout_engines_kv_cache_holds_its_largest_batch_at_full_length(tmp_path):
+    """rollout.vllm.kv_cache_mb null on CPU: the cache an engine gets holds its share of a step's or an
+    evaluation's sequences at full length (whole 128-token blocks), and max_num_seqs lets them all run."""
+    cfg = load_config(None, ["trainer.prompts_per_step=32", "rollout.samples_per_prompt=4", "rollout.num_engines=2",
+                             "trainer.eval_prompts=40", "data.max_prompt_len=16", "rollout.max_new_tokens=128"])
+    assert engine_batch_seqs(cfg) == 64  # 128 sequences a step over 2 engines (evaluation: 40 × 1)
+    assert engine_batch_seqs(load_config(None, ["trainer.eval_prompts=100", "trainer.eval_samples=2"])) == 200
+    options = vllm_options(cfg, "m", seed=0)
+    assert options.batch_seqs == 64 and options.kv_cache_mb is None and options.max_model_len == 144
+    assert vllm_options(cfg, "m", seed=0, full_context=True).batch_seqs is None  # a judge: no batch known
+    model = tmp_path / "m"
+    model.mkdir()  # a Llama of 6 layers, 8 heads of 64, 2 KV heads
+    (model / "config.json").write_text(json.dumps({"num_attention_heads": 8, "num_key_value_heads": 2,
+                                                   "hidden_size": 512, "num_hidden_layers": 6}))
+    per_sequence = 2 * 6 * 2 * 64 * 4 * 256  # K and V × layers × KV heads × head size × fp32 × 2 blocks of 128
+    assert cpu_kv_cache_mb(str(model), 64, 144, 4) * 2**20 == 64 * per_sequence
+    assert cpu_max_num_seqs(str(model), 64 * per_sequence, 144, 4) == 64
 
 
 def test_the_sync_probe_fits_the_engines_context():
