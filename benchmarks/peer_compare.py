@@ -328,7 +328,8 @@ class Floor:
         v = cfg.rollout.vllm
         options = VLLMOptions(model=models["policy"], tokenizer=models["tokenizer"], seed=cfg.trainer.seed,
                               max_model_len=rl_context(cfg),
-                              kv_cache_mb=v.kv_cache_mb, threads=torch.get_num_threads())
+                              kv_cache_mb=v.kv_cache_mb, batch_seqs=cfg.sequences_per_step,
+                              threads=torch.get_num_threads())
         return VLLMRolloutEngine(options, tok.eos_token_id, tok.pad_token_id, self.special_ids, len(tok))
 
     @staticmethod
@@ -576,10 +577,14 @@ def run_trl(chan: Channel, config: str, models: dict[str, str], out_dir: str, vl
     vllm_args = {}
     if vllm:
         v = cfg.rollout.vllm
-        vllm_args = dict(use_vllm=True, vllm_mode="colocate",
-                         vllm_max_model_length=rl_context(cfg))
-        if v.kv_cache_mb:  # vLLM's CPU build sizes its KV cache from this variable (GiB)
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(v.kv_cache_mb / 1024))))
+        from rlhf_ray.rollout.vllm import cpu_kv_cache_mb
+
+        length = rl_context(cfg)
+        vllm_args = dict(use_vllm=True, vllm_mode="colocate", vllm_max_model_length=length)
+        # the KV cache rlhf_ray's engine gets, rounded up to whole GiB: TRL's only knob for it on CPU is
+        # vLLM's VLLM_CPU_KVCACHE_SPACE (GiB)
+        kv_mb = v.kv_cache_mb or cpu_kv_cache_mb(models["policy"], cfg.sequences_per_step, length, 4)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(-(-int(kv_mb) // 1024)))
     args = GRPOConfig(
         output_dir=out_dir, use_cpu=True, bf16=False, fp16=False, seed=cfg.trainer.seed, report_to="none",
         save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, max_steps=cmd["total_steps"] + 1,
