@@ -799,40 +799,55 @@ def chunk_plan(steps: int, chunk: int) -> list[int]:
 def run_group(names: list[str], threads: int, args, models: dict[str, str], work: Path,
               variants: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
     """Start each contender alone, warm all up, then alternate measured chunks; → per contender results.
-    `variants`: extra config overrides of the rlhf_ray contenders named "<rlhf_ray name>+<label>"."""
+    With `args.one_at_a_time` each contender starts, warms up, runs its steps and exits before the next
+    starts (real sizes: seven contenders of 20M+ params with their vLLM caches do not fit in 24 GiB at
+    once). `variants`: extra config overrides of the rlhf_ray contenders named "<rlhf_ray name>+<label>"."""
     results = {n: {"steps": [], "foreign": [], "idle_others": [], "load": []} for n in names}
     children: dict[str, Child] = {}
+
+    def start(name: str) -> bool:
+        child = children[name] = Child(name, threads, models, work, args.env)
+        try:
+            results[name] |= child.setup(model_overrides(models, name.startswith("rlhf_ray")) + args.set
+                                         + variants.get(name, []), args.warmup + args.steps)
+        except RuntimeError as e:  # a contender that cannot run here is reported, and the others go on
+            results[name]["failed"] = failure_line(str(e))
+            print(f"  {name:<20} t={threads}: FAILED to start: {results[name]['failed']} (log {child.log})",
+                  flush=True)
+            children.pop(name).close()
+            return False
+        print(f"  {name:<20} t={threads}: started in {results[name]['startup_s']:.1f} s", flush=True)
+        return True
+
+    def warm_up(name: str) -> None:
+        results[name]["first_step_s"] = children[name].run(args.warmup)[0]["s"]
+
+    def measure(name: str, k: int) -> None:
+        idle = [pid for other, c in children.items() if other != name for pid in process_tree(c.proc.pid)]
+        idle_before, t = cpu_jiffies(idle), time.perf_counter()
+        with ForeignLoad() as load:
+            results[name]["steps"] += children[name].run(k)
+        idle_share = (cpu_jiffies(idle) - idle_before) / ((time.perf_counter() - t) * os.sysconf("SC_CLK_TCK")
+                                                          * (os.cpu_count() or 1))
+        results[name]["foreign"].append(load.share)
+        results[name]["idle_others"].append(idle_share)
+        results[name]["load"].append(os.getloadavg()[0])
+
     try:
-        for name in names:
-            child = children[name] = Child(name, threads, models, work, args.env)
-            try:
-                results[name] |= child.setup(model_overrides(models, name.startswith("rlhf_ray")) + args.set
-                                             + variants.get(name, []), args.warmup + args.steps)
-            except RuntimeError as e:  # a contender that cannot run here is reported, and the others go on
-                results[name]["failed"] = failure_line(str(e))
-                print(f"  {name:<20} t={threads}: FAILED to start: {results[name]['failed']} (log {child.log})",
-                      flush=True)
-                children.pop(name).close()
-                continue
-            print(f"  {name:<20} t={threads}: started in {results[name]['startup_s']:.1f} s", flush=True)
-        names = list(children)
-        if not names:
+        if args.one_at_a_time:
+            for name in names:
+                if start(name):
+                    warm_up(name)
+                    for k in chunk_plan(args.steps, args.chunk):
+                        measure(name, k)
+                    children.pop(name).close()
             return results
-        for name, child in children.items():
-            warm = child.run(args.warmup)
-            results[name]["first_step_s"] = warm[0]["s"]
+        names = [name for name in names if start(name)]
+        for name in names:
+            warm_up(name)
         for i, k in enumerate(chunk_plan(args.steps, args.chunk)):
-            order = names[i % len(names):] + names[:i % len(names)]  # rotate who goes first
-            for name in order:
-                idle = [pid for other, c in children.items() if other != name for pid in process_tree(c.proc.pid)]
-                idle_before, t = cpu_jiffies(idle), time.perf_counter()
-                with ForeignLoad() as load:
-                    results[name]["steps"] += children[name].run(k)
-                idle_share = (cpu_jiffies(idle) - idle_before) / ((time.perf_counter() - t) * os.sysconf("SC_CLK_TCK")
-                                                                  * (os.cpu_count() or 1))
-                results[name]["foreign"].append(load.share)
-                results[name]["idle_others"].append(idle_share)
-                results[name]["load"].append(os.getloadavg()[0])
+            for name in names[i % len(names):] + names[:i % len(names)]:  # rotate who goes first
+                measure(name, k)
     finally:
         for child in children.values():
             child.close()
@@ -1087,6 +1102,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "--steps/6 for the 10M and 50M models; ~6 min on an idle 2-core machine); with --workload gen20m: "
                         "model size 1M → 113M and response length 32 → 512 at 32 sequences a step, rlhf_ray vs "
                         "floor_vllm, with each phase's share of the step")
+    parser.add_argument("--one-at-a-time", choices=("auto", "yes", "no"), default="auto",
+                        help="run each contender alone, start to finish, instead of alternating chunks with all "
+                        "of them alive (auto: yes for gen20m/gen100m, whose contenders do not fit in memory at once)")
     parser.add_argument("--json", default=str(ROOT / "runs" / "peer_compare.json"), help="where to write all figures")
     # child-process arguments (internal)
     for name, kind in (("--child", str), ("--reply-fd", int), ("--models", str), ("--out-dir", str)):
@@ -1100,6 +1118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         variants.setdefault(group, {})[label] = overrides.split(",")
     args.variant = variants
     args.env = dict(item.split("=", 1) for item in args.env)
+    args.one_at_a_time = args.one_at_a_time == "yes" or (args.one_at_a_time == "auto" and REAL_SIZE)
     if args.quick:
         args.steps, args.warmup, args.chunk = 6, 2, 3
     return args
