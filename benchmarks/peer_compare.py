@@ -47,6 +47,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import statistics
 import string
 import subprocess
@@ -936,7 +937,7 @@ def print_targets(all_summaries: dict[tuple[str, int], dict[str, dict[str, Any]]
         def ratio(a: str, b: str) -> float | None:
             return s[a]["median_s"] / s[b]["median_s"] if a in s and b in s else None
 
-        asynchronous = [n for n in s if n.startswith("rlhf_ray+k")]
+        asynchronous = [n for n in s if re.fullmatch(r"rlhf_ray\+k\d+", n)]  # not a --variant such as +kv256
         best = min(asynchronous, key=lambda n: s[n]["median_s"]) if asynchronous else None
         ours = s.get("rlhf_ray")
         rows = [("on-policy / TRL (HF generate)", ratio("rlhf_ray", "trl"), 0.7, "×"),
@@ -946,13 +947,16 @@ def print_targets(all_summaries: dict[tuple[str, int], dict[str, dict[str, Any]]
                  ours["phases"].get("sync", 0.0) / ours["median_s"] if ours else None, 0.05, "share"),
                 ("start-up with vLLM, launch → first step", ours["startup_s"] if ours else None, 15.0, "s"),
                 ("peak memory, all processes (PSS) / TRL's",
-                 ours["mem"]["pss_all_mib"] / s["trl"]["mem"]["pss_mib"] if ours and "trl" in s else None, 1.5, "×")]
+                 ours["mem"]["pss_all_mib"] / s["trl"]["mem"]["pss_mib"] if ours and "trl" in s else None, 1.5, "×"),
+                ("peak memory, all processes (PSS) / TRL with vLLM's",
+                 ours["mem"]["pss_all_mib"] / s["trl_vllm"]["mem"]["pss_mib"] if ours and "trl_vllm" in s else None,
+                 1.5, "×")]
         for label, value, limit, unit in rows:
             shown = ("—" if value is None else f"{value * 100:.1f} %" if unit == "share" else
                      f"{value:.1f} s" if unit == "s" else f"{value:.2f}×")
             bound = f"{limit * 100:.0f} %" if unit == "share" else f"{limit:g} s" if unit == "s" else f"{limit:g}×"
             mark = "—" if value is None else "✓" if value <= limit else "✗"
-            print(f"{group} t={threads}  {label:<44}{shown:>10}  target ≤ {bound:<7} {mark}")
+            print(f"{group} t={threads}  {label:<50}{shown:>10}  target ≤ {bound:<7} {mark}")
 
 
 def compare(args, work: Path) -> dict[str, Any]:
