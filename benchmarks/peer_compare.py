@@ -757,7 +757,7 @@ def build_models(work: Path, size: str) -> dict[str, str]:
 
     hidden, inter, layers, heads = MODEL_SIZES[size]
     paths = save_toy_models(work / f"models_{size}", seed=0, hidden_size=hidden, intermediate_size=inter,
-                            num_layers=layers, num_heads=heads)
+                            num_layers=layers, num_heads=heads, max_position_embeddings=1024)  # 512-token responses
     return {"policy": paths.policy, "critic": paths.critic, "tokenizer": paths.tokenizer}
 
 
@@ -1037,11 +1037,18 @@ def scaling(args, work: Path) -> dict[str, Any]:
             heavy = size != "1M"  # ~3 s (10M) and ~11 s (50M) per step on 2 cores: fewer steps
             warmup, steps = (1, max(2, args.steps // 6)) if heavy else (min(2, args.warmup), max(3, args.steps // 2))
             res = {}
-            for name, child in children.items():
-                child.setup(model_overrides(models[size], name == "rlhf_ray") + base + args.set + overrides,
-                            warmup + steps, models[size])
-                child.run(warmup)
-                res[name] = {"steps": []}
+            try:
+                for name, child in children.items():
+                    child.setup(model_overrides(models[size], name == "rlhf_ray") + base + args.set + overrides,
+                                warmup + steps, models[size])
+                    child.run(warmup)
+                    res[name] = {"steps": []}
+            except RuntimeError as e:  # a point that cannot run is reported; the table keeps the others
+                print(f"  {label:<28} FAILED: {failure_line(str(e))}", flush=True)
+                for name in names:
+                    children[name].close()
+                    children[name] = Child(name, threads, models[size], work, args.env)
+                continue
             for i, k in enumerate(chunk_plan(steps, args.chunk)):
                 for name in (names if i % 2 == 0 else names[::-1]):
                     res[name]["steps"] += children[name].run(k)
