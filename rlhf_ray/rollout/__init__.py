@@ -138,25 +138,43 @@ def engine_threads(cfg: RunConfig) -> int:
 
 
 def check_rollout_model(cfg: RunConfig, model_path: str) -> None:
-    """Before any actor starts: can a CPU vLLM engine run this model's attention head size? With
-    rollout.backend=vllm a ConfigError names the model and the fix; with 'auto' the run falls back
-    to HF generate and says so. Hub ids (no local config.json) are left to vLLM itself."""
+    """Before any actor starts: can a vLLM engine run this model? Its context in RL must fit the model's
+    positions (vLLM refuses a longer one), and on CPU its attention head size must be one the kernels
+    run: with rollout.backend=vllm a ConfigError names the model and the fix; with 'auto' an unsupported
+    head size falls back to HF generate and says so. Hub ids (no local config.json) are left to vLLM."""
     import json
     from pathlib import Path
 
     from rlhf_ray.config import ConfigError
 
     config_file = Path(model_path) / "config.json"
-    if cfg.placement.rollout.gpus > 0 or cfg.rollout_backend != "vllm" or not config_file.is_file():
+    if cfg.rollout_backend != "vllm" or not config_file.is_file():
         return
-    size = head_size(json.loads(config_file.read_text()))
-    if size is None or size in VLLM_CPU_HEAD_SIZES:
-        return
-    if cfg.rollout.backend == "auto":
-        print(f"rollout.backend=auto: {model_path} has attention head size {size}, which vLLM's CPU kernels do not "
-              f"run; rolling out with HF generate.", flush=True)
-        cfg.rollout.backend = "hf"
-        return
-    raise ConfigError(f"rollout.backend=vllm: {model_path} has attention head size {size}, which vLLM's CPU attention "
-                      f"kernels do not run (they run {list(VLLM_CPU_HEAD_SIZES)}); use rollout.backend=hf (or auto), "
-                      f"or run the engines on GPUs (placement.rollout.gpus).")
+    model_config = json.loads(config_file.read_text())
+    size = head_size(model_config)
+    if cfg.placement.rollout.gpus == 0 and size is not None and size not in VLLM_CPU_HEAD_SIZES:
+        if cfg.rollout.backend == "auto":
+            print(f"rollout.backend=auto: {model_path} has attention head size {size}, which vLLM's CPU kernels do "
+                  f"not run; rolling out with HF generate.", flush=True)
+            cfg.rollout.backend = "hf"
+            return
+        raise ConfigError(f"rollout.backend=vllm: {model_path} has attention head size {size}, which vLLM's CPU "
+                          f"attention kernels do not run (they run {list(VLLM_CPU_HEAD_SIZES)}); use rollout.backend=hf "
+                          f"(or auto), or run the engines on GPUs (placement.rollout.gpus).")
+    positions = model_config.get("max_position_embeddings")
+    if cfg.stage == "ppo" and positions and rl_context(cfg) > positions:
+        raise ConfigError(context_problem(cfg, model_path, int(positions)))
+
+
+def context_problem(cfg: RunConfig, model_path: str, positions: int) -> str:
+    """Why the rollout engine's context does not fit the model's positions, and the fixes."""
+    r, v = cfg.rollout, cfg.rollout.vllm
+    parts = (f"rollout.vllm.max_model_len={v.max_model_len}" if v.max_model_len else
+             f"data.max_prompt_len={cfg.data.max_prompt_len} + " + (
+                 f"rollout.max_new_tokens={r.max_new_tokens}" if r.env is None else
+                 f"an episode's {max_trajectory_tokens(cfg)} tokens (rollout.max_trajectory_tokens) + "
+                 f"{FIRST_OBSERVATION_TOKENS} for the first observation"))
+    return (f"the rollout engine's context is {rl_context(cfg)} tokens ({parts}), but {model_path} has "
+            f"max_position_embeddings={positions}, and vLLM refuses a longer context than the model's; lower "
+            f"data.max_prompt_len or rollout.max_new_tokens (max_trajectory_tokens for episodes) to fit {positions}, "
+            f"or use rollout.backend=hf.")

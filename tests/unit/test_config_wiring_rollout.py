@@ -208,3 +208,25 @@ def test_environment_fields_reach_the_episode_budget_the_engine_context_and_the_
     env = load_environment(capped.rollout.env, **capped.rollout.env_kwargs)()
     env.reset("", {"secret": 3})
     assert env.n == 5 and env.max_guesses == 2
+
+
+def test_a_rollout_context_longer_than_the_models_positions_fails_before_any_actor(tmp_path):
+    """vLLM refuses a context beyond the model's max_position_embeddings (inside the engine's actor, after
+    start-up); prepare_run's check names the parts of the context, the model and the fixes first."""
+    from rlhf_ray.config import ConfigError
+    from rlhf_ray.rollout import check_rollout_model
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 2,
+                                                   "max_position_embeddings": 256}))
+    long = ["stage=ppo", "rollout.backend=vllm", "data.max_prompt_len=64", "rollout.max_new_tokens=256"]
+    with pytest.raises(ConfigError, match=r"context is 320 tokens \(data.max_prompt_len=64 \+ "
+                                          r"rollout.max_new_tokens=256\).*max_position_embeddings=256"):
+        check_rollout_model(load_config(None, long), str(model))
+    episodes = long[:3] + ["rollout.env=rlhf_ray.envs.toy:GuessingGame", "rollout.max_trajectory_tokens=200",
+                           "reward.sources=[{kind: function, path: 'rlhf_ray.envs:env_return', name: env}]"]
+    with pytest.raises(ConfigError, match="an episode's 200 tokens"):
+        check_rollout_model(load_config(None, episodes), str(model))
+    check_rollout_model(load_config(None, long[:3] + ["rollout.max_new_tokens=192"]), str(model))  # 256: fits
+    check_rollout_model(load_config(None, ["stage=ppo", "rollout.backend=hf", *long[2:]]), str(model))  # HF: no limit
