@@ -1007,12 +1007,14 @@ REAL_SCALING_POINTS = [  # issue 22 (--workload gen20m --scaling): (label, model
     ("20M, 512 tokens", "20M", ["rollout.max_new_tokens=512"]),
 ]
 REAL_SCALING_BATCH = ["trainer.prompts_per_step=8", "trainer.mini_batch_size=32"]  # 32 sequences: a quarter
-SHARE_PHASES = ("rollout", "score", "update", "sync")
+SHARE_PHASES = {  # share → the phases that make it up (rlhf_ray's names, then the floor's)
+    "rollout": ("rollout",), "score": ("score", "reference", "reward"),
+    "update": ("update", "policy_forward", "backward", "optimizer"), "sync": ("sync",)}
 
 
 def phase_shares(seconds: float, phases: dict[str, float]) -> dict[str, float]:
     """Each phase's share of the step; "other" is what no phase covers (orchestration, prompts, advantages)."""
-    shares = {p: phases.get(p, 0.0) / seconds for p in SHARE_PHASES}
+    shares = {share: sum(phases.get(p, 0.0) for p in parts) / seconds for share, parts in SHARE_PHASES.items()}
     return shares | {"other": 1.0 - sum(shares.values())}
 
 
