@@ -296,7 +296,7 @@ class Floor:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from rlhf_ray.models import load_sequence_classifier, load_tokenizer
+        from rlhf_ray.models import enable_gradient_checkpointing, load_sequence_classifier, load_tokenizer
         from rlhf_ray.rewards.function import import_function
 
         cfg = self.cfg = load_run_config(self.config, overrides)
@@ -305,6 +305,10 @@ class Floor:
         self.policy = AutoModelForCausalLM.from_pretrained(models["policy"], dtype=torch.float32).train()
         self.reference = AutoModelForCausalLM.from_pretrained(models["policy"], dtype=torch.float32).eval()
         self.critic = load_sequence_classifier(models["critic"]).train() if cfg.uses_critic else None
+        if cfg.trainer.gradient_checkpointing:
+            for model in (self.policy, self.critic):
+                if model is not None:
+                    enable_gradient_checkpointing(model)
         self.optimizers = [self._adamw(self.policy, cfg.policy_optim)]
         if self.critic is not None:
             self.optimizers.append(self._adamw(self.critic, cfg.critic_optim))
@@ -595,6 +599,7 @@ def run_trl(chan: Channel, config: str, models: dict[str, str], out_dir: str, vl
         beta=a.kl.coef, epsilon=a.clip_low, epsilon_high=a.clip_high, num_iterations=a.epochs, loss_type="dapo",
         learning_rate=o.lr, lr_scheduler_type="constant", adam_beta1=o.betas[0], adam_beta2=o.betas[1],
         adam_epsilon=o.eps, weight_decay=o.weight_decay, max_grad_norm=o.grad_clip or 0.0,
+        gradient_checkpointing=cfg.trainer.gradient_checkpointing,  # TRL's GRPOConfig default is True
     )
     rows = [json.loads(line) for line in Path(cfg.data.train).read_text().splitlines()]
     t_built = time.perf_counter()

@@ -53,6 +53,17 @@ def load_sequence_classifier(
     )
 
 
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Non-reentrant activation recomputation in `model`'s layers (trainer.gradient_checkpointing); active in train()
+    mode only, so no-grad forwards (old log-probs, values) run once. Non-reentrant: LoRA's frozen inputs need no
+    `enable_input_require_grads`, and the gradients equal those without it."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"trainer.gradient_checkpointing=true: {type(model).__name__} does not support gradient "
+                         f"checkpointing (supports_gradient_checkpointing is False); set trainer.gradient_checkpointing=false")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer at `path`; without a pad token, EOS doubles as pad (responses are cut at EOS, never by pad id)."""
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

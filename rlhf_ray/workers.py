@@ -185,6 +185,10 @@ class _TrainedRole(Worker):
                          "nccl" if device == "cuda" else "gloo", self.cfg.deepspeed.timeout_s)
         torch.manual_seed(self.cfg.trainer.seed)
         model, lora = self.load_model(), None
+        if self.cfg.trainer.gradient_checkpointing:
+            from rlhf_ray.models import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(model)
         if self.uses_lora:
             from rlhf_ray.lora import apply_lora
 

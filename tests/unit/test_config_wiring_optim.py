@@ -119,3 +119,47 @@ def test_offline_policy_stages_take_policy_optim(captured, paths):
     built = captured(OfflineWorker(cfg, paths, 0, 1, loss=None))
     assert tuple(built["optimizer"].param_groups[0]["betas"]) == (0.6, 0.97)
     assert lrs(built["optimizer"], built["scheduler"], 2) == pytest.approx([1e-5, 0.5e-5])
+
+
+def _layer_calls_and_grads(worker) -> tuple[int, dict[str, torch.Tensor]]:
+    """One training forward + backward through the worker's engine on a fixed batch: → (MLP forward calls over
+    the decoder layers, gradients by parameter name)."""
+    module = worker.model.module
+    layers = module.base_model.layers if hasattr(module.base_model, "layers") else module.model.layers
+    calls = []  # counted inside forward: module hooks do not fire during checkpoint recomputation
+
+    def counted(forward):
+        return lambda *args, **kwargs: (calls.append(1), forward(*args, **kwargs))[1]
+
+    for layer in layers:
+        layer.mlp.forward = counted(layer.mlp.forward)
+    ids = torch.randint(5, 30, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    worker.model.train()
+    out = worker.model.forward(ids, mask, torch.arange(12).expand(2, 12))
+    worker.model.backward(out.float().pow(2).mean())
+    for layer in layers:
+        del layer.mlp.forward  # the class's forward again
+    return len(calls), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("role", ["policy", "critic", "rm"])
+def test_gradient_checkpointing_recomputes_each_layer_and_keeps_the_gradients(captured, paths, role):
+    def worker(on: bool):
+        overrides = [f"trainer.gradient_checkpointing={str(on).lower()}"]
+        if role == "rm":
+            return OfflineWorker(load_config(None, ["stage=rm", "trainer.total_steps=2", *overrides]), paths, 0, 1, loss=None)
+        cls = PolicyWorker if role == "policy" else CriticWorker
+        return cls(load_config(None, PPO + overrides), paths, 0, 1)
+
+    runs = {}
+    for on in (False, True):
+        w = worker(on)
+        captured(w)
+        assert w.model.module.is_gradient_checkpointing is on
+        runs[on] = _layer_calls_and_grads(w)
+    (plain_calls, plain_grads), (ckpt_calls, ckpt_grads) = runs[False], runs[True]
+    assert ckpt_calls == 2 * plain_calls > 0  # every layer's forward ran again inside the backward
+    assert plain_grads.keys() == ckpt_grads.keys() and plain_grads
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
