@@ -61,7 +61,7 @@ def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
         raise ValueError(f"trainer.gradient_checkpointing=true: {type(model).__name__} does not support gradient "
                          f"checkpointing (supports_gradient_checkpointing is False); set trainer.gradient_checkpointing=false")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
+    # config.use_cache stays as loaded: exports keep it, and every training forward passes use_cache=False
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

@@ -16,6 +16,7 @@ import socket
 import pytest
 import torch
 
+from rlhf_ray.batch import position_ids
 from rlhf_ray.config import load_config
 from rlhf_ray.toy import save_toy_models
 from rlhf_ray.workers import CriticWorker, ModelPaths, OfflineWorker, PolicyWorker
@@ -135,21 +136,24 @@ def _layer_calls_and_grads(worker) -> tuple[int, dict[str, torch.Tensor]]:
         layer.mlp.forward = counted(layer.mlp.forward)
     ids = torch.randint(5, 30, (2, 12), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding, as rollouts have
     worker.model.train()
-    out = worker.model.forward(ids, mask, torch.arange(12).expand(2, 12))
+    out = worker.model.forward(ids, mask, position_ids(mask))
     worker.model.backward(out.float().pow(2).mean())
     for layer in layers:
         del layer.mlp.forward  # the class's forward again
     return len(calls), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("role", ["policy", "critic", "rm"])
+@pytest.mark.parametrize("role", ["policy", "policy+packing", "critic", "rm"])
 def test_gradient_checkpointing_recomputes_each_layer_and_keeps_the_gradients(captured, paths, role):
     def worker(on: bool):
         overrides = [f"trainer.gradient_checkpointing={str(on).lower()}"]
+        if role == "policy+packing":
+            overrides.append("trainer.packing=true")
         if role == "rm":
             return OfflineWorker(load_config(None, ["stage=rm", "trainer.total_steps=2", *overrides]), paths, 0, 1, loss=None)
-        cls = PolicyWorker if role == "policy" else CriticWorker
+        cls = CriticWorker if role == "critic" else PolicyWorker
         return cls(load_config(None, PPO + overrides), paths, 0, 1)
 
     runs = {}
