@@ -81,6 +81,7 @@ def vllm_options(cfg: RunConfig, model_path: str, seed: int, full_context: bool 
         model=model_path, tokenizer=model_path, dtype=cfg.model_dtype,
         seed=seed, max_model_len=max_model_len,
         batch_seqs=engine_batch_seqs(cfg) if rollout_batch else None,
+        block_size=v.block_size,
         tensor_parallel_size=v.tensor_parallel_size, gpu_memory_utilization=v.gpu_memory_utilization,
         kv_cache_mb=v.kv_cache_mb, enable_sleep=v.enable_sleep, enforce_eager=v.enforce_eager,
         threads=engine_threads(cfg), trust_remote_code=cfg.model.trust_remote_code, lora_rank=lora_rank)

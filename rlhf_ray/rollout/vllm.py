@@ -58,7 +58,10 @@ from rlhf_ray.batch import Samples
 from rlhf_ray.rollout.base import (
     Completion, SamplingParams, array_to_tensor, cut_at_first_eos, item_seeds, left_pad)
 
-CPU_BLOCK_SIZE = 128  # tokens per KV-cache block: vLLM 0.32's CPU default, set explicitly
+# tokens per KV-cache block on CPU unless rollout.vllm.block_size says. vLLM 0.32's CPU default is 128, which
+# holds a 144-token sequence in 256 tokens; 32 (the smallest its vectorised kernel takes) in 160, at the same
+# generation speed (docs/performance.md: 20M, 128 × 144 tokens: rollout 8.9 s either way, cache 480 vs 768 MiB)
+CPU_BLOCK_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ class VLLMOptions:
     gpu_memory_utilization: float = 0.5
     kv_cache_mb: float | None = None  # CPU: KV cache size; GPU: overrides gpu_memory_utilization when set
     batch_seqs: int | None = None  # CPU, kv_cache_mb None: size the KV cache for this many sequences at full length
+    block_size: int | None = None  # tokens per KV-cache block; None: CPU_BLOCK_SIZE on CPU, vLLM's default on GPU
     enable_sleep: bool = False
     enforce_eager: bool | None = None  # None: eager on CPU, CUDA graphs on GPU
     threads: int | None = None  # CPU: OpenMP threads of the engine (fixed for its life)
@@ -229,17 +233,19 @@ def _start(options: VLLMOptions, on_gpu: bool):
         kwargs |= dict(enable_lora=True, max_loras=1, max_lora_rank=lora_slot_rank(options.lora_rank))
     if on_gpu:
         kwargs |= dict(gpu_memory_utilization=options.gpu_memory_utilization, enable_sleep_mode=options.enable_sleep)
+    block = options.block_size or (None if on_gpu else CPU_BLOCK_SIZE)
+    if block is not None:
+        kwargs["block_size"] = block
     kv_mb = options.kv_cache_mb
     if kv_mb is None and not on_gpu:
-        kv_mb = (cpu_kv_cache_mb(options.model, options.batch_seqs, options.max_model_len, _dtype_bytes(options.dtype))
+        kv_mb = (cpu_kv_cache_mb(options.model, options.batch_seqs, options.max_model_len, _dtype_bytes(options.dtype), block)
                  if options.batch_seqs else DEFAULT_CPU_KV_CACHE_MB)
     if kv_mb is not None:
         kwargs["kv_cache_memory_bytes"] = int(kv_mb * 2**20)
     if not on_gpu:
         kwargs["enable_chunked_prefill"] = False  # a split prefill rewinds the seeded generator: see above
-        kwargs["block_size"] = CPU_BLOCK_SIZE
         kwargs["max_num_seqs"] = cpu_max_num_seqs(options.model, int(kv_mb * 2**20), options.max_model_len,
-                                                  _dtype_bytes(options.dtype))
+                                                  _dtype_bytes(options.dtype), block)
     return LLM(**kwargs)
 
 
@@ -258,21 +264,23 @@ def lora_slot_rank(rank: int) -> int:
 DEFAULT_CPU_KV_CACHE_MB = 256.0  # an engine that does not know its batch (judges, labelling, evaluation)
 
 
-def cpu_max_num_seqs(model_dir: str, kv_bytes: int, max_model_len: int | None, dtype_bytes: int, ceiling: int = 256) -> int:
+def cpu_max_num_seqs(model_dir: str, kv_bytes: int, max_model_len: int | None, dtype_bytes: int,
+                     block_size: int = CPU_BLOCK_SIZE, ceiling: int = 256) -> int:
     """Sequences the CPU engine may run at once: as many as fit the KV cache at full length, so none is
     ever preempted (its KV dropped and recomputed later)."""
-    return max(1, min(ceiling, kv_bytes // _sequence_kv_bytes(model_dir, max_model_len, dtype_bytes)))
+    return max(1, min(ceiling, kv_bytes // _sequence_kv_bytes(model_dir, max_model_len, dtype_bytes, block_size)))
 
 
-def cpu_kv_cache_mb(model_dir: str, seqs: int, max_model_len: int | None, dtype_bytes: int) -> float:
+def cpu_kv_cache_mb(model_dir: str, seqs: int, max_model_len: int | None, dtype_bytes: int,
+                    block_size: int = CPU_BLOCK_SIZE) -> float:
     """A KV cache (MiB) that holds `seqs` sequences at full length: a rollout batch runs in one wave, and
     no memory is held for sequences that never come (256 MiB held a third of 128 × 144 tokens at 20M
-    params; 16 MiB is all the toy run's 32 × 96 tokens need)."""
-    return seqs * _sequence_kv_bytes(model_dir, max_model_len, dtype_bytes) / 2**20
+    params in blocks of 128; the sized cache is 480 MiB in blocks of 32)."""
+    return seqs * _sequence_kv_bytes(model_dir, max_model_len, dtype_bytes, block_size) / 2**20
 
 
-def _sequence_kv_bytes(model_dir: str, max_model_len: int | None, dtype_bytes: int) -> int:
-    """KV-cache bytes of one sequence at full length, in whole blocks of CPU_BLOCK_SIZE tokens."""
+def _sequence_kv_bytes(model_dir: str, max_model_len: int | None, dtype_bytes: int, block_size: int) -> int:
+    """KV-cache bytes of one sequence at full length, in whole blocks of `block_size` tokens."""
     import json
     from pathlib import Path
 
@@ -282,8 +290,8 @@ def _sequence_kv_bytes(model_dir: str, max_model_len: int | None, dtype_bytes: i
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     per_token = 2 * config["num_hidden_layers"] * config.get("num_key_value_heads", heads) * head_dim * dtype_bytes
     length = max_model_len or config.get("max_position_embeddings", 2048)
-    blocks = -(-length // CPU_BLOCK_SIZE)  # the KV cache is allocated in blocks of CPU_BLOCK_SIZE tokens
-    return per_token * blocks * CPU_BLOCK_SIZE
+    blocks = -(-length // block_size)  # the KV cache is allocated in whole blocks
+    return per_token * blocks * block_size
 
 
 def _dtype_bytes(dtype: str) -> int:

@@ -54,7 +54,7 @@ def configured(ray_session, tmp_path_factory, engine):
     batch: 16)."""
     cfg = load_config(CONFIGS / "toy_grpo.yaml", toy_overrides(
         tmp_path_factory.mktemp("configured"), "rollout.backend=vllm", "rollout.vllm.enforce_eager=false",
-        "rollout.vllm.kv_cache_mb=160", "rollout.vllm.max_model_len=200", "rollout.vllm.threads=1", "rollout.seed=7"))
+        "rollout.vllm.kv_cache_mb=160", "rollout.vllm.block_size=64", "rollout.vllm.max_model_len=200", "rollout.vllm.threads=1", "rollout.seed=7"))
     worker = ray.remote(RolloutWorker).options(num_cpus=1).remote(cfg, engine[1], 1)
     assert ray.get(worker.ping.remote(), timeout=300) > 0
     yield worker, cfg
@@ -128,14 +128,14 @@ def test_a_batch_split_across_engines_gives_each_prompt_the_same_samples(engine)
     assert not torch.equal(unshifted.response_ids[:, :4], tail.response_ids[:, :4])
 
 
-def _kv_bytes_per_sequence(model_dir: str, length: int) -> int:
-    """K and V × layers × KV heads × head size × fp32, over whole 128-token blocks."""
+def _kv_bytes_per_sequence(model_dir: str, length: int, block: int) -> int:
+    """K and V × layers × KV heads × head size × fp32, over whole blocks of `block` tokens."""
     import json
 
     c = json.loads((Path(model_dir) / "config.json").read_text())
     head = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
     per_token = 2 * c["num_hidden_layers"] * c.get("num_key_value_heads", c["num_attention_heads"]) * head * 4
-    return per_token * 128 * -(-length // 128)
+    return per_token * block * -(-length // block)
 
 
 def test_the_vllm_section_reaches_the_live_engine(engine, configured):
@@ -143,21 +143,22 @@ def test_the_vllm_section_reaches_the_live_engine(engine, configured):
     def live(w):
         v = w.engine.llm.llm_engine.vllm_config
         return {"eager": v.model_config.enforce_eager, "kv_bytes": v.cache_config.kv_cache_memory_bytes,
+                "block": v.cache_config.block_size,
                 "max_len": v.model_config.max_model_len, "seed": v.model_config.seed,
                 "max_seqs": v.scheduler_config.max_num_seqs, "threads": torch.get_num_threads(),
                 "omp": os.environ.get("OMP_NUM_THREADS")}
 
     worker, cfg = configured
-    per_sequence = _kv_bytes_per_sequence(engine[1].policy, 200)
+    per_sequence = _kv_bytes_per_sequence(engine[1].policy, 200, 64)
     assert ray.get(worker.__ray_call__.remote(live), timeout=60) == {
-        "eager": False, "kv_bytes": 160 * 2**20, "max_len": 200, "seed": 8,  # rollout.seed + engine index
+        "eager": False, "kv_bytes": 160 * 2**20, "block": 64, "max_len": 200, "seed": 8,  # rollout.seed + engine index
         "max_seqs": min(256, 160 * 2**20 // per_sequence), "threads": 1, "omp": "1"}
     default = ray.get(engine[0].__ray_call__.remote(live), timeout=60)
     length = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
     batch = max(cfg.sequences_per_step, cfg.trainer.eval_prompts)  # 16 a step, 16 an evaluation (toy_overrides)
-    assert (default["eager"], default["max_len"]) == (True, length)  # CPU: eager
+    assert (default["eager"], default["max_len"], default["block"]) == (True, length, 32)  # CPU: eager, blocks of 32
     assert default["max_seqs"] == batch  # the whole batch at once ...
-    assert default["kv_bytes"] == batch * _kv_bytes_per_sequence(engine[1].policy, length)  # ... and no more
+    assert default["kv_bytes"] == batch * _kv_bytes_per_sequence(engine[1].policy, length, 32)  # ... and no more
 
 
 def test_a_batch_whose_prefills_exceed_one_step_generates_and_reproduces(engine, configured):

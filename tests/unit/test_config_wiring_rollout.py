@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlhf_ray.config import load_config
+from rlhf_ray.config import ConfigError, load_config
 from rlhf_ray.rollout import build_engine, engine_batch_seqs, engine_threads, probe_length, vllm_options
 from rlhf_ray.rollout.vllm import cpu_kv_cache_mb, cpu_max_num_seqs
 from rlhf_ray.toy import build_char_tokenizer, build_policy
@@ -104,7 +104,7 @@ def test_vllm_max_model_len_and_threads_in_options():
 
 def test_a_rollout_engines_kv_cache_holds_its_largest_batch_at_full_length(tmp_path):
     """rollout.vllm.kv_cache_mb null on CPU: the cache an engine gets holds its share of a step's or an
-    evaluation's sequences at full length (whole 128-token blocks), and max_num_seqs lets them all run."""
+    evaluation's sequences at full length (whole blocks of 32 tokens on CPU), and max_num_seqs lets them all run."""
     cfg = load_config(None, ["trainer.prompts_per_step=32", "rollout.samples_per_prompt=4", "rollout.num_engines=2",
                              "trainer.eval_prompts=40", "data.max_prompt_len=16", "rollout.max_new_tokens=128"])
     assert engine_batch_seqs(cfg) == 64  # 128 sequences a step over 2 engines (evaluation: 40 × 1)
@@ -116,9 +116,30 @@ def test_a_rollout_engines_kv_cache_holds_its_largest_batch_at_full_length(tmp_p
     model.mkdir()  # a Llama of 6 layers, 8 heads of 64, 2 KV heads
     (model / "config.json").write_text(json.dumps({"num_attention_heads": 8, "num_key_value_heads": 2,
                                                    "hidden_size": 512, "num_hidden_layers": 6}))
-    per_sequence = 2 * 6 * 2 * 64 * 4 * 256  # K and V × layers × KV heads × head size × fp32 × 2 blocks of 128
+    per_sequence = 2 * 6 * 2 * 64 * 4 * 160  # K and V × layers × KV heads × head size × fp32 × 5 blocks of 32
     assert cpu_kv_cache_mb(str(model), 64, 144, 4) * 2**20 == 64 * per_sequence
     assert cpu_max_num_seqs(str(model), 64 * per_sequence, 144, 4) == 64
+
+
+def test_kv_cache_blocks_of_the_configured_size_hold_a_sequence_in_fewer_tokens(tmp_path):
+    """rollout.vllm.block_size reaches the engine options, and the cache sized for a batch counts whole blocks of
+    that size: 144 tokens take 160 in blocks of 32 against 256 in blocks of 128."""
+    cfg = load_config(None, ["rollout.vllm.block_size=32", "data.max_prompt_len=16", "rollout.max_new_tokens=128"])
+    assert vllm_options(cfg, "m", seed=0).block_size == 32
+    assert vllm_options(load_config(None, []), "m", seed=0).block_size is None  # the CPU default (CPU_BLOCK_SIZE)
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"num_attention_heads": 8, "num_key_value_heads": 2,
+                                                   "hidden_size": 512, "num_hidden_layers": 6}))
+    per_token = 2 * 6 * 2 * 64 * 4
+    assert cpu_kv_cache_mb(str(model), 10, 144, 4, block_size=32) * 2**20 == 10 * per_token * 160
+    assert cpu_kv_cache_mb(str(model), 10, 144, 4, block_size=128) * 2**20 == 10 * per_token * 256
+    assert cpu_max_num_seqs(str(model), 10 * per_token * 160, 144, 4, block_size=32) == 10
+
+
+def test_a_block_size_that_is_not_a_multiple_of_16_is_refused_naming_the_field():
+    with pytest.raises(ConfigError, match="rollout.vllm.block_size"):
+        load_config(None, ["rollout.vllm.block_size=24"])
 
 
 def test_the_sync_probe_fits_the_engines_context():
