@@ -582,14 +582,13 @@ def run_trl(chan: Channel, config: str, models: dict[str, str], out_dir: str, vl
     vllm_args = {}
     if vllm:
         v = cfg.rollout.vllm
-        from rlhf_ray.rollout.vllm import CPU_BLOCK_SIZE, cpu_kv_cache_mb
+        from rlhf_ray.rollout.vllm import cpu_kv_cache_mb
 
         length = rl_context(cfg)
         vllm_args = dict(use_vllm=True, vllm_mode="colocate", vllm_max_model_length=length)
         # the KV cache rlhf_ray's engine gets, rounded up to whole GiB: TRL's only knob for it on CPU is
         # vLLM's VLLM_CPU_KVCACHE_SPACE (GiB)
-        kv_mb = v.kv_cache_mb or cpu_kv_cache_mb(models["policy"], cfg.sequences_per_step, length, 4,
-                                                 v.block_size or CPU_BLOCK_SIZE)
+        kv_mb = v.kv_cache_mb or cpu_kv_cache_mb(models["policy"], cfg.sequences_per_step, length, 4, v.block_size)
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(-(-int(kv_mb) // 1024)))
     args = GRPOConfig(
         output_dir=out_dir, use_cpu=True, bf16=False, fp16=False, seed=cfg.trainer.seed, report_to="none",

@@ -233,19 +233,18 @@ def _start(options: VLLMOptions, on_gpu: bool):
         kwargs |= dict(enable_lora=True, max_loras=1, max_lora_rank=lora_slot_rank(options.lora_rank))
     if on_gpu:
         kwargs |= dict(gpu_memory_utilization=options.gpu_memory_utilization, enable_sleep_mode=options.enable_sleep)
-    block = options.block_size or (None if on_gpu else CPU_BLOCK_SIZE)
-    if block is not None:
-        kwargs["block_size"] = block
+    if options.block_size or not on_gpu:
+        kwargs["block_size"] = options.block_size or CPU_BLOCK_SIZE
     kv_mb = options.kv_cache_mb
     if kv_mb is None and not on_gpu:
-        kv_mb = (cpu_kv_cache_mb(options.model, options.batch_seqs, options.max_model_len, _dtype_bytes(options.dtype), block)
-                 if options.batch_seqs else DEFAULT_CPU_KV_CACHE_MB)
+        kv_mb = (cpu_kv_cache_mb(options.model, options.batch_seqs, options.max_model_len, _dtype_bytes(options.dtype),
+                                   options.block_size) if options.batch_seqs else DEFAULT_CPU_KV_CACHE_MB)
     if kv_mb is not None:
         kwargs["kv_cache_memory_bytes"] = int(kv_mb * 2**20)
     if not on_gpu:
         kwargs["enable_chunked_prefill"] = False  # a split prefill rewinds the seeded generator: see above
         kwargs["max_num_seqs"] = cpu_max_num_seqs(options.model, int(kv_mb * 2**20), options.max_model_len,
-                                                  _dtype_bytes(options.dtype), block)
+                                                  _dtype_bytes(options.dtype), options.block_size)
     return LLM(**kwargs)
 
 
@@ -265,22 +264,22 @@ DEFAULT_CPU_KV_CACHE_MB = 256.0  # an engine that does not know its batch (judge
 
 
 def cpu_max_num_seqs(model_dir: str, kv_bytes: int, max_model_len: int | None, dtype_bytes: int,
-                     block_size: int = CPU_BLOCK_SIZE, ceiling: int = 256) -> int:
+                     block_size: int | None = None, ceiling: int = 256) -> int:
     """Sequences the CPU engine may run at once: as many as fit the KV cache at full length, so none is
     ever preempted (its KV dropped and recomputed later)."""
     return max(1, min(ceiling, kv_bytes // _sequence_kv_bytes(model_dir, max_model_len, dtype_bytes, block_size)))
 
 
 def cpu_kv_cache_mb(model_dir: str, seqs: int, max_model_len: int | None, dtype_bytes: int,
-                    block_size: int = CPU_BLOCK_SIZE) -> float:
+                    block_size: int | None = None) -> float:
     """A KV cache (MiB) that holds `seqs` sequences at full length: a rollout batch runs in one wave, and
     no memory is held for sequences that never come (256 MiB held a third of 128 × 144 tokens at 20M
     params in blocks of 128; the sized cache is 480 MiB in blocks of 32)."""
     return seqs * _sequence_kv_bytes(model_dir, max_model_len, dtype_bytes, block_size) / 2**20
 
 
-def _sequence_kv_bytes(model_dir: str, max_model_len: int | None, dtype_bytes: int, block_size: int) -> int:
-    """KV-cache bytes of one sequence at full length, in whole blocks of `block_size` tokens."""
+def _sequence_kv_bytes(model_dir: str, max_model_len: int | None, dtype_bytes: int, block_size: int | None) -> int:
+    """KV-cache bytes of one sequence at full length, in whole blocks of `block_size` tokens (None: CPU_BLOCK_SIZE)."""
     import json
     from pathlib import Path
 
@@ -290,6 +289,7 @@ def _sequence_kv_bytes(model_dir: str, max_model_len: int | None, dtype_bytes: i
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     per_token = 2 * config["num_hidden_layers"] * config.get("num_key_value_heads", heads) * head_dim * dtype_bytes
     length = max_model_len or config.get("max_position_embeddings", 2048)
+    block_size = block_size or CPU_BLOCK_SIZE
     blocks = -(-length // block_size)  # the KV cache is allocated in whole blocks
     return per_token * blocks * block_size
 

@@ -126,7 +126,7 @@ def _layer_calls_and_grads(worker) -> tuple[int, dict[str, torch.Tensor]]:
     """One training forward + backward through the worker's engine on a fixed batch: → (MLP forward calls over
     the decoder layers, gradients by parameter name)."""
     module = worker.model.module
-    layers = module.base_model.layers if hasattr(module.base_model, "layers") else module.model.layers
+    layers = module.base_model.layers  # the decoder, under a causal-LM or a sequence-classification head
     calls = []  # counted inside forward: module hooks do not fire during checkpoint recomputation
 
     def counted(forward):
