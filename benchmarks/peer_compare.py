@@ -303,7 +303,9 @@ class Floor:
         self.tokenizer = load_tokenizer(models["tokenizer"])
         torch.manual_seed(cfg.trainer.seed)
         self.policy = AutoModelForCausalLM.from_pretrained(models["policy"], dtype=torch.float32).train()
-        self.reference = AutoModelForCausalLM.from_pretrained(models["policy"], dtype=torch.float32).eval()
+        # β = 0: no reference, as in rlhf_ray (RunConfig.uses_reference) and TRL (beta=0 loads no ref_model)
+        self.reference = (AutoModelForCausalLM.from_pretrained(models["policy"], dtype=torch.float32).eval()
+                          if cfg.uses_reference else None)
         self.critic = load_sequence_classifier(models["critic"]).train() if cfg.uses_critic else None
         if cfg.trainer.gradient_checkpointing:
             for model in (self.policy, self.critic):
@@ -440,8 +442,9 @@ class Floor:
         with ph("advantages"):
             advantages = broadcast_to_tokens(group_advantages(scores, self.cfg.rollout.samples_per_prompt, a.advantage), mask)
         micro = self._micro_batches(len(sequences))
-        with ph("reference"), torch.no_grad():
-            ref_logprobs = torch.cat([self._logprobs(self.reference, sequences[m], attention_mask[m], P) for m in micro])
+        if self.reference is not None:
+            with ph("reference"), torch.no_grad():
+                ref_logprobs = torch.cat([self._logprobs(self.reference, sequences[m], attention_mask[m], P) for m in micro])
         if self.recompute:
             with ph("old_logprobs"), torch.no_grad():
                 old_logprobs = torch.cat([self._logprobs(self.policy, sequences[m], attention_mask[m], P) for m in micro])
@@ -452,8 +455,10 @@ class Floor:
                 old = old_logprobs[m] if self.recompute else logprobs.detach()
                 loss, _ = policy_loss(logprobs, old, advantages[m], mask[m], clip_low=a.clip_low,
                                       clip_high=a.clip_high, agg=a.loss_agg)
-                kl, _ = kl_loss(logprobs, ref_logprobs[m], mask[m], kind="k3", agg=a.loss_agg)
-                loss = (loss + a.kl.coef * kl) * (mask[m].sum() / tokens)
+                if self.reference is not None:
+                    kl, _ = kl_loss(logprobs, ref_logprobs[m], mask[m], kind="k3", agg=a.loss_agg)
+                    loss = loss + a.kl.coef * kl
+                loss = loss * (mask[m].sum() / tokens)
             with ph("backward"):
                 loss.backward()
         self._optimizer_step(ph)
@@ -480,8 +485,9 @@ class Floor:
 
         a = self.cfg.algo
         sequences, attention_mask, mask, P, scores = self._rollout(ph)
-        with ph("reference"), torch.no_grad():
-            ref_logprobs = self._logprobs(self.reference, sequences, attention_mask, P)
+        if self.reference is not None:
+            with ph("reference"), torch.no_grad():
+                ref_logprobs = self._logprobs(self.reference, sequences, attention_mask, P)
         if self.recompute:
             with ph("old_logprobs"), torch.no_grad():
                 old_logprobs = self._logprobs(self.policy, sequences, attention_mask, P)
@@ -495,7 +501,8 @@ class Floor:
             if not self.recompute:
                 old_logprobs, old_values = logprobs.detach(), values.detach()
             fmask = mask.float()
-            kl = kl_penalty(old_logprobs, ref_logprobs, a.kl.estimator) * fmask
+            kl = kl_penalty(old_logprobs, ref_logprobs, a.kl.estimator) * fmask if self.reference is not None \
+                else torch.zeros_like(fmask)
             advantages, returns = compute_gae(token_rewards(scores, kl, a.kl.coef, fmask), old_values, fmask, a.gamma, a.lam)
             advantages = whiten(advantages, fmask) * fmask
         with ph("policy_forward"):

@@ -308,7 +308,7 @@ class RewardConfig(Section):
 class KLConfig(Section):
     estimator: Literal["k1", "k2", "k3"] = Field("k1", description="KL estimator (Schulman 2020): k1 = log-ratio, k2 = ½ log-ratio², k3 = exp(-r) - 1 + r.")
     placement: Literal["reward", "loss"] = Field("reward", description="KL as a per-token reward penalty (InstructGPT) or a loss term (GRPO, needs k3).")
-    coef: float = Field(0.05, ge=0, description="KL coefficient β (initial value when adaptive).")
+    coef: float = Field(0.05, ge=0, description="KL coefficient β (initial value when adaptive). 0 (and not adaptive): no KL term, so RL runs load no reference (no actor, no copy in the policy ranks, no reference forward) unless trainer.eval_win_rate asks for its answers.")
     adaptive: bool = Field(False, description="Adapt β towards `target` (Ziegler et al. 2019).")
     target: float = Field(6.0, gt=0, description="Target KL per sequence for the adaptive controller.")
     horizon: int = Field(10000, gt=0, description="Adaptive controller horizon in samples.")
@@ -679,6 +679,13 @@ class RunConfig(Section):
         return self.algo.advantage == "gae"
 
     @property
+    def uses_reference(self) -> bool:
+        """The frozen reference is loaded when something reads it: a KL term (β > 0; an adaptive β starts
+        above 0, a config rule) or the win-rate baseline (`trainer.eval_win_rate`). With β = 0 no actor or
+        rank holds it and the score phase skips its forward; the kl/ref metrics are then absent."""
+        return self.algo.kl.coef > 0 or self.trainer.eval_win_rate
+
+    @property
     def reuses_training_logprobs(self) -> bool:
         """π_old = the training forward's log-probs, detached: the update is the rollout policy's only
         one (on-policy, one epoch, one mini-batch) and no KL-shaped reward needs π_old before it."""
@@ -820,6 +827,9 @@ def _kl_rules(cfg: RunConfig) -> list[str]:
     if cfg.algo.clip_high < cfg.algo.clip_low:
         return [f"algo.clip_high={cfg.algo.clip_high} is below algo.clip_low={cfg.algo.clip_low}; clip-higher needs "
                 f"clip_high >= clip_low."]
+    if kl.adaptive and kl.coef == 0:
+        return ["algo.kl.adaptive=true with algo.kl.coef=0: the controller multiplies β, so it stays 0 and no KL "
+                "term is ever trained; set algo.kl.coef to the starting β (e.g. 0.05), or algo.kl.adaptive=false."]
     return []
 
 

@@ -82,7 +82,7 @@ def stage_needs(cfg: RunConfig) -> list[Need]:
         return _sampling_needs(cfg, labeler=c.pairs == "judge") + files + (
             [Need("cai.endpoint.api_key_env", key, "env")] if key else [])
     needs = _policy_needs(cfg) + _data_needs(cfg) + _resume_needs(cfg)
-    if cfg.model.reference and cfg.stage in ("ppo", "dpo"):
+    if cfg.model.reference and (cfg.stage == "dpo" or cfg.stage == "ppo" and cfg.uses_reference):
         needs.append(Need("model.reference", cfg.model.reference, "model"))
     if cfg.stage == "ppo":
         if cfg.uses_critic and cfg.model.critic:

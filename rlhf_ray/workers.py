@@ -299,7 +299,7 @@ class PolicyWorker(_TrainedRole):
     def __init__(self, cfg: RunConfig, paths: ModelPaths, rank: int, world_size: int):
         super().__init__(cfg, paths, rank, world_size)
         # with LoRA and the initial policy as reference, the reference is this model without its adapters
-        hosted = cfg.placement.reference_in_policy
+        hosted = cfg.placement.reference_in_policy and cfg.uses_reference  # β = 0: nothing reads a reference
         self.base_is_reference = hosted and self.uses_lora and paths.reference == paths.policy
         self.reference = ReferenceWorker(cfg, paths, hosted=True) if hosted and not self.base_is_reference else None
 
@@ -366,8 +366,10 @@ class PolicyWorker(_TrainedRole):
             if mb.logprobs is not None:  # the engine's μ: how far it is from the trainer's π_old (§10)
                 metrics |= mismatch_metrics(old, mb.logprobs, mask)
             metrics |= correction_metrics
-            k1 = ((logprobs.detach() - mb.ref_logprobs) * mask).sum() / scale.num_seqs  # Σ_t k1 per sequence
-            shares = {"kl_ref": k1.item()}
+            shares = {}
+            if mb.ref_logprobs is not None:  # None: no reference loaded (β = 0)
+                k1 = ((logprobs.detach() - mb.ref_logprobs) * mask).sum() / scale.num_seqs  # Σ_t k1 per sequence
+                shares["kl_ref"] = k1.item()
             if algo.kl.placement == "loss" and kl_coef > 0:
                 kl, _ = kl_loss(logprobs, mb.ref_logprobs, mask, kind="k3", agg=algo.loss_agg, scale=scale)
                 loss = loss + kl_coef * kl

@@ -26,7 +26,7 @@ class Scored(TensorRecord):
     """Everything the score phase returns for a batch of samples."""
 
     old_logprobs: torch.Tensor | None  # (B, T) log π_old; None when the update's forward provides it
-    ref_logprobs: torch.Tensor  # (B, T) log π_ref
+    ref_logprobs: torch.Tensor | None  # (B, T) log π_ref; None when no reference is loaded (β = 0)
     values: torch.Tensor | None  # (B, T) critic values, or None without a critic
     scores: torch.Tensor  # (B,) weighted sum of reward sources (NaN where a source violated the contract)
     per_source: dict[str, torch.Tensor]  # source name → (B,)
@@ -62,10 +62,10 @@ def fill_invalid(scores: torch.Tensor, valid: torch.Tensor, n: int) -> torch.Ten
 
 def concat_scored(parts: list[Scored]) -> Scored:
     """Stack score-phase outputs of several rounds; (B, T) tensors right-padded to a common T."""
-    t = max(p.ref_logprobs.shape[1] for p in parts)
+    t = max((x.shape[1] for p in parts for x in (p.old_logprobs, p.ref_logprobs, p.values) if x is not None), default=0)
     tokens = lambda name: torch.cat([pad_to(getattr(p, name), t, 0.0, left=False) for p in parts])  # noqa: E731
     return Scored(old_logprobs=tokens("old_logprobs") if parts[0].old_logprobs is not None else None,
-                  ref_logprobs=tokens("ref_logprobs"),
+                  ref_logprobs=tokens("ref_logprobs") if parts[0].ref_logprobs is not None else None,
                   values=tokens("values") if parts[0].values is not None else None,
                   scores=torch.cat([p.scores for p in parts]),
                   per_source={k: torch.cat([p.per_source[k] for p in parts]) for k in parts[0].per_source},
@@ -146,8 +146,8 @@ def make_experience(samples: Samples, scored: Scored, scores: torch.Tensor, cfg:
     algo = cfg.algo
     mask = samples.response_mask.float()
     beta = kl_coef if algo.kl.placement == "reward" else 0.0
-    kl = torch.zeros_like(mask)  # (B, T); π_old is None only when the KL is in the loss (§2)
-    if scored.old_logprobs is not None:
+    kl = torch.zeros_like(mask)  # (B, T); π_old is None only when the KL is in the loss (§2), π_ref when β = 0
+    if scored.old_logprobs is not None and scored.ref_logprobs is not None:
         kl = kl_penalty(scored.old_logprobs, scored.ref_logprobs, algo.kl.estimator) * mask
     returns = None
     if algo.advantage == "gae":
@@ -181,7 +181,8 @@ def _check_behaviour_logprobs(samples: Samples, correction: str) -> None:
 
 
 def _experience_metrics(exp: Experience, scored: Scored, scores: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-    """kl/ref is here when π_old is known before the update, else the policy's update reports it."""
+    """kl/ref is here when π_old is known before the update, else the policy's update reports it (neither
+    without a reference)."""
     adv = exp.advantages[mask.bool()]
     out = {
         "reward/score_mean": scored.scores.mean().item(),
@@ -193,7 +194,7 @@ def _experience_metrics(exp: Experience, scored: Scored, scores: torch.Tensor, m
         "adv/std": adv.std(unbiased=False).item(),
     }
     out |= {f"reward/{k}_mean": v.mean().item() for k, v in scored.per_source.items()}
-    if scored.old_logprobs is not None:
+    if scored.old_logprobs is not None and scored.ref_logprobs is not None:
         out["kl/ref"] = ((scored.old_logprobs - scored.ref_logprobs) * mask).sum(-1).mean().item()
     if exp.returns is not None:
         ret, val = exp.returns[mask.bool()], exp.values[mask.bool()]

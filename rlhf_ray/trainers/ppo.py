@@ -52,7 +52,7 @@ class Roles:
         p, timeout = cfg.placement, cfg.placement.timeout_s
         specs = {
             "policy": _spec("policy", p.policy, p.policy.num_workers, p.torch_threads),
-            **({} if p.reference_in_policy else
+            **({} if p.reference_in_policy or not cfg.uses_reference else
                {"reference": _spec("reference", p.reference, p.reference.num_workers, p.torch_threads)}),
             "reward": _spec("reward", p.reward, p.reward.num_workers, p.torch_threads),
             "rollout": _spec("rollout", p.rollout, cfg.rollout.num_engines, p.torch_threads),
@@ -102,11 +102,12 @@ class Roles:
         return self.pools.get("critic")
 
     @property
-    def reference(self) -> tuple[WorkerPool, str, str]:
-        """(pool, role, log-prob method) of the reference: its own actors, or hosted by the policy ranks."""
+    def reference(self) -> tuple[WorkerPool, str, str] | None:
+        """(pool, role, log-prob method) of the reference: its own actors, or hosted by the policy ranks;
+        None when nothing reads it (`RunConfig.uses_reference`)."""
         if "reference" in self.pools:
             return self.pools["reference"], "reference", "compute_logprobs"
-        return self.policy, "policy", "reference_logprobs"
+        return (self.policy, "policy", "reference_logprobs") if self.cfg.uses_reference else None
 
     def _start(self, timeout: float) -> None:
         """Rendezvous the trained roles first (their DeepSpeed set-up is the longest path; the other
@@ -200,14 +201,15 @@ class Roles:
         """Reference log-probs, values, rewards and, with old="recompute", old log-probs, all in flight
         at once. old="engine": π_old is the engine's behaviour log-probs (one-step off-policy);
         old="update": none, the update's own forward gives them (`RunConfig.reuses_training_logprobs`)."""
-        ref_pool, ref_role, ref_method = self.reference
+        reference = self.reference
         critic = self.critic if self.critic is not None and with_values else None
-        roles = [ref_role] + (["policy"] if old == "recompute" else []) + (["critic"] if critic else [])
+        roles = ([reference[1]] if reference else []) + (["policy"] if old == "recompute" else []) \
+            + (["critic"] if critic else [])
         plan = self.threads(self.workers(*roles, *([] if self.cfg.light_rewards else ["reward"])))  # light: no torch
         fan = lambda pool, role, method: pool.call_each(  # noqa: E731
             lambda w, job: getattr(w, method).remote(job[0], threads=plan[job[1]]),
             list(zip(_shard_refs(samples, len(pool)), self.workers(role))))
-        ref = fan(ref_pool, ref_role, ref_method)
+        ref = fan(*reference) if reference else None
         old_refs = fan(self.policy, "policy", "compute_logprobs") if old == "recompute" else None
         crit = fan(critic, "critic", "compute_values") if critic else None
         rew = self._reward_call(samples, metadata, plan.get(("reward", 0)))
@@ -218,7 +220,7 @@ class Roles:
                 raise PhaseError("score", "rollout", step, "one-step off-policy needs the engine's behaviour "
                                  "log-probs, and the engine returned none")
             old_lp = samples.logprobs
-        ref_lp = _cat(ref_pool.get(ref, "score", step))[:n]
+        ref_lp = _cat(reference[0].get(ref, "score", step))[:n] if reference else None
         values = _cat(critic.get(crit, "score", step))[:n] if crit else None
         r = self._reward_result(rew, step)
         return Scored(old_lp, ref_lp, values, r.scores, r.per_source, r.valid, r.violations)
@@ -513,7 +515,7 @@ class PPOTrainer:
                 metrics["sync/probe_gap"] = gap
         metrics |= {f"reward/{k}": v for k, v in self.roles.reward_counters(step).items()}
         metrics["kl/coef"] = self.kl_ctl.value
-        if not bad:
+        if not bad and "kl/ref" in metrics:  # absent without a reference (β = 0: nothing to adapt)
             self.kl_ctl.update(metrics["kl/ref"], samples.batch_size)
         metrics["sync/version"] = self.version
         return metrics | _throughput(samples, timer, time.perf_counter() - t0)
@@ -619,9 +621,10 @@ class PPOTrainer:
         mask = samples.response_mask.float()
         out = {
             "eval/reward_mean": scored.scores[scored.valid].mean().item(),
-            "eval/kl_ref": ((scored.old_logprobs - scored.ref_logprobs) * mask).sum(-1).mean().item(),
             "eval/length_mean": mask.sum(-1).mean().item(),
         }
+        if scored.ref_logprobs is not None:
+            out["eval/kl_ref"] = ((scored.old_logprobs - scored.ref_logprobs) * mask).sum(-1).mean().item()
         out |= {f"eval/{k}_mean": v.mean().item() for k, v in scored.per_source.items()}
         out |= {f"eval/pass@{k}": mean_pass_at_k(scored.scores, t.eval_samples, k, t.eval_pass_threshold)
                 for k in t.eval_pass_k}

@@ -285,6 +285,36 @@ def test_adaptive_kl_coefficient_follows_the_controller(two_epochs):
     assert coefs[0] == 0.02 and abs(coefs[1] / coefs[0] - 1) > 0.1  # horizon 10 moves β by up to 0.2·8/10 per step
 
 
+def _no_kl_run(tmp_path, *overrides: str) -> dict:
+    """Two GRPO steps with β = 0 (the KL in the loss, HF rollouts); what the policy rank holds and did."""
+    trainer = _trainer(tmp_path, "toy_grpo.yaml", "rollout.backend=hf", "algo.kl.coef=0", *overrides)
+    try:
+        before = policy_weights(trainer)
+        history = [trainer.train_step(step) for step in (1, 2)]
+        rank = trainer.roles.policy.workers[0]
+        return {"history": history, "pools": set(trainer.roles.pools), "before": before, "weights": policy_weights(trainer),
+                "holds_reference": ray.get(rank.__ray_call__.remote(lambda w: w.reference is not None), timeout=60),
+                "busy": ray.get(rank.usage.remote(), timeout=60)[0]}
+    finally:
+        trainer.close()
+
+
+def test_without_a_kl_term_no_reference_is_loaded_and_the_update_is_unchanged(ray_session, tmp_path):
+    """β = 0 loads no reference: the policy rank holds none and runs no reference forward, no KL metric is
+    logged, and the weights equal those of the same run with the reference loaded for the win-rate baseline
+    (trainer.eval_win_rate, read only by evaluations, which train_step does not run)."""
+    none, loaded = _no_kl_run(tmp_path / "none"), _no_kl_run(tmp_path / "loaded", "trainer.eval_win_rate=true")
+    assert not none["holds_reference"] and loaded["holds_reference"]
+    assert "reference_logprobs" not in none["busy"] and loaded["busy"]["reference_logprobs"] > 0
+    assert "reference" not in none["pools"]
+    for metrics in none["history"]:
+        assert "kl/ref" not in metrics and "policy/kl_ref" not in metrics and metrics["kl/coef"] == 0
+    assert all("kl/ref" in m and "policy/kl_ref" in m for m in loaded["history"])
+    assert none["weights"].keys() == loaded["weights"].keys() and _max_step(none["before"], none["weights"]) > 0
+    for name, value in none["weights"].items():
+        np.testing.assert_array_equal(value, loaded["weights"][name], err_msg=name)
+
+
 # ---- weight sync ---------------------------------------------------------------------------------
 
 

@@ -119,3 +119,6 @@ def test_launch_defaults_to_the_pipeline_and_sizes_ray_for_its_largest_stage():
     assert launch.required_cpus(cfg) == 4  # the PPO stage: policy (hosting the reference), critic, reward model, one engine
     sft = load_config(None, ["stage=sft", "placement.policy.num_workers=2", "placement.policy.cpus=0.5"])
     assert launch.required_cpus(sft) == 1.0
+    own = ["placement.reference_in_policy=false", "placement.reference.num_workers=2"]
+    assert launch.required_cpus(load_config(None, own)) == 5  # policy, 2 reference actors, critic, engine (a rule reward: in the driver)
+    assert launch.required_cpus(load_config(None, [*own, "algo.kl.coef=0"])) == 3  # β = 0: no reference actors

@@ -204,6 +204,38 @@ def test_kl_in_the_loss_leaves_the_rewards_alone():
     assert "kl/ref" not in metrics and exp.old_logprobs is None
 
 
+@pytest.mark.parametrize("placement", ["reward", "loss"])
+def test_without_a_reference_there_is_no_kl_term_and_no_kl_metric(placement):
+    """β = 0 loads no reference (ref_logprobs None): the advantages are those of a zero KL penalty."""
+    cfg = load_config(None, ["algo.advantage=reinforce_pp", "algo.whiten_advantages=false",
+                             f"algo.kl.placement={placement}", "algo.kl.estimator=k3", "algo.kl.coef=0"])
+    assert not cfg.uses_reference
+    samples = _samples([2, 3], t=3)
+    scored = _kl_scored(samples, [1.0, 2.0])
+    scored.ref_logprobs = None
+    exp, metrics = make_experience(samples, scored, torch.tensor([1.0, 2.0]), cfg, 0.0)
+    torch.testing.assert_close(exp.advantages, torch.tensor([[1.0, 1.0, 0.0], [2.0, 2.0, 2.0]]))
+    assert "kl/ref" not in metrics and exp.ref_logprobs is None
+
+
+@pytest.mark.parametrize("overrides, uses", [
+    ([], True),  # β = 0.05 by default
+    (["algo.kl.coef=0"], False),
+    (["algo.kl.coef=0", "algo.kl.placement=loss", "algo.kl.estimator=k3"], False),
+    (["algo.kl.coef=0", "trainer.eval_win_rate=true"], True),  # the win-rate baseline is the reference's answers
+    (["algo.kl.coef=0.01", "algo.kl.adaptive=true"], True),
+])
+def test_the_reference_is_loaded_only_when_something_reads_it(overrides, uses):
+    assert load_config(None, overrides).uses_reference is uses
+
+
+def test_an_adaptive_kl_from_zero_is_refused():
+    from rlhf_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"algo.kl.adaptive=true with algo.kl.coef=0: .* set algo.kl.coef"):
+        load_config(None, ["algo.kl.coef=0", "algo.kl.adaptive=true"])
+
+
 @pytest.mark.parametrize("advantage, extra, expected", [
     # shaped scores s − β·Σk1 = (1 − 0.5, 2 + 0.25) = (0.5, 2.25)
     ("rloo", [], 1.75),  # 0.5 − 2.25, not whitened by default
@@ -323,6 +355,9 @@ def test_concat_scored_pads_and_sums():
     assert out.old_logprobs is None and out.values is None and out.valid is None
     single = concat_scored([a])  # one round: passed through as it is
     assert single.old_logprobs is None and single.per_source["s"].tolist() == [1.0]
+    a.ref_logprobs = b.ref_logprobs = None  # no reference (β = 0): no token tensor is left at all
+    out = concat_scored([a, b])
+    assert out.ref_logprobs is None and out.scores.tolist() == [1.0, 2.0]
     picked = concat_scored([a, b]).select(torch.tensor([1]))
     assert picked.per_source["s"].tolist() == [7.0] and picked.scores.tolist() == [2.0]
 
