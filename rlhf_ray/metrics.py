@@ -22,7 +22,7 @@ METRICS: dict[str, str] = {
     "reward/<source>_mean": "mean score of one reward source",
     "reward/group_std_mean": "mean within-group std of scores (group estimators)",
     "reward/zero_adv_group_frac": "share of prompt groups whose scores are all equal (zero advantage)",
-    "kl/ref": "mean per-sequence KL(π_θ‖π_ref), k1 estimate summed over response tokens",
+    "kl/ref": "mean per-sequence KL(π_θ‖π_ref), k1 estimate summed over response tokens (absent at algo.kl.coef=0: no reference)",
     "kl/coef": "KL coefficient β in force this step",
     "response/length_mean": "mean response length in tokens",
     "response/truncated_frac": "share of responses that hit max_new_tokens without EOS",
