@@ -70,7 +70,8 @@ def _actor_cpus(cfg: RunConfig) -> float:
         ranks = getattr(cfg.placement, OFFLINE_ROLE[cfg.stage])
         return ranks.cpus * ranks.num_workers
     p = cfg.placement
-    roles = ([p.policy] + ([] if p.reference_in_policy or not cfg.uses_reference else [p.reference]) + ([] if cfg.reward_in_driver else [p.reward])
+    reference = [p.reference] if cfg.uses_reference and not p.reference_in_policy else []
+    roles = ([p.policy] + reference + ([] if cfg.reward_in_driver else [p.reward])
              + ([p.critic] if cfg.uses_critic else []))  # hosted roles take no Ray CPUs
     return sum(r.cpus * r.num_workers for r in roles) + p.rollout.cpus * cfg.rollout.num_engines
 
