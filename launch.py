@@ -70,8 +70,7 @@ def _actor_cpus(cfg: RunConfig) -> float:
         ranks = getattr(cfg.placement, OFFLINE_ROLE[cfg.stage])
         return ranks.cpus * ranks.num_workers
     p = cfg.placement
-    reference = [p.reference] if cfg.uses_reference and not p.reference_in_policy else []
-    roles = ([p.policy] + reference + ([] if cfg.reward_in_driver else [p.reward])
+    roles = ([p.policy] + ([p.reference] if cfg.reference_host == "reference" else []) + ([] if cfg.reward_in_driver else [p.reward])
              + ([p.critic] if cfg.uses_critic else []))  # hosted roles take no Ray CPUs
     return sum(r.cpus * r.num_workers for r in roles) + p.rollout.cpus * cfg.rollout.num_engines
 

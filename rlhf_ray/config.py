@@ -686,6 +686,14 @@ class RunConfig(Section):
         return self.algo.kl.coef > 0 or self.trainer.eval_win_rate
 
     @property
+    def reference_host(self) -> Literal["policy", "reference"] | None:
+        """Where the reference lives: in each policy rank ("policy", placement.reference_in_policy), in
+        actors of its own ("reference"), or nowhere (None: nothing reads it, `uses_reference`)."""
+        if not self.uses_reference:
+            return None
+        return "policy" if self.placement.reference_in_policy else "reference"
+
+    @property
     def reuses_training_logprobs(self) -> bool:
         """π_old = the training forward's log-probs, detached: the update is the rollout policy's only
         one (on-policy, one epoch, one mini-batch) and no KL-shaped reward needs π_old before it."""

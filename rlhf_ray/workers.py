@@ -299,7 +299,7 @@ class PolicyWorker(_TrainedRole):
     def __init__(self, cfg: RunConfig, paths: ModelPaths, rank: int, world_size: int):
         super().__init__(cfg, paths, rank, world_size)
         # with LoRA and the initial policy as reference, the reference is this model without its adapters
-        hosted = cfg.placement.reference_in_policy and cfg.uses_reference  # β = 0: nothing reads a reference
+        hosted = cfg.reference_host == "policy"
         self.base_is_reference = hosted and self.uses_lora and paths.reference == paths.policy
         self.reference = ReferenceWorker(cfg, paths, hosted=True) if hosted and not self.base_is_reference else None
 

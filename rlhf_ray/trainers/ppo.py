@@ -52,8 +52,8 @@ class Roles:
         p, timeout = cfg.placement, cfg.placement.timeout_s
         specs = {
             "policy": _spec("policy", p.policy, p.policy.num_workers, p.torch_threads),
-            **({} if p.reference_in_policy or not cfg.uses_reference else
-               {"reference": _spec("reference", p.reference, p.reference.num_workers, p.torch_threads)}),
+            **({"reference": _spec("reference", p.reference, p.reference.num_workers, p.torch_threads)}
+               if cfg.reference_host == "reference" else {}),
             "reward": _spec("reward", p.reward, p.reward.num_workers, p.torch_threads),
             "rollout": _spec("rollout", p.rollout, cfg.rollout.num_engines, p.torch_threads),
         }
@@ -105,9 +105,10 @@ class Roles:
     def reference(self) -> tuple[WorkerPool, str, str] | None:
         """(pool, role, log-prob method) of the reference: its own actors, or hosted by the policy ranks;
         None when nothing reads it (`RunConfig.uses_reference`)."""
-        if "reference" in self.pools:
+        host = self.cfg.reference_host
+        if host == "reference":
             return self.pools["reference"], "reference", "compute_logprobs"
-        return (self.policy, "policy", "reference_logprobs") if self.cfg.uses_reference else None
+        return (self.policy, "policy", "reference_logprobs") if host == "policy" else None
 
     def _start(self, timeout: float) -> None:
         """Rendezvous the trained roles first (their DeepSpeed set-up is the longest path; the other
@@ -201,15 +202,14 @@ class Roles:
         """Reference log-probs, values, rewards and, with old="recompute", old log-probs, all in flight
         at once. old="engine": π_old is the engine's behaviour log-probs (one-step off-policy);
         old="update": none, the update's own forward gives them (`RunConfig.reuses_training_logprobs`)."""
-        reference = self.reference
+        ref_pool, ref_role, ref_method = self.reference or (None, None, None)
         critic = self.critic if self.critic is not None and with_values else None
-        roles = ([reference[1]] if reference else []) + (["policy"] if old == "recompute" else []) \
-            + (["critic"] if critic else [])
+        roles = [r for r in (ref_role, "policy" if old == "recompute" else None, "critic" if critic else None) if r]
         plan = self.threads(self.workers(*roles, *([] if self.cfg.light_rewards else ["reward"])))  # light: no torch
         fan = lambda pool, role, method: pool.call_each(  # noqa: E731
             lambda w, job: getattr(w, method).remote(job[0], threads=plan[job[1]]),
             list(zip(_shard_refs(samples, len(pool)), self.workers(role))))
-        ref = fan(*reference) if reference else None
+        ref = fan(ref_pool, ref_role, ref_method) if ref_pool is not None else None
         old_refs = fan(self.policy, "policy", "compute_logprobs") if old == "recompute" else None
         crit = fan(critic, "critic", "compute_values") if critic else None
         rew = self._reward_call(samples, metadata, plan.get(("reward", 0)))
@@ -220,7 +220,7 @@ class Roles:
                 raise PhaseError("score", "rollout", step, "one-step off-policy needs the engine's behaviour "
                                  "log-probs, and the engine returned none")
             old_lp = samples.logprobs
-        ref_lp = _cat(reference[0].get(ref, "score", step))[:n] if reference else None
+        ref_lp = _cat(ref_pool.get(ref, "score", step))[:n] if ref_pool is not None else None
         values = _cat(critic.get(crit, "score", step))[:n] if crit else None
         r = self._reward_result(rew, step)
         return Scored(old_lp, ref_lp, values, r.scores, r.per_source, r.valid, r.violations)
